@@ -1,0 +1,171 @@
+"""Settings read once from the environment and validated at start.
+
+A bad value stops the process with one line naming the variable, instead of a failure deep inside
+a job hours later.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A variable has a value the service cannot use."""
+
+
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true or false")
+
+
+def _list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be greater than 0")
+    return value
+
+
+def _port(raw: str) -> int:
+    value = int(raw)
+    if not 0 <= value <= 65535:
+        raise ValueError("must be a TCP port (0-65535)")
+    return value
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value
+
+    return parse
+
+
+def _env(name: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:
+    """A dataclass field read from `name`; parse() turns the raw string into the value."""
+    return field(metadata={"env": name, "parse": parse}, **kwargs)
+
+
+@dataclass(frozen=True)
+class Settings:
+    # --- server ---
+    port: int = _env("PORT", _port, default=8080)
+    host: str = _env("KLIPSTREAM_HOST", default="0.0.0.0")
+    public_url: str = _env("KLIPSTREAM_PUBLIC_URL", default="")  # base for absolute URLs in responses
+    data_dir: Path = _env("KLIPSTREAM_DATA_DIR", Path, default=Path("./data"))
+    log_level: str = _env("KLIPSTREAM_LOG_LEVEL", _choice("debug", "info", "warning", "error"), default="info")
+    log_format: str = _env("KLIPSTREAM_LOG_FORMAT", _choice("json", "text"), default="json")
+    # --- access ---
+    admin_token: str = _env("KLIPSTREAM_ADMIN_TOKEN", default="")
+    api_keys: tuple[str, ...] = _env("KLIPSTREAM_API_KEYS", _list, default=())
+    stream_token_seconds: int = _env("KLIPSTREAM_STREAM_TOKEN_SECONDS", _positive_int, default=3600)
+    cors_origins: tuple[str, ...] = _env("KLIPSTREAM_CORS_ORIGINS", _list, default=("*",))
+    allow_private_urls: bool = _env("KLIPSTREAM_ALLOW_PRIVATE_URLS", _bool, default=False)
+    allow_local_files: bool = _env("KLIPSTREAM_ALLOW_LOCAL_FILES", _bool, default=False)
+    max_body_bytes: int = _env("KLIPSTREAM_MAX_BODY_BYTES", _positive_int, default=64 * 1024)
+    # --- queue and workers ---
+    max_running_jobs: int = _env("KLIPSTREAM_MAX_RUNNING_JOBS", _positive_int, default=2)
+    max_queued_jobs: int = _env("KLIPSTREAM_MAX_QUEUED_JOBS", _positive_int, default=1000)
+    aging_seconds: float = _env("KLIPSTREAM_AGING_SECONDS", _positive_float, default=300.0)
+    network_concurrency: int = _env("KLIPSTREAM_NETWORK_CONCURRENCY", _positive_int, default=4)
+    cpu_concurrency: int = _env("KLIPSTREAM_CPU_CONCURRENCY", _positive_int, default=max(1, os.cpu_count() or 1))
+    stage_retries: int = _env("KLIPSTREAM_STAGE_RETRIES", _non_negative_int, default=2)
+    retry_base_seconds: float = _env("KLIPSTREAM_RETRY_BASE_SECONDS", _positive_float, default=2.0)
+    stage_timeout_seconds: float = _env("KLIPSTREAM_STAGE_TIMEOUT_SECONDS", _positive_float, default=4 * 3600.0)
+    shutdown_seconds: float = _env("KLIPSTREAM_SHUTDOWN_SECONDS", _positive_float, default=7.0)
+    keep_workdirs: bool = _env("KLIPSTREAM_KEEP_WORKDIRS", _bool, default=False)
+    # --- media ---
+    max_video_seconds: float = _env("KLIPSTREAM_MAX_VIDEO_SECONDS", _positive_float, default=12 * 3600.0)
+    video_height: int = _env("KLIPSTREAM_VIDEO_HEIGHT", _positive_int, default=480)
+    download_fragments: int = _env("KLIPSTREAM_DOWNLOAD_FRAGMENTS", _positive_int, default=8)
+    # --- chat ---
+    twitch_gql_url: str = _env("KLIPSTREAM_TWITCH_GQL_URL", default="https://gql.twitch.tv/gql")
+    twitch_client_id: str = _env("KLIPSTREAM_TWITCH_CLIENT_ID", default="kd1unb4b3q4t58fwlpcbzcbnm76a8fp")
+    twitch_comments_hash: str = _env(
+        "KLIPSTREAM_TWITCH_COMMENTS_HASH", default="b70a3591ff0f4e0313d126c6a1502d79a1c02baebb288227c582044aa76adf6a"
+    )
+    chat_ranges: int = _env("KLIPSTREAM_CHAT_RANGES", _positive_int, default=4)
+    max_chat_bytes: int = _env("KLIPSTREAM_MAX_CHAT_BYTES", _positive_int, default=200 * 1024 * 1024)
+    bot_accounts: tuple[str, ...] = _env(
+        "KLIPSTREAM_BOT_ACCOUNTS", _list, default=("nightbot", "streamelements", "moobot", "fossabot", "streamlabs")
+    )
+    # --- transcription ---
+    whisper_model: str = _env("KLIPSTREAM_WHISPER_MODEL", default="")  # empty: the bundled tiny.en
+    transcribe_workers: int = _env("KLIPSTREAM_TRANSCRIBE_WORKERS", _positive_int, default=1)
+    whisper_device: str = _env("KLIPSTREAM_WHISPER_DEVICE", _choice("auto", "cpu", "cuda"), default="auto")
+    whisper_compute_type: str = _env("KLIPSTREAM_WHISPER_COMPUTE_TYPE", default="auto")
+    whisper_batch_size: int = _env("KLIPSTREAM_WHISPER_BATCH_SIZE", _positive_int, default=16)
+    chunk_seconds: float = _env("KLIPSTREAM_CHUNK_SECONDS", _positive_float, default=120.0)
+    # --- analysis ---
+    top_highlights: int = _env("KLIPSTREAM_TOP_HIGHLIGHTS", _positive_int, default=10)
+    llm_base_url: str = _env("KLIPSTREAM_LLM_BASE_URL", default="")
+    llm_api_key: str = _env("KLIPSTREAM_LLM_API_KEY", default="")
+    llm_model: str = _env("KLIPSTREAM_LLM_MODEL", default="")
+    llm_concurrency: int = _env("KLIPSTREAM_LLM_CONCURRENCY", _positive_int, default=4)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f.metadata["env"]
+            if name in env:
+                try:
+                    values[f.name] = f.metadata["parse"](env[name])
+                except ValueError as exc:
+                    raise ConfigError(f"{name}={env[name]!r}: {exc}") from None
+        values.update(overrides)
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if self.llm_base_url and not self.llm_model:
+            raise ConfigError("KLIPSTREAM_LLM_BASE_URL is set but KLIPSTREAM_LLM_MODEL is empty")
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "klipstream.sqlite3"
+
+
+def env_table() -> list[tuple[str, str, str]]:
+    """(variable, default, field) rows, so the README and `--help` list every variable."""
+    rows = []
+    for f in fields(Settings):
+        default = f.default if f.default is not f.default_factory else ""  # type: ignore[comparison-overlap]
+        rows.append((f.metadata["env"], str(default), f.name))
+    return rows

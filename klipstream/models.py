@@ -1,0 +1,228 @@
+"""Plain data types of the API and the job store, as pydantic models.
+
+The OpenAPI document is generated from these, so they are the single description of the wire
+format.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from enum import IntEnum, StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from klipstream.errors import ErrorType
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Priority(StrEnum):
+    LOW = "low"
+    NORMAL = "normal"
+    HIGH = "high"
+    URGENT = "urgent"
+
+    @property
+    def level(self) -> int:
+        return _PRIORITY_LEVEL[self]
+
+
+_PRIORITY_LEVEL = {Priority.LOW: 0, Priority.NORMAL: 1, Priority.HIGH: 2, Priority.URGENT: 3}
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"  # accepted and waiting for a worker
+    RUNNING = "running"  # a worker is running its stages
+    COMPLETED = "completed"  # every stage finished or was legitimately unavailable
+    FAILED = "failed"  # a stage failed for good; `error` says why
+    CANCELLED = "cancelled"  # stopped on request
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class StageStatus(StrEnum):
+    PENDING = "pending"  # waiting for its inputs or a resource slot
+    RUNNING = "running"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    UNAVAILABLE = "unavailable"  # its source does not exist for this video (e.g. chat refused)
+    SKIPPED = "skipped"  # an input it needs is unavailable
+    CANCELLED = "cancelled"
+
+    @property
+    def done(self) -> bool:
+        return self in (StageStatus.COMPLETED, StageStatus.UNAVAILABLE, StageStatus.SKIPPED)
+
+
+class DisplayStage(StrEnum):
+    """Status strings the frontend and the Convex `videos.status` field already know."""
+
+    QUEUED = "Queued"
+    DOWNLOADING = "Downloading"
+    FETCHING_CHAT = "Fetching chat"
+    PROCESSING_AUDIO = "Processing audio"
+    TRANSCRIBING = "Transcribing"
+    ANALYZING = "Analyzing"
+    FINDING_HIGHLIGHTS = "Finding highlights"
+    COMPLETED = "Completed"
+    FAILED = "Failed"
+    CANCELLED = "Cancelled"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class JobOptions(Strict):
+    force: bool = Field(False, description="Run even if the same video is already queued or running.")
+    include_video: bool = Field(False, description="Also download a video rendition.")
+    video_height: int | None = Field(None, ge=144, le=2160, description="Height of the video rendition.")
+    language: str | None = Field(None, min_length=2, max_length=8, pattern=r"^[a-zA-Z-]+$")
+    initial_prompt: str | None = Field(None, max_length=1000)
+    top_n: int | None = Field(None, ge=1, le=100, description="How many highlights to return.")
+    webhook_progress: bool = Field(False, description="Also send throttled job.progress webhooks.")
+
+
+class SubmitRequest(Strict):
+    url: str = Field(..., min_length=1, max_length=2048)
+    callback_url: str | None = Field(None, max_length=2048)
+    chat_url: str | None = Field(None, max_length=2048)
+    priority: Priority = Priority.NORMAL
+    options: JobOptions = Field(default_factory=JobOptions)
+
+
+class Progress(BaseModel):
+    percentage: float = 0.0
+    current_stage: DisplayStage = DisplayStage.QUEUED
+    stages_completed: int = 0
+    total_stages: int = 0
+    estimated_completion_seconds: float | None = None
+
+
+class JobError(BaseModel):
+    error_type: ErrorType
+    error_code: str
+    message: str
+    stage: str | None = None
+    is_retryable: bool = False
+    retry_after_seconds: float | None = None
+    suggested_action: str
+
+
+class StageState(BaseModel):
+    name: str
+    display: DisplayStage
+    status: StageStatus = StageStatus.PENDING
+    progress: float = 0.0
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = 0
+    error: JobError | None = None
+    message: str | None = None
+
+
+class VideoInfo(BaseModel):
+    id: str | None = None
+    title: str | None = None
+    channel: str | None = None
+    duration_seconds: float | None = None
+    published_at: str | None = None
+    thumbnail_url: str | None = None
+    extractor: str | None = None
+
+
+class Job(BaseModel):
+    job_id: str
+    video_id: str
+    url: str
+    chat_url: str | None = None
+    callback_url: str | None = None
+    priority: Priority = Priority.NORMAL
+    options: JobOptions = Field(default_factory=JobOptions)
+    status: JobStatus = JobStatus.QUEUED
+    progress: Progress = Field(default_factory=Progress)
+    stages: list[StageState] = Field(default_factory=list)
+    results: dict[str, str] = Field(default_factory=dict)
+    artifacts: dict[str, str] = Field(default_factory=dict, description="Artifact key to file name in the job directory.")
+    error: JobError | None = None
+    warnings: list[str] = Field(default_factory=list)
+    video: VideoInfo | None = None
+    highlights: list[dict[str, Any]] = Field(default_factory=list)
+    attempts: int = 0
+    retry_count: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queue_position: int | None = None
+    status_url: str = ""
+    stream_url: str = ""
+
+    def stage(self, name: str) -> StageState:
+        for state in self.stages:
+            if state.name == name:
+                return state
+        raise KeyError(name)
+
+
+class JobStatusView(BaseModel):
+    """The compact answer for polling clients."""
+
+    job_id: str
+    video_id: str
+    status: JobStatus
+    progress: Progress
+    queue_position: int | None = None
+    error: JobError | None = None
+    updated_at: datetime
+
+
+class SubmitResponse(BaseModel):
+    job_id: str
+    video_id: str
+    status: JobStatus
+    progress: Progress
+    queue_position: int | None
+    status_url: str
+    stream_url: str
+    created_at: datetime
+    deduplicated: bool = False
+
+
+class JobList(BaseModel):
+    jobs: list[JobStatusView]
+    next_cursor: str | None = None
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, the one error body of the API."""
+
+    type: str = "about:blank"
+    title: str
+    status: int
+    detail: str | None = None
+    errors: list[dict[str, Any]] | None = None
+
+
+class HealthView(BaseModel):
+    state: str
+    version: str
+    detail: dict[str, Any] = Field(default_factory=dict)
+
+
+class QueueStats(BaseModel):
+    paused: bool
+    draining: bool
+    queued: dict[str, int]
+    queued_total: int
+    oldest_queued_age_seconds: float | None
+    running: list[dict[str, Any]]
+    resources: dict[str, dict[str, int]]
+    last_hour: dict[str, int]
+    stage_durations: dict[str, dict[str, float]]
+    webhook_backlog: int = 0

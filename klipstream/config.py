@@ -128,6 +128,26 @@ class Settings:
     llm_api_key: str = _env("KLIPSTREAM_LLM_API_KEY", default="")
     llm_model: str = _env("KLIPSTREAM_LLM_MODEL", default="")
     llm_concurrency: int = _env("KLIPSTREAM_LLM_CONCURRENCY", _positive_int, default=4)
+    # --- artifact storage ---
+    storage: str = _env("KLIPSTREAM_STORAGE", _choice("local", "gcs"), default="local")
+    gcs_bucket: str = _env("KLIPSTREAM_GCS_BUCKET", default="")  # one bucket for all kinds: {video_id}/{file}
+    gcs_bucket_raw: str = _env("KLIPSTREAM_GCS_BUCKET_RAW", default="klipstream-vods-raw")
+    gcs_bucket_transcripts: str = _env("KLIPSTREAM_GCS_BUCKET_TRANSCRIPTS", default="klipstream-transcripts")
+    gcs_bucket_chatlogs: str = _env("KLIPSTREAM_GCS_BUCKET_CHATLOGS", default="klipstream-chatlogs")
+    gcs_bucket_analysis: str = _env("KLIPSTREAM_GCS_BUCKET_ANALYSIS", default="klipstream-analysis")
+    gcs_signing_account: str = _env("KLIPSTREAM_GCS_SIGNING_ACCOUNT", default="")  # sign URLs via IAM signBlob
+    signed_url_seconds: int = _env("KLIPSTREAM_SIGNED_URL_SECONDS", _positive_int, default=7 * 24 * 3600)
+    upload_concurrency: int = _env("KLIPSTREAM_UPLOAD_CONCURRENCY", _positive_int, default=4)
+    # --- Convex status mirror (off unless CONVEX_URL is set) ---
+    convex_url: str = _env("CONVEX_URL", default="")
+    convex_secret: str = _env("KLIPSTREAM_CONVEX_SECRET", default="")
+    # --- webhooks for callback_url ---
+    webhook_secrets: tuple[str, ...] = _env("KLIPSTREAM_WEBHOOK_SECRET", _list, default=())
+    webhook_timeout_seconds: float = _env("KLIPSTREAM_WEBHOOK_TIMEOUT_SECONDS", _positive_float, default=10.0)
+    webhook_max_age_seconds: float = _env("KLIPSTREAM_WEBHOOK_MAX_AGE_SECONDS", _positive_float, default=24 * 3600.0)
+    webhook_retry_base_seconds: float = _env("KLIPSTREAM_WEBHOOK_RETRY_BASE_SECONDS", _positive_float, default=5.0)
+    webhook_progress_seconds: float = _env("KLIPSTREAM_WEBHOOK_PROGRESS_SECONDS", _positive_float, default=5.0)
+    webhook_concurrency: int = _env("KLIPSTREAM_WEBHOOK_CONCURRENCY", _positive_int, default=8)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

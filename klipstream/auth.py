@@ -1,0 +1,77 @@
+"""API keys, the admin token, and short-lived signed stream tokens.
+
+Browsers' EventSource cannot send an Authorization header, so when API keys are on, `stream_url`
+carries a token that names one job and expires; the stream route accepts it instead of a key.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import ipaddress
+import secrets
+import time
+
+from aiohttp import web
+
+from klipstream.config import Settings
+
+
+def bearer(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def _matches_any(token: str | None, allowed: tuple[str, ...]) -> bool:
+    if token is None:
+        return False
+    # Compare against every key so timing does not tell which key was close.
+    return any([hmac.compare_digest(token.encode(), key.encode()) for key in allowed])  # noqa: C419
+
+
+def api_key_ok(request: web.Request, settings: Settings) -> bool:
+    return not settings.api_keys or _matches_any(bearer(request), settings.api_keys)
+
+
+def is_loopback(request: web.Request) -> bool:
+    peer = request.remote or ""
+    try:
+        return ipaddress.ip_address(peer).is_loopback
+    except ValueError:
+        return False
+
+
+def admin_ok(request: web.Request, settings: Settings) -> bool:
+    """Admin routes need the admin token; with none configured, only loopback clients get in."""
+    if settings.admin_token:
+        return _matches_any(bearer(request), (settings.admin_token,))
+    return is_loopback(request)
+
+
+class StreamTokens:
+    """HMAC-signed `job_id.expiry` tokens; the key lives only in this process (and its replicas'
+    API-key set), so tokens are derived from the configured API keys to stay valid across instances."""
+
+    def __init__(self, settings: Settings) -> None:
+        seed = "\n".join(settings.api_keys) or secrets.token_hex(32)
+        self._key = hashlib.sha256(b"klipstream-stream-token\n" + seed.encode()).digest()
+        self._lifetime = settings.stream_token_seconds
+
+    def issue(self, job_id: str, now: float | None = None) -> str:
+        expires = int((now or time.time()) + self._lifetime)
+        payload = f"{job_id}.{expires}"
+        return f"{expires}.{self._sign(payload)}"
+
+    def verify(self, job_id: str, token: str, now: float | None = None) -> bool:
+        expires_text, _, signature = token.partition(".")
+        if not expires_text.isdigit() or not signature:
+            return False
+        if int(expires_text) < (now or time.time()):
+            return False
+        return hmac.compare_digest(signature, self._sign(f"{job_id}.{expires_text}"))
+
+    def _sign(self, payload: str) -> str:
+        digest = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
+        return base64.urlsafe_b64encode(digest[:18]).decode().rstrip("=")

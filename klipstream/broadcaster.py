@@ -1,0 +1,147 @@
+"""In-memory fan-out of job events to Server-Sent-Events subscribers.
+
+Each job has a topic holding a bounded ring buffer of encoded events. Subscribers do not get
+queues of their own: each keeps a cursor into the ring and sleeps on the topic's wake-up future.
+That is what keeps 5,000 subscribers cheap, lets a slow subscriber fall behind without slowing the
+pipeline or anyone else (when its cursor drops off the ring it is told to take a fresh snapshot),
+and bounds memory by the ring size whatever the subscribers do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+
+
+@dataclass(slots=True, frozen=True)
+class Event:
+    id: int
+    type: str  # snapshot | progress | stage | completed | failed | cancelled | reconnect
+    data: str  # JSON text, encoded once for every subscriber
+
+    @property
+    def terminal(self) -> bool:
+        return self.type in TERMINAL_EVENTS
+
+
+class Topic:
+    """One job's event stream."""
+
+    def __init__(self, buffer_size: int) -> None:
+        self.events: deque[Event] = deque(maxlen=buffer_size)
+        self.last_id = 0
+        self.subscribers = 0
+        self.terminal = False
+        self.last_used = time.monotonic()
+        self._wakeup: asyncio.Future[None] | None = None
+        self._pending_progress: Callable[[], str] | None = None
+        self._progress_handle: asyncio.TimerHandle | None = None
+        self._last_progress_at = 0.0
+
+    def append(self, type_: str, data: str) -> Event:
+        self.last_id += 1
+        event = Event(self.last_id, type_, data)
+        self.events.append(event)
+        if event.terminal:
+            self.terminal = True
+        self.last_used = time.monotonic()
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+        self._wakeup = None
+        return event
+
+    def since(self, last_id: int) -> list[Event] | None:
+        """Events after `last_id`, or None when some were already dropped from the ring."""
+        if last_id > self.last_id:
+            return None  # an id from an earlier process or another instance
+        if last_id == self.last_id:
+            return []
+        oldest = self.events[0].id if self.events else self.last_id + 1
+        if last_id + 1 < oldest:
+            return None
+        return [e for e in self.events if e.id > last_id]
+
+    async def wait_after(self, last_id: int, timeout: float) -> list[Event] | None:
+        """Wait until there is something after `last_id` (or `timeout` passes); see `since`."""
+        if self.last_id == last_id:
+            if self._wakeup is None:
+                self._wakeup = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(asyncio.shield(self._wakeup), timeout)
+            except TimeoutError:
+                return []
+        return self.since(last_id)
+
+
+class Broadcaster:
+    """Topics by job id, with progress coalescing."""
+
+    def __init__(self, *, buffer_size: int = 256, progress_interval: float = 0.25, idle_seconds: float = 600) -> None:
+        self.buffer_size = buffer_size
+        self.progress_interval = progress_interval
+        self.idle_seconds = idle_seconds
+        self.topics: dict[str, Topic] = {}
+        self.closing = False
+
+    def topic(self, job_id: str) -> Topic:
+        topic = self.topics.get(job_id)
+        if topic is None:
+            topic = self.topics[job_id] = Topic(self.buffer_size)
+        return topic
+
+    def publish(self, job_id: str, type_: str, data: str) -> Event:
+        """Publish an event that must not be dropped (stage changes, terminal events)."""
+        topic = self.topic(job_id)
+        self._flush_progress(job_id, topic)
+        return topic.append(type_, data)
+
+    def publish_progress(self, job_id: str, render: Callable[[], str]) -> None:
+        """Publish progress at most every `progress_interval`; the latest state wins.
+
+        `render` is called only when an event is actually sent, so a burst of progress reports
+        costs one encoding.
+        """
+        topic = self.topic(job_id)
+        if topic.terminal:
+            return
+        topic._pending_progress = render
+        now = time.monotonic()
+        wait = topic._last_progress_at + self.progress_interval - now
+        if wait <= 0:
+            self._flush_progress(job_id, topic)
+        elif topic._progress_handle is None:
+            loop = asyncio.get_running_loop()
+            topic._progress_handle = loop.call_later(wait, self._flush_progress, job_id, topic)
+
+    def _flush_progress(self, job_id: str, topic: Topic) -> None:
+        if topic._progress_handle is not None:
+            topic._progress_handle.cancel()
+            topic._progress_handle = None
+        render, topic._pending_progress = topic._pending_progress, None
+        if render is not None and not topic.terminal:
+            topic._last_progress_at = time.monotonic()
+            topic.append("progress", render())
+
+    def announce_shutdown(self, data: str) -> None:
+        """Tell every open stream to reconnect (to another instance) before the process exits."""
+        self.closing = True
+        for job_id, topic in self.topics.items():
+            if topic.subscribers and not topic.terminal:
+                self._flush_progress(job_id, topic)
+                topic.append("reconnect", data)
+
+    def subscriber_count(self) -> int:
+        return sum(t.subscribers for t in self.topics.values())
+
+    def prune(self) -> int:
+        """Forget finished, unwatched topics after `idle_seconds`; returns how many were dropped."""
+        cutoff = time.monotonic() - self.idle_seconds
+        stale = [k for k, t in self.topics.items() if t.terminal and not t.subscribers and t.last_used < cutoff]
+        for key in stale:
+            del self.topics[key]
+        return len(stale)

@@ -1,0 +1,512 @@
+"""Runs one job's stages: as soon as a stage's inputs exist, under per-resource limits.
+
+The pipeline is a list of `Stage` declarations in dependency order. The runner starts every stage
+whose needed artifacts exist (so chat runs beside the download, chat analysis beside
+transcription), checkpoints each finished stage to the store, publishes its artifacts while later
+stages run, retries retryable failures with backoff, and turns everything that happens into job
+events. A resumed job (retry, restart) skips the stages whose artifacts are already on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from klipstream.artifacts import spec
+from klipstream.errors import KlipstreamError, StageUnavailable, StorageError, classify
+from klipstream.models import (
+    DisplayStage,
+    Job,
+    JobError,
+    JobStatus,
+    Progress,
+    StageState,
+    StageStatus,
+    VideoInfo,
+    utcnow,
+)
+from klipstream.stage import ProgressSink, Resource, Stage, StageContext
+
+if TYPE_CHECKING:
+    import aiohttp
+
+    from klipstream.config import Settings
+    from klipstream.storage import Storage
+    from klipstream.store import JobStore
+    from klipstream.timings import StageTimings
+
+log = logging.getLogger(__name__)
+
+JobListener = Callable[[str, Job], None]  # (event kind, job): started, stage_changed, progress, ...
+PROGRESS_PERSIST_SECONDS = 2.0
+
+
+class CancelReason:
+    USER = "user"  # DELETE: the job ends cancelled
+    SHUTDOWN = "shutdown"  # SIGTERM: the job goes back to the queue
+
+
+@dataclass
+class RunnerDeps:
+    """What every job run shares: settings, the store, limits, and long-lived services."""
+
+    settings: Settings
+    store: JobStore
+    http: aiohttp.ClientSession
+    storage: Storage
+    timings: StageTimings
+    listener: JobListener
+    limits: dict[Resource, asyncio.Semaphore] = field(default_factory=dict)
+    services: dict[str, Any] = field(default_factory=dict)
+
+
+def resource_limits(settings: Settings) -> dict[Resource, asyncio.Semaphore]:
+    return {
+        Resource.NETWORK: asyncio.Semaphore(settings.network_concurrency),
+        Resource.CPU: asyncio.Semaphore(settings.cpu_concurrency),
+        Resource.TRANSCRIPTION: asyncio.Semaphore(settings.transcribe_workers),
+    }
+
+
+def initial_stage_states(stages: list[Stage]) -> list[StageState]:
+    return [StageState(name=s.name, display=s.display) for s in stages]
+
+
+class StageFailed(Exception):
+    def __init__(self, stage: str, error: KlipstreamError) -> None:
+        super().__init__(f"{stage}: {error.message}")
+        self.stage = stage
+        self.error = error
+
+
+def job_error(error: KlipstreamError, stage: str | None) -> JobError:
+    return JobError(
+        error_type=error.error_type,
+        error_code=error.code,
+        message=error.message,
+        stage=stage,
+        is_retryable=error.retryable,
+        retry_after_seconds=error.retry_after,
+        suggested_action=error.suggested_action,
+    )
+
+
+class JobRun(ProgressSink):
+    """One attempt at running a job, from start (or resume) to a terminal or re-queued state."""
+
+    def __init__(self, deps: RunnerDeps, stages: list[Stage], job: Job) -> None:
+        self.deps = deps
+        self.settings = deps.settings
+        self.stages = stages
+        self.by_name = {s.name: s for s in stages}
+        self.producers = {key: s.name for s in stages for key in s.provides}
+        self.job = job
+        self.workdir = deps.settings.jobs_dir / job.job_id
+        self.available: dict[str, Path] = {}
+        self.tasks: dict[str, asyncio.Task[None]] = {}
+        self.publishing: set[asyncio.Task[None]] = set()
+        self.cancel_reason: str | None = None
+        self._stage_started: dict[str, float] = {}
+        self._last_persist = 0.0
+        self._persisting: asyncio.Task[None] | None = None
+
+    # --- entry point ---
+    async def run(self) -> None:
+        self._prepare()
+        job = self.job
+        job.status = JobStatus.RUNNING
+        job.attempts += 1
+        job.started_at = job.started_at or utcnow()
+        job.error = None
+        job.queue_position = None
+        self._refresh_progress()
+        await self._save()
+        self._emit("started")
+        try:
+            await self._schedule()
+            await self._finish_publishing()
+        except asyncio.CancelledError:
+            await self._stop_stages()
+            if self.cancel_reason == CancelReason.SHUTDOWN:
+                await self._requeue()
+            else:
+                await self._cancelled()
+            return
+        except StageFailed as failure:
+            await self._stop_stages()
+            await self._failed(failure.stage, failure.error)
+            return
+        await self._completed()
+
+    # --- preparation ---
+    def _prepare(self) -> None:
+        """Reconcile stored stage states with the pipeline and the files actually on disk."""
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        known = {s.name: s for s in self.job.stages}
+        states = []
+        for stage in self.stages:
+            state = known.get(stage.name) or StageState(name=stage.name, display=stage.display)
+            if state.status.done and not self._outputs_present(stage, state):
+                state.status = StageStatus.PENDING
+            if not state.status.done:
+                state.status = StageStatus.PENDING
+                state.progress = 0.0
+                state.error = None
+                state.finished_at = None
+            states.append(state)
+        self.job.stages = states
+        for key, filename in list(self.job.artifacts.items()):
+            path = self.workdir / filename
+            if path.is_file():
+                self.available[key] = path
+        self._remove_partial_files()
+
+    def _outputs_present(self, stage: Stage, state: StageState) -> bool:
+        if state.status is not StageStatus.COMPLETED:
+            return True
+        return all(
+            (self.workdir / self.job.artifacts[key]).is_file() for key in stage.provides if key in self.job.artifacts
+        )
+
+    def _remove_partial_files(self) -> None:
+        """Delete everything in the job directory that is not a checkpointed artifact."""
+        keep = {self.workdir / name for name in self.job.artifacts.values()}
+        for path in self.workdir.iterdir():
+            if path in keep:
+                continue
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+    # --- scheduling ---
+    async def _schedule(self) -> None:
+        while True:
+            self._start_ready_stages()
+            if not self.tasks:
+                return
+            done, _ = await asyncio.wait(self.tasks.values(), return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                name = task.get_name()
+                del self.tasks[name]
+                task.result()  # re-raises StageFailed
+
+    def _start_ready_stages(self) -> None:
+        changed = True
+        while changed:
+            changed = False
+            for stage in self.stages:
+                state = self.job.stage(stage.name)
+                if state.status is not StageStatus.PENDING or stage.name in self.tasks:
+                    continue
+                readiness = self._readiness(stage)
+                if readiness == "skip":
+                    state.status = StageStatus.SKIPPED
+                    state.message = "an input it needs is unavailable for this video"
+                    state.finished_at = utcnow()
+                    self._emit("stage_changed")
+                    changed = True
+                elif readiness == "ready":
+                    self.tasks[stage.name] = asyncio.create_task(self._run_stage(stage), name=stage.name)
+
+    def _readiness(self, stage: Stage) -> str:
+        for key in stage.needs:
+            if key in self.available:
+                continue
+            producer = self.producers.get(key)
+            if producer is None or self.job.stage(producer).status.done:
+                return "skip"
+            return "wait"
+        for key in stage.uses:
+            producer = self.producers.get(key)
+            if key not in self.available and producer is not None and not self.job.stage(producer).status.done:
+                return "wait"
+        return "ready"
+
+    # --- one stage ---
+    async def _run_stage(self, stage: Stage) -> None:
+        state = self.job.stage(stage.name)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                ctx = await self._attempt(stage, state)
+                break
+            except StageUnavailable as exc:
+                state.status = StageStatus.UNAVAILABLE
+                state.message = str(exc)
+                state.finished_at = utcnow()
+                self.job.warnings.append(f"{stage.display.value}: {exc}")
+                await self._save()
+                self._emit("stage_changed")
+                return
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - classified below
+                error = classify(exc)
+                if not isinstance(exc, KlipstreamError):
+                    log.exception("stage %s raised", stage.name, extra={"job_id": self.job.job_id, "stage": stage.name})
+                state.error = job_error(error, stage.name)
+                if not error.retryable or attempt > self.settings.stage_retries:
+                    state.status = StageStatus.FAILED
+                    state.finished_at = utcnow()
+                    raise StageFailed(stage.name, error) from exc
+                delay = error.retry_after or random.uniform(0, self.settings.retry_base_seconds * 2 ** (attempt - 1))
+                state.status = StageStatus.PENDING
+                state.message = f"retrying in {delay:.1f} s after: {error.message}"
+                await self._save()
+                self._emit("stage_changed")
+                await asyncio.sleep(delay)
+        await self._stage_completed(stage, state, ctx)
+
+    async def _attempt(self, stage: Stage, state: StageState) -> StageContext:
+        async with self.deps.limits[stage.resource]:
+            ctx = StageContext(
+                job=self.job,
+                stage=stage,
+                workdir=self.workdir,
+                settings=self.settings,
+                http=self.deps.http,
+                inputs={k: self.available[k] for k in (*stage.needs, *stage.uses) if k in self.available},
+                sink=self,
+                services=self.deps.services,
+            )
+            state.status = StageStatus.RUNNING
+            state.progress = 0.0
+            state.attempts += 1
+            state.started_at = utcnow()
+            state.message = None
+            self._stage_started[stage.name] = time.monotonic()
+            self._refresh_progress()
+            await self._save()
+            self._emit("stage_changed")
+            timeout = stage.timeout(ctx) if stage.timeout else self.settings.stage_timeout_seconds
+            try:
+                async with asyncio.timeout(timeout):
+                    await stage.run(ctx)
+            except BaseException:
+                ctx.cancelled.set()
+                raise
+            return ctx
+
+    async def _stage_completed(self, stage: Stage, state: StageState, ctx: StageContext) -> None:
+        for key, path in ctx.outputs.items():
+            self.available[key] = path
+            self.job.artifacts[key] = path.name
+        seconds = time.monotonic() - self._stage_started.get(stage.name, time.monotonic())
+        state.status = StageStatus.COMPLETED
+        state.progress = 1.0
+        state.finished_at = utcnow()
+        state.error = None
+        media_seconds = self.job.video.duration_seconds if self.job.video else None
+        self.deps.timings.add(stage.name, seconds, media_seconds)
+        self._refresh_progress()
+        await self._save()
+        await self.deps.store.record_stage_run(stage.name, seconds, media_seconds)
+        self._emit("stage_changed")
+        for key, path in ctx.outputs.items():
+            if spec(key).published:
+                task = asyncio.create_task(self._publish(key, path), name=f"publish-{key}")
+                self.publishing.add(task)
+
+    async def _publish(self, key: str, path: Path) -> None:
+        stored = await self.deps.storage.put(self.job.video_id, spec(key), path)
+        self.job.results[key] = stored.url
+
+    async def _finish_publishing(self) -> None:
+        if not self.publishing:
+            return
+        results = await asyncio.gather(*self.publishing, return_exceptions=True)
+        self.publishing.clear()
+        for result in results:
+            if isinstance(result, BaseException):
+                error = result if isinstance(result, KlipstreamError) else StorageError(f"Publishing failed: {result}")
+                raise StageFailed("publish", error)
+
+    async def _stop_stages(self) -> None:
+        """Cancel running stages and wait (bounded) for their cleanup: subprocesses, threads."""
+        pending = [*self.tasks.values(), *self.publishing]
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=1.8)
+        self.tasks.clear()
+        self.publishing.clear()
+        for state in self.job.stages:
+            if state.status is StageStatus.RUNNING:
+                state.status = StageStatus.CANCELLED if self.cancel_reason == CancelReason.USER else StageStatus.PENDING
+                state.finished_at = utcnow() if self.cancel_reason == CancelReason.USER else None
+
+    # --- terminal states ---
+    async def _completed(self) -> None:
+        job = self.job
+        job.status = JobStatus.COMPLETED
+        job.finished_at = utcnow()
+        self._refresh_progress()
+        await self._save()
+        self._emit("completed")
+        if not self.settings.keep_workdirs:
+            await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+
+    async def _failed(self, stage: str, error: KlipstreamError) -> None:
+        job = self.job
+        job.status = JobStatus.FAILED
+        job.error = job_error(error, stage)
+        job.finished_at = utcnow()
+        self._refresh_progress()
+        await self._save()
+        log.warning(
+            "job failed: %s", error.message, extra={"job_id": job.job_id, "stage": stage, "error_type": error.error_type}
+        )
+        self._emit("failed")
+
+    async def _cancelled(self) -> None:
+        job = self.job
+        job.status = JobStatus.CANCELLED
+        job.finished_at = utcnow()
+        await asyncio.to_thread(self._remove_partial_files)
+        self._refresh_progress()
+        await self._save()
+        self._emit("cancelled")
+
+    async def _requeue(self) -> None:
+        """Shutdown: checkpoint and hand the job back to the queue for the next process."""
+        self.job.status = JobStatus.QUEUED
+        self._refresh_progress()
+        await self._save()
+        self._emit("requeued")
+
+    # --- ProgressSink, called by stages ---
+    def stage_progress(self, stage: str, fraction: float, detail: str | None) -> None:
+        state = self.job.stage(stage)
+        if state.status is not StageStatus.RUNNING:
+            return
+        state.progress = round(fraction, 4)
+        if detail is not None:
+            state.message = detail
+        self._refresh_progress()
+        self._emit("progress")
+        if time.monotonic() - self._last_persist > PROGRESS_PERSIST_SECONDS and self._persisting is None:
+            self._persisting = asyncio.create_task(self._save_in_background())
+
+    def warn(self, stage: str, message: str) -> None:
+        self.job.warnings.append(f"{self.by_name[stage].display.value}: {message}")
+
+    def set_video(self, info: VideoInfo) -> None:
+        self.job.video = info
+        self.job.updated_at = utcnow()
+        self._persisting = self._persisting or asyncio.create_task(self._save_in_background())
+
+    def set_highlights(self, highlights: list[dict[str, Any]]) -> None:
+        self.job.highlights = highlights
+
+    # --- progress, ETA, persistence ---
+    def _refresh_progress(self) -> None:
+        self.job.progress = compute_progress(self.job, self.stages, self.deps.timings, self._stage_started)
+        self.job.updated_at = utcnow()
+
+    async def _save(self) -> None:
+        self._last_persist = time.monotonic()
+        await self.deps.store.save_job(self.job)
+
+    async def _save_in_background(self) -> None:
+        try:
+            await self._save()
+        except Exception:  # noqa: BLE001 - progress snapshots are best effort; state changes are not
+            log.warning("progress checkpoint failed", exc_info=True, extra={"job_id": self.job.job_id})
+        finally:
+            self._persisting = None
+
+    def _emit(self, kind: str) -> None:
+        try:
+            self.deps.listener(kind, self.job)
+        except Exception:  # noqa: BLE001 - a listener bug must not break the job
+            log.exception("job listener failed", extra={"job_id": self.job.job_id})
+
+
+def compute_progress(
+    job: Job, stages: list[Stage], timings: StageTimings, started: dict[str, float] | None = None
+) -> Progress:
+    """Weighted progress that never goes backwards, and an ETA along the critical path."""
+    previous = job.progress
+    total_weight = sum(s.weight for s in stages) or 1.0
+    done_weight = 0.0
+    completed = 0
+    for stage in stages:
+        state = job.stage(stage.name)
+        if state.status.done:
+            completed += 1
+            done_weight += stage.weight
+        elif state.status is StageStatus.RUNNING:
+            done_weight += stage.weight * state.progress
+    if job.status is JobStatus.COMPLETED:
+        percentage = 100.0
+    else:
+        percentage = min(99.9, max(previous.percentage, round(100.0 * done_weight / total_weight, 1)))
+    return Progress(
+        percentage=percentage,
+        current_stage=current_display(job, stages),
+        stages_completed=completed,
+        total_stages=len(stages),
+        estimated_completion_seconds=estimate_remaining(job, stages, timings, started or {}),
+    )
+
+
+def current_display(job: Job, stages: list[Stage]) -> DisplayStage:
+    terminal = {
+        JobStatus.COMPLETED: DisplayStage.COMPLETED,
+        JobStatus.FAILED: DisplayStage.FAILED,
+        JobStatus.CANCELLED: DisplayStage.CANCELLED,
+        JobStatus.QUEUED: DisplayStage.QUEUED,
+    }
+    if job.status in terminal:
+        return terminal[job.status]
+    for wanted in (StageStatus.RUNNING, StageStatus.PENDING):
+        for stage in stages:
+            if job.stage(stage.name).status is wanted:
+                return stage.display
+    return DisplayStage.FINDING_HIGHLIGHTS
+
+
+def estimate_remaining(
+    job: Job, stages: list[Stage], timings: StageTimings, started: dict[str, float]
+) -> float | None:
+    """Seconds until the last stage ends: measured rates of running stages, history for the rest."""
+    if job.status.terminal:
+        return 0.0 if job.status is JobStatus.COMPLETED else None
+    media_seconds = job.video.duration_seconds if job.video else None
+    producers = {key: s.name for s in stages for key in s.provides}
+    finish: dict[str, float] = {}
+    now = time.monotonic()
+    for stage in stages:
+        state = job.stage(stage.name)
+        if state.status.done:
+            finish[stage.name] = 0.0
+            continue
+        if state.status is StageStatus.RUNNING and stage.name in started:
+            elapsed = now - started[stage.name]
+            if state.progress >= 0.02 and elapsed >= 1.0:
+                remaining: float | None = elapsed * (1.0 - state.progress) / state.progress
+            else:
+                history = timings.estimate(stage.name, media_seconds)
+                remaining = None if history is None else max(0.0, history - elapsed)
+        else:
+            remaining = timings.estimate(stage.name, media_seconds)
+        if remaining is None:
+            return None
+        deps = [producers[k] for k in (*stage.needs, *stage.uses) if k in producers]
+        finish[stage.name] = max((finish.get(d, 0.0) for d in deps), default=0.0) + remaining
+    return round(max(finish.values(), default=0.0), 1)
+
+
+async def cleanup_workdir(workdir: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        await asyncio.to_thread(shutil.rmtree, workdir, True)

@@ -1,0 +1,339 @@
+"""The job service: submit, look up, cancel and retry jobs; start, recover and drain the workers.
+
+The HTTP handlers and the command line both drive jobs through this one class, so `klipstream
+analyze` runs exactly the pipeline the server runs. Every state change is written to the store
+before anyone is told about it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from klipstream.models import Job, JobStatus, StageStatus, SubmitRequest, SubmitResponse, utcnow
+from klipstream.queue import JobQueue, QueueFull, WorkerPool
+from klipstream.runner import CancelReason, JobListener, JobRun, RunnerDeps, compute_progress, initial_stage_states
+from klipstream.stage import Stage
+from klipstream.store import IdempotencyRecord, JobStore
+from klipstream.urls import video_id_for
+
+log = logging.getLogger(__name__)
+RECENT_JOBS = 2000  # finished jobs kept in memory for polling; older ones are read from the store
+
+
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was used before with a different body."""
+
+
+class JobNotFound(Exception):
+    pass
+
+
+class InvalidTransition(Exception):
+    """E.g. retrying a job that is still running."""
+
+
+class ShuttingDown(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class SubmitOutcome:
+    status: int  # 202 new, 200 deduplicated or idempotent replay
+    body: str  # JSON, exactly what the client gets (and what an idempotent replay gets again)
+    job_id: str
+
+
+def new_job_id() -> str:
+    """Time-ordered, unguessable: 12 hex digits of milliseconds, then 12 random."""
+    return f"{int(time.time() * 1000):012x}{secrets.token_hex(6)}"
+
+
+def body_hash(payload: Any) -> str:
+    return hashlib.sha256(repr(payload).encode()).hexdigest()
+
+
+class JobService:
+    def __init__(
+        self,
+        deps: RunnerDeps,
+        stages: list[Stage],
+        *,
+        stream_url: Callable[[str], str] | None = None,
+    ) -> None:
+        self.deps = deps
+        self.settings = deps.settings
+        self.store: JobStore = deps.store
+        self.stages = stages
+        self.queue = JobQueue(maxsize=self.settings.max_queued_jobs, aging_seconds=self.settings.aging_seconds)
+        self.pool = WorkerPool(self.queue, self._run, self.settings.max_running_jobs)
+        self.listeners: list[JobListener] = []
+        self.active: dict[str, Job] = {}
+        self.recent: OrderedDict[str, Job] = OrderedDict()
+        self.active_by_video: dict[str, str] = {}
+        self.runs: dict[str, JobRun] = {}
+        self.shutting_down = False
+        self.started = False
+        self._inflight_keys: dict[str, tuple[str, asyncio.Future[SubmitOutcome]]] = {}
+        self._stream_url = stream_url or (lambda job_id: f"{self.base}/api/v1/analysis/{job_id}/stream")
+        deps.listener = self._on_job_event
+
+    @property
+    def base(self) -> str:
+        return self.settings.public_url.rstrip("/")
+
+    # --- lifecycle ---
+    async def start(self) -> None:
+        await self.store.open()
+        for stage, seconds, media in await self.store.stage_runs(time.time() - 7 * 86400):
+            self.deps.timings.add(stage, seconds, media)
+        await self._recover()
+        self.pool.start()
+        self.started = True
+
+    async def _recover(self) -> None:
+        """Rebuild the queue from the store: queued jobs in order, interrupted jobs resumed."""
+        for job in await self.store.active_jobs():
+            if job.status is JobStatus.RUNNING:
+                job.status = JobStatus.QUEUED
+                for state in job.stages:
+                    if state.status is StageStatus.RUNNING:
+                        state.status = StageStatus.PENDING
+                await self.store.save_job(job)
+            waited = max(0.0, time.time() - job.created_at.timestamp())
+            self.queue.push(job.job_id, job.priority, waited=waited, force=True)
+            self._track(job)
+        if self.active:
+            log.info("recovered %d unfinished jobs", len(self.active))
+
+    async def shutdown(self, deadline: float) -> None:
+        """Stop taking work, checkpoint running jobs back to queued, close the store by `deadline`."""
+        self.shutting_down = True
+        self.queue.pause()
+        for job_id, run in list(self.runs.items()):
+            run.cancel_reason = CancelReason.SHUTDOWN
+            self.pool.cancel(job_id)
+        running = list(self.pool.running.values())
+        if running:
+            await asyncio.wait(running, timeout=max(0.1, deadline - time.monotonic() - 0.5))
+        await self.pool.stop()
+        await self.store.close()
+
+    # --- submission ---
+    async def submit(self, request: SubmitRequest, *, idempotency_key: str | None = None) -> SubmitOutcome:
+        if self.shutting_down:
+            raise ShuttingDown
+        fingerprint = body_hash(request.model_dump(mode="json"))
+        if idempotency_key:
+            inflight = self._inflight_keys.get(idempotency_key)
+            if inflight is not None:  # the first request with this key is still being answered
+                first_fingerprint, first = inflight
+                if first_fingerprint != fingerprint:
+                    raise IdempotencyConflict
+                outcome = await asyncio.shield(first)
+                return SubmitOutcome(200, outcome.body, outcome.job_id)
+            record = await self.store.get_idempotency(idempotency_key)
+            if record is not None:
+                if record.body_hash != fingerprint:
+                    raise IdempotencyConflict
+                return SubmitOutcome(200, record.response, record.job_id)
+            future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
+            self._inflight_keys[idempotency_key] = (fingerprint, future)
+            future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+            try:
+                outcome = await self._submit(request, idempotency_key, fingerprint)
+                future.set_result(outcome)
+                return outcome
+            except BaseException as exc:
+                future.set_exception(exc)
+                raise
+            finally:
+                del self._inflight_keys[idempotency_key]
+        return await self._submit(request, None, fingerprint)
+
+    async def _submit(self, request: SubmitRequest, key: str | None, fingerprint: str) -> SubmitOutcome:
+        video_id = video_id_for(request.url)
+        if not request.options.force:
+            existing_id = self.active_by_video.get(video_id)
+            if existing_id is not None:
+                existing = self.active[existing_id]
+                return SubmitOutcome(200, self._submit_body(existing, deduplicated=True), existing.job_id)
+        if len(self.queue) >= self.queue.maxsize:
+            raise QueueFull
+        job = self._new_job(request, video_id)
+        self._track(job)  # before the await, so a concurrent duplicate sees it
+        body = self._submit_body(job, deduplicated=False, position=len(self.queue) + 1)
+        record = IdempotencyRecord(key, fingerprint, job.job_id, body, 202) if key else None
+        try:
+            await self.store.insert_job(job, record)
+        except BaseException:
+            self._untrack(job)
+            raise
+        job.queue_position = self.queue.push(job.job_id, job.priority, force=True)
+        self._emit("queued", job)
+        return SubmitOutcome(202, body, job.job_id)
+
+    def _new_job(self, request: SubmitRequest, video_id: str) -> Job:
+        job_id = new_job_id()
+        job = Job(
+            job_id=job_id,
+            video_id=video_id,
+            url=request.url,
+            chat_url=request.chat_url,
+            callback_url=request.callback_url,
+            priority=request.priority,
+            options=request.options,
+            stages=initial_stage_states(self.stages),
+            status_url=f"{self.base}/api/v1/analysis/{job_id}/status",
+            stream_url=self._stream_url(job_id),
+        )
+        job.progress = compute_progress(job, self.stages, self.deps.timings)
+        return job
+
+    def _submit_body(self, job: Job, *, deduplicated: bool, position: int | None = None) -> str:
+        return SubmitResponse(
+            job_id=job.job_id,
+            video_id=job.video_id,
+            status=job.status,
+            progress=job.progress,
+            queue_position=position if position is not None else self.queue.position(job.job_id),
+            status_url=job.status_url,
+            stream_url=job.stream_url,
+            created_at=job.created_at,
+            deduplicated=deduplicated,
+        ).model_dump_json()
+
+    # --- lookup ---
+    def cached(self, job_id: str) -> Job | None:
+        return self.active.get(job_id) or self.recent.get(job_id)
+
+    async def get(self, job_id: str) -> Job:
+        job = self.cached(job_id)
+        if job is None:
+            job = await self.store.get_job(job_id)
+            if job is None:
+                raise JobNotFound(job_id)
+            self._remember(job)
+        if job.status is JobStatus.QUEUED:
+            job.queue_position = self.queue.position(job_id)
+        return job
+
+    async def list(self, status: str | None, limit: int, cursor: int | None) -> tuple[list[Job], int | None]:
+        rows = await self.store.list_jobs(status, limit + 1, cursor)
+        jobs = [self.cached(job.job_id) or job for _, job in rows[:limit]]
+        next_cursor = rows[limit - 1][0] if len(rows) > limit else None
+        return jobs, next_cursor
+
+    # --- control ---
+    async def cancel(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        if job.status.terminal:
+            return job
+        if self.queue.remove(job_id):
+            job.status = JobStatus.CANCELLED
+            job.finished_at = utcnow()
+            job.queue_position = None
+            for state in job.stages:
+                if not state.status.done:
+                    state.status = StageStatus.CANCELLED
+            job.progress = compute_progress(job, self.stages, self.deps.timings)
+            await self.store.save_job(job)
+            self._emit("cancelled", job)
+            return job
+        run = self.runs.get(job_id)
+        task = self.pool.running.get(job_id)
+        if run is not None and task is not None:
+            run.cancel_reason = CancelReason.USER
+            task.cancel()
+            await asyncio.wait([task], timeout=2.5)
+        return job
+
+    async def retry(self, job_id: str) -> Job:
+        job = await self.get(job_id)
+        if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise InvalidTransition(f"only failed or cancelled jobs can be retried; this one is {job.status.value}")
+        if not job.options.force and job.video_id in self.active_by_video:
+            raise InvalidTransition("another job for this video is already queued or running")
+        if len(self.queue) >= self.queue.maxsize:
+            raise QueueFull
+        job.status = JobStatus.QUEUED
+        job.error = None
+        job.finished_at = None
+        job.retry_count += 1
+        for state in job.stages:
+            if state.status in (StageStatus.FAILED, StageStatus.CANCELLED, StageStatus.SKIPPED):
+                state.status = StageStatus.PENDING
+                state.error = None
+        job.progress = compute_progress(job, self.stages, self.deps.timings)
+        job.updated_at = utcnow()
+        self.recent.pop(job_id, None)
+        self._track(job)
+        await self.store.save_job(job)
+        job.queue_position = self.queue.push(job_id, job.priority)
+        self._emit("queued", job)
+        return job
+
+    # --- running ---
+    async def _run(self, job_id: str) -> None:
+        job = self.active.get(job_id)
+        if job is None:  # cancelled while queued, or a stale entry
+            return
+        run = JobRun(self.deps, self.stages, job)
+        self.runs[job_id] = run
+        try:
+            await run.run()
+        finally:
+            self.runs.pop(job_id, None)
+            if job.status is JobStatus.QUEUED and not self.shutting_down:
+                self.queue.push(job_id, job.priority, force=True)
+
+    # --- bookkeeping ---
+    def _track(self, job: Job) -> None:
+        self.active[job.job_id] = job
+        self.active_by_video.setdefault(job.video_id, job.job_id)
+
+    def _untrack(self, job: Job) -> None:
+        self.active.pop(job.job_id, None)
+        if self.active_by_video.get(job.video_id) == job.job_id:
+            del self.active_by_video[job.video_id]
+
+    def _remember(self, job: Job) -> None:
+        self.recent[job.job_id] = job
+        self.recent.move_to_end(job.job_id)
+        while len(self.recent) > RECENT_JOBS:
+            self.recent.popitem(last=False)
+
+    def _on_job_event(self, kind: str, job: Job) -> None:
+        if job.status.terminal:
+            self._untrack(job)
+            self._remember(job)
+        self._emit(kind, job)
+
+    def _emit(self, kind: str, job: Job) -> None:
+        for listener in self.listeners:
+            try:
+                listener(kind, job)
+            except Exception:  # noqa: BLE001 - one listener's bug must not stop the others
+                log.exception("listener failed on %s", kind, extra={"job_id": job.job_id})
+
+    # --- statistics ---
+    def running_summary(self) -> list[dict[str, Any]]:
+        out = []
+        for job_id in self.pool.running:
+            job = self.active.get(job_id)
+            if job is not None:
+                stages = [s.name for s in job.stages if s.status is StageStatus.RUNNING]
+                out.append({"job_id": job_id, "video_id": job.video_id, "stages": stages,
+                            "percentage": job.progress.percentage})
+        return out
+
+    def queued_counts(self) -> dict[str, int]:
+        return self.queue.counts()
+

@@ -1,0 +1,292 @@
+"""The durable job store.
+
+`JobStore` is the small interface the rest of the service uses, so a PostgreSQL backend (several
+instances sharing one queue) can replace SQLite later. `SQLiteStore` keeps one connection in one
+writer thread and commits whatever requests arrived together in one transaction (group commit):
+a burst of submissions costs one commit, and the event loop never waits on the disk. WAL mode
+with synchronous=NORMAL survives `kill -9` of the process (every commit is in the WAL file before
+the caller's future resolves); only a power loss could drop the last commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+from klipstream.models import Job, JobStatus
+
+T = TypeVar("T")
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    key: str
+    body_hash: str
+    job_id: str
+    response: str  # the first answer's JSON body
+    status: int
+
+
+class JobStore(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def insert_job(self, job: Job, idempotency: IdempotencyRecord | None = None) -> None: ...
+    async def save_job(self, job: Job) -> None: ...
+    async def get_job(self, job_id: str) -> Job | None: ...
+    async def list_jobs(self, status: str | None, limit: int, before_seq: int | None) -> list[tuple[int, Job]]: ...
+    async def active_jobs(self) -> list[Job]: ...
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
+    async def record_stage_run(self, stage: str, seconds: float, media_seconds: float | None) -> None: ...
+    async def stage_runs(self, since: float) -> list[tuple[str, float, float | None]]: ...
+    async def terminal_counts(self, since: float) -> dict[str, int]: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    job_id TEXT NOT NULL UNIQUE,
+    video_id TEXT NOT NULL,
+    status TEXT NOT NULL,
+    priority TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    finished_at REAL,
+    doc TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
+CREATE INDEX IF NOT EXISTS jobs_video ON jobs (video_id, status);
+CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+CREATE TABLE IF NOT EXISTS idempotency (
+    key TEXT PRIMARY KEY,
+    body_hash TEXT NOT NULL,
+    job_id TEXT NOT NULL,
+    response TEXT NOT NULL,
+    status INTEGER NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS stage_runs (
+    stage TEXT NOT NULL,
+    seconds REAL NOT NULL,
+    media_seconds REAL,
+    finished_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS stage_runs_time ON stage_runs (stage, finished_at);
+"""
+
+
+def _row_values(job: Job) -> tuple[Any, ...]:
+    finished = job.finished_at.timestamp() if job.finished_at else None
+    return (
+        job.video_id,
+        job.status.value,
+        job.priority.value,
+        job.created_at.timestamp(),
+        job.updated_at.timestamp(),
+        finished,
+        job.model_dump_json(),
+    )
+
+
+class SQLiteStore:
+    """JobStore on SQLite, with all statements run by one writer thread."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._requests: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None]
+        self._requests = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # --- lifecycle ---
+    async def open(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = self._loop.create_future()
+        self._thread = threading.Thread(target=self._serve, args=(ready,), name="sqlite-writer", daemon=True)
+        self._thread.start()
+        await asyncio.wait_for(ready, 30)
+
+    async def close(self) -> None:
+        if self._thread is None:
+            return
+        self._requests.put(None)
+        await asyncio.to_thread(self._thread.join, 10)
+        self._thread = None
+
+    def _serve(self, ready: asyncio.Future[None]) -> None:
+        assert self._loop is not None
+        try:
+            conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA busy_timeout=5000")
+            conn.executescript(_SCHEMA)
+        except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            self._loop.call_soon_threadsafe(_settle, ready, None, exc)
+            return
+        self._loop.call_soon_threadsafe(_settle, ready, None, None)
+        while True:
+            first = self._requests.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < 512:
+                try:
+                    item = self._requests.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._requests.put(None)
+                    break
+                batch.append(item)
+            self._run_batch(conn, batch)
+        conn.close()
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
+        """Run a batch in one transaction; each request in its own savepoint so one failure is local."""
+        assert self._loop is not None
+        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for fn, future in batch:
+                conn.execute("SAVEPOINT request")
+                try:
+                    outcomes.append((future, fn(conn), None))
+                    conn.execute("RELEASE request")
+                except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                    conn.execute("ROLLBACK TO request")
+                    conn.execute("RELEASE request")
+                    outcomes.append((future, None, exc))
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - the commit itself failed: every request failed
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            outcomes = [(future, None, exc) for _, future in batch]
+        for future, result, error in outcomes:
+            self._loop.call_soon_threadsafe(_settle, future, result, error)
+
+    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._thread is None or self._loop is None:
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[T] = self._loop.create_future()
+        self._requests.put((fn, future))
+        return await asyncio.wait_for(future, 30)
+
+    # --- jobs ---
+    async def ping(self) -> bool:
+        try:
+            return await self._call(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
+        except Exception:  # noqa: BLE001 - readiness reports it
+            return False
+
+    async def insert_job(self, job: Job, idempotency: IdempotencyRecord | None = None) -> None:
+        values = (job.job_id, *_row_values(job))
+
+        def insert(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO jobs (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                values,
+            )
+            if idempotency is not None:
+                conn.execute(
+                    "INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    (
+                        idempotency.key,
+                        idempotency.body_hash,
+                        idempotency.job_id,
+                        idempotency.response,
+                        idempotency.status,
+                        time.time(),
+                    ),
+                )
+
+        await self._call(insert)
+
+    async def save_job(self, job: Job) -> None:
+        values = (*_row_values(job), job.job_id)
+        await self._call(
+            lambda c: c.execute(
+                "UPDATE jobs SET video_id=?, status=?, priority=?, created_at=?, updated_at=?, finished_at=?, doc=?"
+                " WHERE job_id=?",
+                values,
+            )
+        )
+
+    async def get_job(self, job_id: str) -> Job | None:
+        row = await self._call(lambda c: c.execute("SELECT doc FROM jobs WHERE job_id=?", (job_id,)).fetchone())
+        return Job.model_validate_json(row[0]) if row else None
+
+    async def list_jobs(self, status: str | None, limit: int, before_seq: int | None) -> list[tuple[int, Job]]:
+        sql = "SELECT seq, doc FROM jobs WHERE 1=1"
+        params: list[Any] = []
+        if status:
+            sql += " AND status=?"
+            params.append(status)
+        if before_seq is not None:
+            sql += " AND seq<?"
+            params.append(before_seq)
+        sql += " ORDER BY seq DESC LIMIT ?"
+        params.append(limit)
+        rows = await self._call(lambda c: c.execute(sql, params).fetchall())
+        return [(seq, Job.model_validate_json(doc)) for seq, doc in rows]
+
+    async def active_jobs(self) -> list[Job]:
+        rows = await self._call(
+            lambda c: c.execute("SELECT doc FROM jobs WHERE status IN (?, ?) ORDER BY seq", ACTIVE).fetchall()
+        )
+        return [Job.model_validate_json(doc) for (doc,) in rows]
+
+    # --- idempotency ---
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+        row = await self._call(
+            lambda c: c.execute(
+                "SELECT key, body_hash, job_id, response, status FROM idempotency WHERE key=?", (key,)
+            ).fetchone()
+        )
+        return IdempotencyRecord(*row) if row else None
+
+    # --- statistics ---
+    async def record_stage_run(self, stage: str, seconds: float, media_seconds: float | None) -> None:
+        row = (stage, seconds, media_seconds, time.time())
+        await self._call(lambda c: c.execute("INSERT INTO stage_runs VALUES (?, ?, ?, ?)", row))
+
+    async def stage_runs(self, since: float) -> list[tuple[str, float, float | None]]:
+        return await self._call(
+            lambda c: c.execute(
+                "SELECT stage, seconds, media_seconds FROM stage_runs WHERE finished_at>=? ORDER BY finished_at",
+                (since,),
+            ).fetchall()
+        )
+
+    async def terminal_counts(self, since: float) -> dict[str, int]:
+        rows = await self._call(
+            lambda c: c.execute(
+                "SELECT status, COUNT(*) FROM jobs WHERE finished_at>=? GROUP BY status", (since,)
+            ).fetchall()
+        )
+        return {status: count for status, count in rows}
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))

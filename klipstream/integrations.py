@@ -39,7 +39,7 @@ async def start_integrations(
         mirror = ConvexMirror(settings, http)
         if mirror.enabled:
             await mirror.start()
-            service.listeners.append(mirror.job_changed)
+            service.listeners.append(lambda kind, job: mirror.job_changed(job, kind))
             closers.append(mirror)
     if importlib.util.find_spec("klipstream.webhooks") is not None:
         from klipstream.outbox import Outbox
@@ -48,7 +48,7 @@ async def start_integrations(
         outbox = Outbox(settings.database_path)
         dispatcher = WebhookDispatcher(settings, http, outbox)
         await dispatcher.start()
-        service.listeners.append(dispatcher.job_changed)
+        service.listeners.append(lambda kind, job: dispatcher.job_changed(job, kind))
         closers.append(dispatcher)
         services["webhooks"] = dispatcher
     if app is not None:

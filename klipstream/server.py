@@ -105,7 +105,8 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
             raise
         if exc.status == 413:
             return problem(413, "Request body too large", f"The limit is {request.app[SETTINGS].max_body_bytes} bytes.")
-        return _problem_with_headers(exc.status, exc.reason, exc.text or exc.reason, dict(exc.headers))
+        keep = {k: v for k, v in exc.headers.items() if k.lower() in ("retry-after", "www-authenticate", "allow")}
+        return _problem_with_headers(exc.status, exc.reason, exc.text or exc.reason, keep)
     except asyncio.CancelledError:
         raise
     except Exception:
@@ -690,10 +691,12 @@ def run_server(settings: Settings) -> None:
         uvloop.run(serve(settings))
 
 
-async def serve(settings: Settings, ready: Callable[[int], None] | None = None) -> None:
+async def serve(
+    settings: Settings, ready: Callable[[int], None] | None = None, stages: list[Stage] | None = None
+) -> None:
     """Serve until a signal. Drain before closing the listener, so that requests arriving during the
     drain get a clear 503 instead of a refused connection."""
-    app = create_app(settings)
+    app = create_app(settings, stages=stages)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
     await runner.setup()
     site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)

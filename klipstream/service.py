@@ -139,24 +139,31 @@ class JobService:
                     raise IdempotencyConflict
                 outcome = await asyncio.shield(first)
                 return SubmitOutcome(200, outcome.body, outcome.job_id)
-            record = await self.store.get_idempotency(idempotency_key)
-            if record is not None:
-                if record.body_hash != fingerprint:
-                    raise IdempotencyConflict
-                return SubmitOutcome(200, record.response, record.job_id)
+            # Registered before the first await, so concurrent requests with this key wait for us.
             future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
             self._inflight_keys[idempotency_key] = (fingerprint, future)
             future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
             try:
-                outcome = await self._submit(request, idempotency_key, fingerprint)
+                outcome = await self._submit_once(request, idempotency_key, fingerprint)
                 future.set_result(outcome)
                 return outcome
-            except BaseException as exc:
+            except asyncio.CancelledError:
+                future.cancel()
+                raise
+            except Exception as exc:
                 future.set_exception(exc)
                 raise
             finally:
                 del self._inflight_keys[idempotency_key]
         return await self._submit(request, None, fingerprint)
+
+    async def _submit_once(self, request: SubmitRequest, key: str, fingerprint: str) -> SubmitOutcome:
+        record = await self.store.get_idempotency(key)
+        if record is None:
+            return await self._submit(request, key, fingerprint)
+        if record.body_hash != fingerprint:
+            raise IdempotencyConflict
+        return SubmitOutcome(200, record.response, record.job_id)
 
     async def _submit(self, request: SubmitRequest, key: str | None, fingerprint: str) -> SubmitOutcome:
         video_id = video_id_for(request.url)

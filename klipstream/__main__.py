@@ -1,0 +1,5 @@
+import sys
+
+from klipstream.cli import main
+
+sys.exit(main())

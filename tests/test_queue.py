@@ -1,0 +1,56 @@
+"""Priority order, FIFO within a level, and ageing of the in-memory queue."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from klipstream.models import Priority
+from klipstream.queue import JobQueue, QueueFull
+
+
+def drain(queue: JobQueue) -> list[str]:
+    out = []
+    while (job := queue.pop_nowait()) is not None:
+        out.append(job)
+    return out
+
+
+def test_priority_then_fifo():
+    queue = JobQueue(maxsize=100, aging_seconds=3600)
+    for name, priority in [("l1", Priority.LOW), ("n1", Priority.NORMAL), ("u1", Priority.URGENT),
+                           ("h1", Priority.HIGH), ("n2", Priority.NORMAL), ("u2", Priority.URGENT)]:
+        queue.push(name, priority)
+    assert queue.position("u1") == 1 and queue.position("l1") == 6
+    assert drain(queue) == ["u1", "u2", "h1", "n1", "n2", "l1"]
+
+
+def test_ageing_lets_an_old_low_job_overtake():
+    queue = JobQueue(maxsize=100, aging_seconds=10)
+    queue.push("old-low", Priority.LOW, waited=35)  # 3.5 levels of credit
+    queue.push("new-urgent", Priority.URGENT)
+    queue.push("new-high", Priority.HIGH)
+    assert drain(queue) == ["old-low", "new-urgent", "new-high"]
+
+
+def test_remove_and_bounds():
+    queue = JobQueue(maxsize=2, aging_seconds=60)
+    queue.push("a", Priority.NORMAL)
+    queue.push("b", Priority.NORMAL)
+    with pytest.raises(QueueFull):
+        queue.push("c", Priority.NORMAL)
+    assert queue.remove("a") and not queue.remove("a")
+    assert len(queue) == 1 and queue.counts()["normal"] == 1
+    assert drain(queue) == ["b"]
+
+
+async def test_pause_holds_pop_until_resume():
+    queue = JobQueue(maxsize=10, aging_seconds=60)
+    queue.pause()
+    queue.push("a", Priority.NORMAL)
+    waiter = asyncio.create_task(queue.pop())
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    queue.resume()
+    assert await asyncio.wait_for(waiter, 1) == "a"

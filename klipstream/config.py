@@ -89,6 +89,8 @@ class Settings:
     allow_private_urls: bool = _env("KLIPSTREAM_ALLOW_PRIVATE_URLS", _bool, default=False)
     allow_local_files: bool = _env("KLIPSTREAM_ALLOW_LOCAL_FILES", _bool, default=False)
     max_body_bytes: int = _env("KLIPSTREAM_MAX_BODY_BYTES", _positive_int, default=64 * 1024)
+    legacy_routes: bool = _env("KLIPSTREAM_LEGACY_ROUTES", _bool, default=True)  # POST /, /run_pipeline, /list_files
+    legacy_wait_seconds: float = _env("KLIPSTREAM_LEGACY_WAIT_SECONDS", _positive_float, default=3300.0)
     # --- queue and workers ---
     max_running_jobs: int = _env("KLIPSTREAM_MAX_RUNNING_JOBS", _positive_int, default=2)
     max_queued_jobs: int = _env("KLIPSTREAM_MAX_QUEUED_JOBS", _positive_int, default=1000)

@@ -147,7 +147,8 @@ class Job(BaseModel):
     status: JobStatus = JobStatus.QUEUED
     progress: Progress = Field(default_factory=Progress)
     stages: list[StageState] = Field(default_factory=list)
-    results: dict[str, str] = Field(default_factory=dict)
+    results: dict[str, str] = Field(default_factory=dict, description="Artifact key to a URL a client can fetch.")
+    result_uris: dict[str, str] = Field(default_factory=dict, description="Artifact key to its storage URI.")
     artifacts: dict[str, str] = Field(default_factory=dict, description="Artifact key to file name in the job directory.")
     error: JobError | None = None
     warnings: list[str] = Field(default_factory=list)

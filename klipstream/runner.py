@@ -320,6 +320,7 @@ class JobRun(ProgressSink):
     async def _publish(self, key: str, path: Path) -> None:
         stored = await self.deps.storage.put(self.job.video_id, spec(key), path)
         self.job.results[key] = stored.url
+        self.job.result_uris[key] = stored.uri
 
     async def _finish_publishing(self) -> None:
         if not self.publishing:

@@ -559,6 +559,10 @@ def create_app(
     app[LAG] = LoopLagMonitor(app[METRICS])
     app[STAGES] = stages
     routes = [*ROUTES, *(extra_routes or [])]
+    if settings.legacy_routes:
+        from klipstream.legacy import LEGACY_ROUTES
+
+        routes += LEGACY_ROUTES
     for route in routes:
         app.router.add_route(route.method, route.path, route.handler)
     app[EXTRAS]["openapi"] = openapi_document(routes, title="KlipStream Analysis", version=__version__)

@@ -14,8 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from fake_twitch_gql import FakeChat, RunningFake, serve
-from stage_helpers import RecordingSink, make_context
+from tests.fake_twitch_gql import FakeChat, RunningFake, serve
+from tests.stage_helpers import RecordingSink, make_context
 
 from klipstream.chat_archive import ChatMessage, ChatVideo, Fragment, iter_csv
 from klipstream.errors import ExternalServiceError, InvalidVideoUrl, StageUnavailable

@@ -94,11 +94,18 @@ class Broadcaster:
             topic = self.topics[job_id] = Topic(self.buffer_size)
         return topic
 
-    def publish(self, job_id: str, type_: str, data: str) -> Event:
-        """Publish an event that must not be dropped (stage changes, terminal events)."""
-        topic = self.topic(job_id)
+    def publish(self, job_id: str, type_: str, data: Callable[[], str]) -> Event | None:
+        """Publish an event that must not be dropped (stage changes, terminal events).
+
+        Only jobs somebody watches have a topic: a client cannot hold a Last-Event-ID of a stream it
+        never opened, and a new subscriber starts from a snapshot, so events of unwatched jobs would
+        be encoded for nobody.
+        """
+        topic = self.topics.get(job_id)
+        if topic is None:
+            return None
         self._flush_progress(job_id, topic)
-        return topic.append(type_, data)
+        return topic.append(type_, data())
 
     def publish_progress(self, job_id: str, render: Callable[[], str]) -> None:
         """Publish progress at most every `progress_interval`; the latest state wins.
@@ -106,8 +113,8 @@ class Broadcaster:
         `render` is called only when an event is actually sent, so a burst of progress reports
         costs one encoding.
         """
-        topic = self.topic(job_id)
-        if topic.terminal:
+        topic = self.topics.get(job_id)
+        if topic is None or topic.terminal:
             return
         topic._pending_progress = render
         now = time.monotonic()

@@ -3,9 +3,10 @@ webhook dispatcher. Each listens to job events; none can block or fail a job."""
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
 import importlib.util
 import logging
+import time
 from typing import Any
 
 import aiohttp
@@ -56,14 +57,16 @@ async def start_integrations(
     return closers
 
 
-async def close_all(closers: list[Any], timeout: float = 3.0) -> None:
+async def close_all(closers: list[Any], budget: float) -> None:
+    """Close in reverse order of start, sharing one time budget (Cloud Run allows 10 s in all)."""
+    deadline = time.monotonic() + budget
     for item in reversed(closers):
-        with contextlib.suppress(Exception):
-            try:
-                await item.close(timeout)
-            except TypeError:
-                await item.close()
+        remaining = max(0.1, deadline - time.monotonic())
+        try:
+            await asyncio.wait_for(item.close(remaining), remaining + 0.5)
+        except Exception:  # noqa: BLE001 - shutting down: log and go on closing the rest
+            log.warning("closing %s failed", type(item).__name__, exc_info=True)
 
 
-async def stop_integrations(app: web.Application) -> None:
-    await close_all(app.get(CLOSERS, []))
+async def stop_integrations(app: web.Application, budget: float) -> None:
+    await close_all(app.get(CLOSERS, []), budget)

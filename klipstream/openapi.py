@@ -46,9 +46,14 @@ def openapi_document(routes: list[Route], *, title: str, version: str) -> dict[s
     refs, defs = models_json_schema(keyed, ref_template="#/components/schemas/{model}")
     schemas = defs.get("$defs", {})
     paths: dict[str, dict[str, Any]] = {}
+    used: set[str] = set()
     for route in routes:
+        operation_id = route.handler.__name__
+        if operation_id in used:  # one handler behind two paths (legacy aliases)
+            operation_id += "_" + re.sub(r"\W+", "_", route.path).strip("_")
+        used.add(operation_id)
         operation: dict[str, Any] = {
-            "operationId": route.handler.__name__,
+            "operationId": operation_id,
             "summary": route.summary,
             "responses": {str(code): _response(spec, refs) for code, spec in route.responses.items()},
         }

@@ -614,9 +614,9 @@ def _broadcast_listener(broadcaster: Broadcaster) -> Callable[[str, Job], None]:
         if kind == "progress":
             broadcaster.publish_progress(job.job_id, lambda: progress_payload(job))
         elif kind in ("completed", "failed", "cancelled"):
-            broadcaster.publish(job.job_id, kind, job.model_dump_json())
+            broadcaster.publish(job.job_id, kind, job.model_dump_json)
         elif kind in ("started", "stage_changed", "queued", "requeued"):
-            broadcaster.publish(job.job_id, "stage", stage_payload(kind, job))
+            broadcaster.publish(job.job_id, "stage", lambda: stage_payload(kind, job))
 
     return on_event
 
@@ -664,6 +664,7 @@ async def _drain(app: web.Application) -> None:
     app[STATE]["drained"] = True
     settings = app[SETTINGS]
     deadline = time.monotonic() + settings.shutdown_seconds
+    app[STATE]["deadline"] = deadline
     app[STATE]["stopping"] = True
     app[BROADCASTER].announce_shutdown(json.dumps({"reason": "server shutting down", "retry_ms": SSE_RETRY_MS}))
     if SERVICE in app:
@@ -677,7 +678,8 @@ async def _cleanup(app: web.Application) -> None:
     await app[LAG].stop()
     from klipstream.integrations import stop_integrations
 
-    await stop_integrations(app)
+    deadline = state.get("deadline") or time.monotonic() + 3.0
+    await stop_integrations(app, max(0.5, deadline - time.monotonic()))
     if "storage" in state:
         with contextlib.suppress(Exception):
             await state["storage"].close()

@@ -25,7 +25,7 @@ from klipstream.store import IdempotencyRecord, JobStore
 from klipstream.urls import video_id_for
 
 log = logging.getLogger(__name__)
-RECENT_JOBS = 2000  # finished jobs kept in memory for polling; older ones are read from the store
+RECENT_JOBS = 500  # finished jobs kept in memory for polling; older ones are read from the store
 
 
 class IdempotencyConflict(Exception):
@@ -122,7 +122,7 @@ class JobService:
             self.pool.cancel(job_id)
         running = list(self.pool.running.values())
         if running:
-            await asyncio.wait(running, timeout=max(0.1, deadline - time.monotonic() - 0.5))
+            await asyncio.wait(running, timeout=max(0.1, deadline - time.monotonic() - 2.5))
         await self.pool.stop()
         await self.store.close()
 

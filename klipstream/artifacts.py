@@ -50,6 +50,7 @@ _SPECS = [
     ArtifactSpec("paragraphs_csv", "audio_{id}_paragraphs.csv", StorageKind.TRANSCRIPTS, "text/csv"),
     ArtifactSpec("segments_csv", "audio_{id}_segments.csv", StorageKind.TRANSCRIPTS, "text/csv"),
     ArtifactSpec("chat_sentiment_csv", "{id}_chat_sentiment.csv", StorageKind.ANALYSIS, "text/csv"),
+    ArtifactSpec("chat_signals", "{id}_chat_signals.npz", StorageKind.INTERNAL, "application/octet-stream"),
     ArtifactSpec("sentiment_csv", "audio_{id}_sentiment.csv", StorageKind.ANALYSIS, "text/csv"),
     ArtifactSpec("sentiment_json", "audio_{id}_sentiment.json", StorageKind.ANALYSIS, "application/json"),
     ArtifactSpec("integrated_json", "integrated_{id}.json", StorageKind.ANALYSIS, "application/json"),

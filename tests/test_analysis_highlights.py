@@ -1,0 +1,176 @@
+"""Rolling baselines, chat lag attribution, fusion, NMS, boundary snapping, and recall on synthetic streams."""
+
+from __future__ import annotations
+
+import itertools
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from klipstream.analysis import synthetic
+from klipstream.analysis.baselines import centered_mean, poisson_surge, robust_relative, rolling_mean, rolling_quantile
+from klipstream.analysis.chat_scoring import load_chat_json
+from klipstream.analysis.highlights import (
+    Candidate,
+    clip_extent,
+    fuse,
+    local_maxima,
+    non_max_suppression,
+    snap_to_pauses,
+)
+from klipstream.analysis.pipeline import analyze_chat, build_timeline, find_highlights
+from klipstream.analysis.signals import AudioFeatures, SpeechSignals, attribute_back, lag_kernel, load_transcript
+
+
+# --- baselines ---
+def test_rolling_quantile_matches_a_naive_trailing_window() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=500)
+    got = rolling_quantile(x, 50, 0.5, step=1)
+    for i in (49, 120, 499):
+        assert got[i] == pytest.approx(np.median(x[i - 49 : i + 1]))
+    assert got[10] == pytest.approx(np.median(x[:50]))  # before the first full window: the first window
+    both = rolling_quantile(x, 50, (0.5, 0.84), step=1)
+    assert both.shape == (2, 500) and np.all(both[1] >= both[0])
+
+
+def test_rolling_quantile_is_in_time_order_not_global() -> None:
+    # A quiet first half and a loud second half: the baseline follows the stream, it is not one number.
+    x = np.concatenate([np.zeros(600), np.full(600, 10.0)])
+    base = rolling_quantile(x, 300, 0.5)
+    assert base[500] == 0 and base[1100] == 10
+    assert base[599] == 0  # only the past counts: the loud future does not leak back
+
+
+def test_rolling_quantile_strided_is_close_and_ignores_nan() -> None:
+    rng = np.random.default_rng(1)
+    x = np.cumsum(rng.normal(size=5000)) * 0.01
+    assert np.max(np.abs(rolling_quantile(x, 300, 0.5) - rolling_quantile(x, 300, 0.5, step=1))) < 0.1
+    x[100:200] = np.nan
+    assert np.isfinite(rolling_quantile(x, 300, 0.5)).all()
+    assert rolling_quantile(np.array([]), 10, 0.5).shape == (0,)
+
+
+def test_rolling_and_centered_mean() -> None:
+    x = np.arange(10, dtype=float)
+    assert rolling_mean(x, 3)[5] == pytest.approx(4.0) and rolling_mean(x, 3)[0] == pytest.approx(1.0)
+    assert centered_mean(x, 3)[5] == pytest.approx(5.0) and centered_mean(x, 3)[0] == pytest.approx(0.5)
+
+
+def test_relative_scores_are_in_unit_range() -> None:
+    x = np.concatenate([np.full(400, -30.0), [-10.0] * 5, np.full(100, -30.0)])
+    rel = robust_relative(x + np.random.default_rng(2).normal(0, 0.5, 505), 300, floor=1.5)
+    assert rel.min() >= 0 and rel.max() <= 1
+    assert rel[402] == 1.0 and rel[200] < 0.3
+    surge = poisson_surge(np.array([0, 5, 30, 1000]), np.full(4, 5.0))
+    assert surge[0] == 0 and surge[1] == 0 and 0 < surge[2] <= 1 and surge[3] == 1
+
+
+# --- chat lag ---
+def test_chat_reaction_is_credited_to_the_moment_before_it() -> None:
+    reaction = np.zeros(100)
+    reaction[55:70] = 1.0  # chat reacts 5-20 s after a moment at t = 50
+    attributed = attribute_back(reaction)
+    assert attributed[50] == 1.0  # the moment gets full credit
+    assert attributed[75] == 0.0  # after the reaction, nothing
+    assert attributed[30] == 0.0  # more than 20 s before the reaction, nothing
+    assert attributed.max() <= 1.0
+    kernel = lag_kernel()
+    assert len(kernel) == 19 and kernel.max() == 1.0 and kernel.min() > 0
+
+
+def test_fuse_renormalises_missing_modalities() -> None:
+    n = 50
+    audio = {"loudness": np.full(n, 0.5), "flux": np.full(n, 0.5)}
+    timeline = fuse(audio, np.zeros(n), None, None)
+    assert set(timeline.signals) == {"loudness", "flux"}
+    assert sum(timeline.weights.values()) == pytest.approx(1.0)
+    assert timeline.score[25] == pytest.approx(0.5)  # all present signals at 0.5 -> 0.5, not diluted by absent ones
+    speech = SpeechSignals(np.ones(n), np.zeros((6, n)), present=True)
+    with_speech = fuse(audio, np.zeros(n), speech, None)
+    assert "speech" in with_speech.signals and with_speech.score[25] > timeline.score[25]
+    assert with_speech.contributions(25)["speech"] == pytest.approx(with_speech.weights["speech"])
+
+
+# --- peaks, NMS, extents ---
+def test_local_maxima_best_first() -> None:
+    s = np.array([0, 1, 0, 3, 3, 0, 2, 0], dtype=float)
+    assert local_maxima(s).tolist() == [3, 6, 1]
+
+
+def test_nms_enforces_separation_and_no_overlap() -> None:
+    candidates = [
+        Candidate(100, 90, 120, 0.9),
+        Candidate(110, 100, 130, 0.85),  # near-duplicate of the best: suppressed
+        Candidate(200, 185, 215, 0.8),
+        Candidate(175, 160, 190, 0.7),  # 25 s from 200 -> suppressed by separation
+        Candidate(400, 380, 420, 0.5),
+    ]
+    kept = non_max_suppression(candidates, min_separation=60, limit=10)
+    assert [c.peak for c in kept] == [100, 200, 400]
+    assert [c.peak for c in non_max_suppression(candidates, 60, 2)] == [100, 200]
+    overlapping = [Candidate(100, 50, 200, 0.9), Candidate(190, 180, 220, 0.8)]
+    assert len(non_max_suppression(overlapping, min_separation=10, limit=5)) == 1
+
+
+def test_clip_extent_bounds() -> None:
+    score = np.zeros(300)
+    score[100:110] = 1.0
+    start, end = clip_extent(score, 100, floor=0.0)
+    assert start == pytest.approx(95.0) and end == pytest.approx(113.0)  # 5 s pre-roll, 3 s post-roll
+    start, end = clip_extent(score, 2, floor=0.0)
+    assert start == 0.0 and end - start >= 15.0
+    wide = np.ones(300)
+    start, end = clip_extent(wide, 150, floor=0.0)
+    assert end - start <= 60.0
+
+
+# --- snapping ---
+def test_snap_moves_edges_into_pauses() -> None:
+    # words: 10.0-10.5, 10.6-11.0 | pause | 12.0-12.5 ... 29.0-29.8 | pause | 31.0-31.5
+    starts = np.array([10.0, 10.6, 12.0, 20.0, 29.0, 31.0])
+    ends = np.array([10.5, 11.0, 12.5, 20.5, 29.8, 31.5])
+    start, end = snap_to_pauses(12.2, 29.5, starts, ends)
+    assert start == pytest.approx(11.8)  # just before "12.0", after the 11.0-12.0 pause
+    assert end == pytest.approx(30.0)  # just after "29.8", in the 29.8-31.0 pause
+    for t in (start, end):
+        assert not np.any((starts < t) & (ends > t))  # never inside a word
+
+
+def test_snap_without_pause_in_reach_avoids_cutting_a_word() -> None:
+    starts = np.arange(0.0, 100.0, 0.3)  # continuous speech, gaps of 0.05 s
+    ends = starts + 0.25
+    start, end = snap_to_pauses(50.1, 70.1, starts, ends)
+    assert not np.any((starts < start) & (ends > start)) and not np.any((starts < end) & (ends > end))
+    assert snap_to_pauses(50.0, 70.0, np.array([]), np.array([])) == (50.0, 70.0)
+
+
+# --- recall on generated streams ---
+@pytest.mark.parametrize("seed", [11, 12])
+def test_synthetic_recall(seed: int) -> None:
+    stream = synthetic.generate(seed, duration=1200.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = stream.write(Path(tmp))
+        features = AudioFeatures.load(files["features"])
+        segments = load_transcript(files["transcript_json"])
+        chat = analyze_chat(
+            load_chat_json(files["chat_json"]), features.duration_seconds, ("nightbot", "streamelements")
+        )
+    highlights = find_highlights(build_timeline(features, segments, chat.signals), 10, segments, chat.messages)
+
+    def rank_of(event: synthetic.Event) -> int | None:
+        return next(
+            (h.rank for h in highlights if h.start_time < event.end + 20 and h.end_time > event.start - 20), None
+        )
+
+    assert all(rank_of(m) is not None for m in stream.moments)
+    for d in stream.distractors:
+        rank = rank_of(d)
+        assert rank is None or rank > 3, (d, rank)
+    emotions = {m.kind: next(h.dominant_emotion for h in highlights if h.rank == rank_of(m)) for m in stream.moments}
+    assert emotions == {"hype": "excitement", "laugh": "funny", "fail": "sadness"}
+    # No two highlights overlap and peaks are at least a minute apart.
+    spans = sorted((h.start_time, h.end_time) for h in highlights)
+    assert all(a_end <= b_start for (_, a_end), (b_start, _) in itertools.pairwise(spans))

@@ -241,17 +241,16 @@ async def submit_job(request: web.Request) -> web.Response:
 async def get_job(request: web.Request) -> web.Response:
     require_api_key(request)
     job = await job_or_404(request)
-    return json_text(job_document(request.app, job))
+    webhooks = request.app[EXTRAS].get("webhooks")
+    if webhooks is None or not job.callback_url:
+        return json_text(job_document(request.app, job))
+    data = job.model_dump(mode="json")
+    data["webhook_deliveries"] = await webhooks.deliveries_for(job.job_id)
+    return web.json_response(data)
 
 
 def job_document(app: web.Application, job: Job) -> str:
-    extras = app[EXTRAS]
-    enrich = extras.get("job_document")
-    if enrich is None:
-        return job.model_dump_json()
-    data = job.model_dump(mode="json")
-    enrich(job, data)
-    return json.dumps(data)
+    return job.model_dump_json()
 
 
 async def get_job_status(request: web.Request) -> web.Response:
@@ -602,6 +601,8 @@ async def _start(app: web.Application) -> None:
     from klipstream.integrations import start_integrations
 
     await start_integrations(app, service, settings, http, services)
+    if "webhooks" in services:
+        app[EXTRAS]["webhooks"] = services["webhooks"]
     await service.start()
     app[LAG].start()
     app[STATE]["http"] = http

@@ -1,0 +1,261 @@
+"""Durable outbox for webhook deliveries, in the job store's SQLite file.
+
+A delivery is written here before anything is sent, so a crash, a deploy or a receiver that is
+down for hours loses nothing: the next process picks up what is still pending. It has its own
+aiosqlite connection (WAL, busy_timeout) so it never contends with the job store's connection for
+more than a short write.
+
+Deliveries of one job go out in the order they were recorded: the oldest pending one of a job is
+the only one of that job that is due, so a receiver never sees `job.completed` before
+`job.started`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS webhook_deliveries (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,            -- the webhook-id header: the same on every retry
+    job_id TEXT NOT NULL,
+    url TEXT NOT NULL,
+    event TEXT NOT NULL,
+    body TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    state TEXT NOT NULL DEFAULT 'pending', -- pending|delivered|failed|stopped|superseded
+    last_status INTEGER,
+    last_error TEXT,
+    finished_at REAL
+);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries(state, next_attempt_at);
+CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries(job_id, seq);
+CREATE TABLE IF NOT EXISTS webhook_attempts (
+    delivery_id TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    at REAL NOT NULL,
+    status INTEGER,
+    error TEXT,
+    duration_ms REAL NOT NULL,
+    PRIMARY KEY (delivery_id, attempt)
+);
+CREATE TABLE IF NOT EXISTS webhook_stopped_jobs (
+    job_id TEXT PRIMARY KEY,
+    at REAL NOT NULL,
+    reason TEXT NOT NULL
+);
+"""
+
+PENDING = "pending"
+DELIVERED = "delivered"
+FAILED = "failed"  # gave up: a permanent refusal or 24 h of failures
+STOPPED = "stopped"  # the receiver answered 410 Gone for this job
+SUPERSEDED = "superseded"  # an unsent progress event replaced by a newer one
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    id: str
+    job_id: str
+    url: str
+    event: str
+    body: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Delivery:
+    id: str
+    job_id: str
+    url: str
+    event: str
+    body: str
+    created_at: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Attempt:
+    at: float
+    status: int | None  # HTTP status, None when no answer came
+    error: str | None
+    duration_ms: float
+
+
+class Outbox:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._db: aiosqlite.Connection | None = None
+
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db = await aiosqlite.connect(self.path, isolation_level=None)
+        await db.execute("PRAGMA journal_mode=WAL")
+        await db.execute("PRAGMA synchronous=NORMAL")
+        await db.execute("PRAGMA busy_timeout=5000")
+        await db.executescript(_SCHEMA)
+        db.row_factory = aiosqlite.Row
+        self._db = db
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise RuntimeError("Outbox.open() was not called")
+        return self._db
+
+    async def add(self, deliveries: Iterable[NewDelivery], in_flight: Iterable[str] = ()) -> int:
+        """Record deliveries in one transaction; returns how many were recorded.
+
+        Deliveries for jobs whose receiver answered 410 are dropped. A new progress or terminal
+        event supersedes unsent progress events of the same job that are not being sent right now.
+        """
+        busy = list(in_flight)
+        recorded = 0
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for d in deliveries:
+                async with self.db.execute("SELECT 1 FROM webhook_stopped_jobs WHERE job_id = ?", (d.job_id,)) as cur:
+                    if await cur.fetchone():
+                        continue
+                if d.event == "job.progress" or d.event in ("job.completed", "job.failed", "job.cancelled"):
+                    marks = ",".join("?" * len(busy))
+                    await self.db.execute(
+                        f"UPDATE webhook_deliveries SET state = ?, finished_at = ? WHERE job_id = ? AND state = ? "
+                        f"AND event = 'job.progress' AND id NOT IN ({marks})",
+                        (SUPERSEDED, d.created_at, d.job_id, PENDING, *busy),
+                    )
+                await self.db.execute(
+                    "INSERT OR IGNORE INTO webhook_deliveries"
+                    " (id, job_id, url, event, body, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (d.id, d.job_id, d.url, d.event, d.body, d.created_at, d.created_at),
+                )
+                recorded += 1
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+        return recorded
+
+    _HEADS = (
+        "FROM webhook_deliveries d WHERE d.state = 'pending' AND d.seq = "
+        "(SELECT MIN(p.seq) FROM webhook_deliveries p WHERE p.job_id = d.job_id AND p.state = 'pending')"
+    )
+
+    async def due(self, now: float, limit: int, exclude_jobs: Iterable[str] = ()) -> list[Delivery]:
+        """The oldest pending delivery of each job whose next attempt time has come."""
+        skip = list(exclude_jobs)
+        marks = ",".join("?" * len(skip))
+        async with self.db.execute(
+            f"SELECT d.id, d.job_id, d.url, d.event, d.body, d.created_at, d.attempts {self._HEADS} "
+            f"AND d.next_attempt_at <= ? AND d.job_id NOT IN ({marks}) ORDER BY d.next_attempt_at LIMIT ?",
+            (now, *skip, limit),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+
+    async def next_due_at(self, exclude_jobs: Iterable[str] = ()) -> float | None:
+        skip = list(exclude_jobs)
+        marks = ",".join("?" * len(skip))
+        async with self.db.execute(
+            f"SELECT MIN(d.next_attempt_at) {self._HEADS} AND d.job_id NOT IN ({marks})", skip
+        ) as cur:
+            row = await cur.fetchone()
+        return None if row is None else row[0]
+
+    async def record(self, delivery: Delivery, attempt: Attempt, state: str, next_attempt_at: float | None) -> None:
+        """Store an attempt and the delivery's new state in one transaction."""
+        number = delivery.attempts + 1
+        await self.db.execute("BEGIN IMMEDIATE")
+        try:
+            await self.db.execute(
+                "INSERT OR REPLACE INTO webhook_attempts (delivery_id, attempt, at, status, error, duration_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (delivery.id, number, attempt.at, attempt.status, attempt.error, attempt.duration_ms),
+            )
+            finished = None if state == PENDING else attempt.at
+            await self.db.execute(
+                "UPDATE webhook_deliveries SET attempts = ?, state = ?, next_attempt_at = ?, last_status = ?,"
+                " last_error = ?, finished_at = ? WHERE id = ?",
+                (
+                    number,
+                    state,
+                    next_attempt_at if next_attempt_at is not None else attempt.at,
+                    attempt.status,
+                    attempt.error,
+                    finished,
+                    delivery.id,
+                ),
+            )
+            if state == STOPPED:
+                await self.db.execute(
+                    "INSERT OR REPLACE INTO webhook_stopped_jobs (job_id, at, reason) VALUES (?, ?, ?)",
+                    (delivery.job_id, attempt.at, "receiver answered 410 Gone"),
+                )
+                await self.db.execute(
+                    "UPDATE webhook_deliveries SET state = ?, finished_at = ?, last_error = ? "
+                    "WHERE job_id = ? AND state = ?",
+                    (STOPPED, attempt.at, "receiver answered 410 Gone for this job", delivery.job_id, PENDING),
+                )
+            await self.db.execute("COMMIT")
+        except BaseException:
+            await self.db.execute("ROLLBACK")
+            raise
+
+    async def backlog(self) -> int:
+        async with self.db.execute("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def history(self, job_id: str) -> list[dict[str, Any]]:
+        """Every delivery of a job with its attempts, oldest first, for the job JSON."""
+        async with self.db.execute(
+            "SELECT id, event, state, attempts, created_at, next_attempt_at, last_status, last_error, finished_at"
+            " FROM webhook_deliveries WHERE job_id = ? ORDER BY seq",
+            (job_id,),
+        ) as cur:
+            deliveries = await cur.fetchall()
+        async with self.db.execute(
+            "SELECT a.delivery_id, a.attempt, a.at, a.status, a.error, a.duration_ms FROM webhook_attempts a"
+            " JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.job_id = ? ORDER BY a.delivery_id, a.attempt",
+            (job_id,),
+        ) as cur:
+            attempts = await cur.fetchall()
+        by_delivery: dict[str, list[dict[str, Any]]] = {}
+        for a in attempts:
+            by_delivery.setdefault(a[0], []).append(
+                {"attempt": a[1], "at": a[2], "status": a[3], "error": a[4], "duration_ms": round(a[5], 1)}
+            )
+        return [
+            {
+                "id": d[0],
+                "type": d[1],
+                "state": d[2],
+                "attempts": by_delivery.get(d[0], []),
+                "created_at": d[4],
+                "next_attempt_at": d[5] if d[2] == PENDING else None,
+                "last_status": d[6],
+                "last_error": d[7],
+                "finished_at": d[8],
+            }
+            for d in deliveries
+        ]
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON: the exact bytes that are signed are the bytes that are sent."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)

@@ -1,0 +1,364 @@
+"""Signed, durable webhook deliveries to a job's callback_url.
+
+Job changes become events recorded in the outbox (klipstream/outbox.py) and a background loop
+sends what is due. Nothing here ever waits on a receiver in the pipeline's path: `job_changed` only
+appends to a list. Signatures follow Standard Webhooks (webhook-id / webhook-timestamp /
+webhook-signature) so receivers can verify with any of its libraries; `X-KlipStream-Signature`
+keeps receivers written for the old service working.
+
+The callback URL is checked at send time, not only at submission: the host is re-resolved before
+every attempt and the connection goes only to addresses that passed the check (a resolver that
+refuses private addresses, redirects not followed), so DNS rebinding cannot reach internal hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hashlib
+import hmac
+import logging
+import random
+import socket
+import time
+import uuid
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from klipstream.config import ConfigError
+from klipstream.errors import InvalidVideoUrl, KlipstreamError
+from klipstream.models import Job
+from klipstream.outbox import DELIVERED, FAILED, PENDING, STOPPED, Attempt, Delivery, NewDelivery, Outbox, dumps
+from klipstream.urls import ensure_public_url, is_public_address
+
+if TYPE_CHECKING:
+    from klipstream.config import Settings
+
+log = logging.getLogger(__name__)
+
+EVENTS = {
+    "started": "job.started",
+    "stage_changed": "job.stage_changed",
+    "progress": "job.progress",
+    "completed": "job.completed",
+    "failed": "job.failed",
+    "cancelled": "job.cancelled",
+}
+_TERMINAL = {"job.completed", "job.failed", "job.cancelled"}
+_MAX_RETRY_DELAY = 3600.0
+_POLL_SECONDS = 5.0  # upper bound on any idle wait of the delivery loop
+
+
+def secret_key(secret: str) -> bytes:
+    """HMAC key bytes: base64-decoded for `whsec_` secrets, the UTF-8 bytes of a plain secret otherwise."""
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+        except binascii.Error:
+            raise ConfigError("KLIPSTREAM_WEBHOOK_SECRET: a whsec_ secret must be base64 after the prefix") from None
+    return secret.encode()
+
+
+def sign_headers(keys: list[bytes], msg_id: str, timestamp: int, body: bytes) -> dict[str, str]:
+    """Standard Webhooks headers (one v1 signature per key, for rotation) plus the legacy header."""
+    headers = {"webhook-id": msg_id, "webhook-timestamp": str(timestamp)}
+    if keys:
+        signed = f"{msg_id}.{timestamp}.".encode() + body
+        signatures = ["v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode() for key in keys]
+        headers["webhook-signature"] = " ".join(signatures)
+        headers["X-KlipStream-Signature"] = "sha256=" + hmac.new(keys[0], body, hashlib.sha256).hexdigest()
+    return headers
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat().replace("+00:00", "Z") if value else None
+
+
+def job_summary(job: Job) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "job_id": job.job_id,
+        "video_id": job.video_id,
+        "url": job.url,
+        "status": job.status.value,
+        "progress": job.progress.model_dump(mode="json"),
+        "stages": [{"name": s.name, "status": s.status.value, "progress": round(s.progress, 4)} for s in job.stages],
+        "results": dict(job.results),
+        "retry_count": job.retry_count,
+        "created_at": _iso(job.created_at),
+        "updated_at": _iso(job.updated_at),
+        "started_at": _iso(job.started_at),
+        "finished_at": _iso(job.finished_at),
+    }
+    if job.error is not None:
+        data["error"] = job.error.model_dump(mode="json")
+    if job.warnings:
+        data["warnings"] = list(job.warnings)
+    if job.video is not None:
+        data["video"] = job.video.model_dump(mode="json", exclude_none=True)
+    if job.highlights and job.status.terminal:
+        data["highlights"] = job.highlights
+    return data
+
+
+class PrivateAddressRefused(OSError):
+    """A callback host resolved to a private, loopback, link-local or metadata address."""
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """Resolves like aiohttp's default resolver, then refuses the whole answer if any address is
+    not public. The connector connects only to addresses this returned, which closes the gap
+    between a check and the connection that DNS rebinding relies on."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        for answer in answers:
+            if not is_public_address(answer["host"]):
+                raise PrivateAddressRefused(f"{host} resolves to a non-public address")
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def _retry_after(raw: str | None) -> float | None:
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        import email.utils
+
+        try:
+            return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
+        except (TypeError, ValueError):
+            return None
+
+
+class WebhookDispatcher:
+    """Records job events for callback URLs and delivers them with retries for up to 24 h.
+
+    It opens the outbox in start() and closes it in close(). When KLIPSTREAM_ALLOW_PRIVATE_URLS is
+    off (production) it sends through its own session whose resolver refuses private addresses;
+    otherwise it uses the shared session.
+    """
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, outbox: Outbox) -> None:
+        self._settings = settings
+        self._shared = session
+        self._outbox = outbox
+        self._keys = [secret_key(s) for s in settings.webhook_secrets]
+        self._incoming: list[NewDelivery] = []
+        self._in_flight: dict[str, str] = {}  # job id -> delivery id being sent
+        self._last_progress: dict[str, float] = {}
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._closing = False
+        self._limit = asyncio.Semaphore(settings.webhook_concurrency)
+
+    # --- recording ---------------------------------------------------------------------------
+
+    def job_changed(self, job: Job, kind: str) -> None:
+        """Queue the event for this change, if the job has a callback. Never blocks, never raises."""
+        try:
+            event = EVENTS.get(kind)
+            if event is None or not job.callback_url or self._closing:
+                return
+            now = time.time()
+            if event == "job.progress":
+                if not job.options.webhook_progress:
+                    return
+                if now - self._last_progress.get(job.job_id, 0.0) < self._settings.webhook_progress_seconds:
+                    return
+                self._last_progress[job.job_id] = now
+            if event in _TERMINAL:
+                self._last_progress.pop(job.job_id, None)
+            body = dumps({"type": event, "timestamp": _iso(datetime.now(UTC)), "data": job_summary(job)})
+            self._incoming.append(
+                NewDelivery(
+                    id=f"msg_{uuid.uuid4().hex}",
+                    job_id=job.job_id,
+                    url=job.callback_url,
+                    event=event,
+                    body=body,
+                    created_at=now,
+                )
+            )
+            self._wake.set()
+        except Exception:  # a webhook problem must never break the pipeline
+            log.exception("webhooks: could not record %s for job %s", kind, getattr(job, "job_id", "?"))
+
+    async def _flush_incoming(self) -> None:
+        if not self._incoming:
+            return
+        batch, self._incoming = self._incoming, []
+        try:
+            await self._outbox.add(batch, in_flight=self._in_flight.values())
+        except Exception:
+            self._incoming[:0] = batch  # keep them for the next try
+            raise
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self._outbox.open()
+        if not self._keys:
+            log.warning("webhooks: KLIPSTREAM_WEBHOOK_SECRET is not set; deliveries are sent unsigned")
+        if not self._settings.allow_private_urls:
+            connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(), use_dns_cache=False, limit=100)
+            self._session = aiohttp.ClientSession(connector=connector)
+        self._loop_task = asyncio.create_task(self._run(), name="webhook-delivery")
+
+    async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a budget shared by several steps
+        """Write every recorded event to the outbox, let sends in flight finish within `timeout`."""
+        deadline = time.monotonic() + timeout
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        try:
+            await asyncio.wait_for(self._flush_incoming(), max(0.1, deadline - time.monotonic()))
+        except Exception:
+            log.exception("webhooks: %d recorded events could not be written at shutdown", len(self._incoming))
+        self._closing = True
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=max(0.0, deadline - time.monotonic()))
+            for task in self._tasks:
+                task.cancel()  # its delivery stays pending and is retried after the restart
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        await self._outbox.close()
+
+    async def backlog(self) -> int:
+        return await self._outbox.backlog() + len(self._incoming)
+
+    async def deliveries_for(self, job_id: str) -> list[dict[str, Any]]:
+        return await self._outbox.history(job_id)
+
+    # --- delivery loop -------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            self._wake.clear()
+            next_at: float | None = None
+            try:
+                await self._flush_incoming()
+                free = self._settings.webhook_concurrency - len(self._in_flight)
+                if free > 0:
+                    for delivery in await self._outbox.due(time.time(), free, exclude_jobs=self._in_flight.keys()):
+                        self._in_flight[delivery.job_id] = delivery.id
+                        task = asyncio.create_task(self._deliver(delivery), name=f"webhook-{delivery.id}")
+                        self._tasks.add(task)
+                        task.add_done_callback(self._tasks.discard)
+                next_at = await self._outbox.next_due_at(exclude_jobs=self._in_flight.keys())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("webhooks: outbox error; retrying shortly")
+            # Sleep until the next delivery is due, a new event arrives or a send finishes.
+            saturated = len(self._in_flight) >= self._settings.webhook_concurrency  # a finishing send wakes us
+            wait = _POLL_SECONDS if next_at is None or saturated else min(_POLL_SECONDS, next_at - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), max(wait, 0.01))
+
+    async def _deliver(self, delivery: Delivery) -> None:
+        try:
+            async with self._limit:
+                attempt, state, retry_after = await self._attempt(delivery)
+            next_at = None
+            if state == PENDING:
+                next_at = self._next_attempt(delivery, attempt.at, retry_after)
+                if next_at is None:
+                    state = FAILED
+                    attempt = Attempt(
+                        attempt.at,
+                        attempt.status,
+                        f"{attempt.error}; gave up after {self._settings.webhook_max_age_seconds:.0f} s",
+                        attempt.duration_ms,
+                    )
+            await self._outbox.record(delivery, attempt, state, next_at)
+            log.info(
+                "webhook %s %s for job %s: %s (%s)",
+                delivery.event,
+                delivery.id,
+                delivery.job_id,
+                state,
+                attempt.status or attempt.error,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("webhooks: delivery %s could not be recorded", delivery.id)
+        finally:
+            self._in_flight.pop(delivery.job_id, None)
+            self._wake.set()
+
+    def _next_attempt(self, delivery: Delivery, now: float, retry_after: float | None) -> float | None:
+        number = delivery.attempts + 1
+        base = self._settings.webhook_retry_base_seconds
+        backoff = min(_MAX_RETRY_DELAY, base * 2 ** (number - 1)) * random.uniform(0.5, 1.0)
+        delay = retry_after if retry_after is not None else backoff
+        at = now + delay
+        if at > delivery.created_at + self._settings.webhook_max_age_seconds:
+            return None
+        return at
+
+    async def _attempt(self, delivery: Delivery) -> tuple[Attempt, str, float | None]:
+        """One POST. Returns the attempt, the delivery's next state and a Retry-After delay."""
+        started = time.time()
+        clock = time.monotonic()
+
+        def done(status: int | None, error: str | None, state: str, retry_after: float | None = None):
+            return Attempt(started, status, error, (time.monotonic() - clock) * 1000), state, retry_after
+
+        try:
+            await ensure_public_url(delivery.url, allow_private=self._settings.allow_private_urls)
+        except InvalidVideoUrl as exc:
+            return done(None, f"callback_url refused: {exc.message}", FAILED)
+        except KlipstreamError as exc:  # DNS failure: may be temporary
+            return done(None, exc.message, PENDING)
+        body = delivery.body.encode()
+        headers = sign_headers(self._keys, delivery.id, int(time.time()), body)
+        headers.update({"Content-Type": "application/json", "User-Agent": "KlipStream-Webhooks/1"})
+        session = self._session or self._shared
+        try:
+            async with session.post(
+                delivery.url,
+                data=body,
+                headers=headers,
+                allow_redirects=False,
+                timeout=aiohttp.ClientTimeout(total=self._settings.webhook_timeout_seconds),
+            ) as resp:
+                status = resp.status
+                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    await resp.content.read(4096)  # enough to reuse the connection; the body is not used
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.__cause__, PrivateAddressRefused) or isinstance(exc.os_error, PrivateAddressRefused):
+                return done(None, "callback_url refused: its host resolves to a private address", FAILED)
+            return done(None, f"connection failed: {exc.os_error.strerror or type(exc).__name__}", PENDING)
+        except TimeoutError:
+            return done(None, f"no answer within {self._settings.webhook_timeout_seconds:g} s", PENDING)
+        except (aiohttp.ClientError, OSError) as exc:
+            return done(None, f"network error: {type(exc).__name__}", PENDING)
+        if 200 <= status < 300:
+            return done(status, None, DELIVERED)
+        if status == 410:
+            return done(status, "receiver answered 410 Gone: no more deliveries for this job", STOPPED)
+        if status in (408, 429) or status >= 500:
+            return done(status, f"HTTP {status}", PENDING, retry_after)
+        if 300 <= status < 400:
+            return done(status, f"HTTP {status}: redirects are not followed", FAILED)
+        return done(status, f"HTTP {status}: refused by the receiver", FAILED)

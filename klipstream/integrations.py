@@ -13,6 +13,9 @@ import aiohttp
 from aiohttp import web
 
 from klipstream.config import Settings
+from klipstream.convex_mirror import ConvexMirror
+from klipstream.outbox import Outbox
+from klipstream.webhooks import WebhookDispatcher
 from klipstream.service import JobService
 
 log = logging.getLogger(__name__)
@@ -34,24 +37,16 @@ async def start_integrations(
         transcriber = Transcriber(settings)  # starts its worker processes on first use
         services["transcriber"] = transcriber
         closers.append(transcriber)
-    if importlib.util.find_spec("klipstream.convex_mirror") is not None:
-        from klipstream.convex_mirror import ConvexMirror
-
-        mirror = ConvexMirror(settings, http)
-        if mirror.enabled:
-            await mirror.start()
-            service.listeners.append(lambda kind, job: mirror.job_changed(job, kind))
-            closers.append(mirror)
-    if importlib.util.find_spec("klipstream.webhooks") is not None:
-        from klipstream.outbox import Outbox
-        from klipstream.webhooks import WebhookDispatcher
-
-        outbox = Outbox(settings.database_path)
-        dispatcher = WebhookDispatcher(settings, http, outbox)
-        await dispatcher.start()
-        service.listeners.append(lambda kind, job: dispatcher.job_changed(job, kind))
-        closers.append(dispatcher)
-        services["webhooks"] = dispatcher
+    mirror = ConvexMirror(settings, http)
+    if mirror.enabled:
+        await mirror.start()
+        service.listeners.append(lambda kind, job: mirror.job_changed(job, kind))
+        closers.append(mirror)
+    dispatcher = WebhookDispatcher(settings, http, Outbox(settings.database_path))
+    await dispatcher.start()
+    service.listeners.append(lambda kind, job: dispatcher.job_changed(job, kind))
+    closers.append(dispatcher)
+    services["webhooks"] = dispatcher
     if app is not None:
         app[CLOSERS] = closers
     return closers

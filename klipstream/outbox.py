@@ -12,8 +12,10 @@ the only one of that job that is due, so a receiver never sees `job.completed` b
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -94,6 +96,9 @@ class Outbox:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._db: aiosqlite.Connection | None = None
+        # One connection is shared by the delivery loop and the recorder: transactions must not
+        # interleave on it, or SQLite refuses the second BEGIN.
+        self._transaction_lock = asyncio.Lock()
 
     async def open(self) -> None:
         if self._db is not None:
@@ -126,8 +131,7 @@ class Outbox:
         """
         busy = list(in_flight)
         recorded = 0
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             for d in deliveries:
                 async with self.db.execute("SELECT 1 FROM webhook_stopped_jobs WHERE job_id = ?", (d.job_id,)) as cur:
                     if await cur.fetchone():
@@ -145,10 +149,6 @@ class Outbox:
                     (d.id, d.job_id, d.url, d.event, d.body, d.created_at, d.created_at),
                 )
                 recorded += 1
-            await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
         return recorded
 
     _HEADS = (
@@ -180,8 +180,7 @@ class Outbox:
     async def record(self, delivery: Delivery, attempt: Attempt, state: str, next_attempt_at: float | None) -> None:
         """Store an attempt and the delivery's new state in one transaction."""
         number = delivery.attempts + 1
-        await self.db.execute("BEGIN IMMEDIATE")
-        try:
+        async with self._transaction():
             await self.db.execute(
                 "INSERT OR REPLACE INTO webhook_attempts (delivery_id, attempt, at, status, error, duration_ms)"
                 " VALUES (?, ?, ?, ?, ?, ?)",
@@ -211,10 +210,17 @@ class Outbox:
                     "WHERE job_id = ? AND state = ?",
                     (STOPPED, attempt.at, "receiver answered 410 Gone for this job", delivery.job_id, PENDING),
                 )
+
+    @contextlib.asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[None]:
+        async with self._transaction_lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
             await self.db.execute("COMMIT")
-        except BaseException:
-            await self.db.execute("ROLLBACK")
-            raise
 
     async def backlog(self) -> int:
         async with self.db.execute("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'") as cur:

@@ -134,6 +134,12 @@ class Broadcaster:
             topic._last_progress_at = time.monotonic()
             topic.append("progress", render())
 
+    def reopen(self, job_id: str) -> None:
+        """A finished job was queued again (retry): its stream carries events again."""
+        topic = self.topics.get(job_id)
+        if topic is not None:
+            topic.terminal = False
+
     def announce_shutdown(self, data: str) -> None:
         """Tell every open stream to reconnect (to another instance) before the process exits."""
         self.closing = True

@@ -60,13 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(commands)
     remote = argparse.ArgumentParser(add_help=False)
     group = remote.add_argument_group("server connection")
-    group.add_argument("--server", default=None, metavar="URL",
-                       help="base URL of the service (default: $KLIPSTREAM_SERVER, else http://127.0.0.1:$PORT "
-                            "with PORT defaulting to 8080)")
-    group.add_argument("--api-key", default=None, metavar="KEY",
-                       help="API key sent as 'Authorization: Bearer KEY' (default: $KLIPSTREAM_API_KEY)")
-    group.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS",
-                       help="how long to wait for each answer from the server (default: 30)")
+    group.add_argument(
+        "--server",
+        default=None,
+        metavar="URL",
+        help="base URL of the service (default: $KLIPSTREAM_SERVER, else http://127.0.0.1:$PORT "
+        "with PORT defaulting to 8080)",
+    )
+    group.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="API key sent as 'Authorization: Bearer KEY' (default: $KLIPSTREAM_API_KEY)",
+    )
+    group.add_argument(
+        "--timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long to wait for each answer from the server (default: 30)",
+    )
     _add_remote(commands, remote)
     return parser
 
@@ -76,8 +89,8 @@ def _add_serve(commands: Any) -> None:
         "serve",
         help="run the HTTP service",
         description="Run the HTTP service with settings from the environment.",
-        epilog="Environment variables:\n" + "\n".join(f"  {name} (default: {default!r})" for name, default, _ in
-                                                      env_table()),
+        epilog="Environment variables:\n"
+        + "\n".join(f"  {name} (default: {default!r})" for name, default, _ in env_table()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     serve.add_argument("--host", help="listen address (overrides KLIPSTREAM_HOST)")
@@ -102,30 +115,47 @@ def _add_analyze(commands: Any) -> None:
             "loopback URLs are always allowed here.\n" + EXIT_CODES_HELP
         ),
     )
-    analyze.add_argument("source", metavar="URL|FILE", help="a Twitch VOD URL, any URL yt-dlp understands, or a "
-                                                            "local media file")
-    analyze.add_argument("--chat", metavar="FILE|URL", help="chat archive to use instead of Twitch's chat replay: "
-                                                            "TwitchDownloader JSON or CSV time,username,message")
-    analyze.add_argument("--out", metavar="DIR", type=Path,
-                         help="directory for the artifacts (default: ./klipstream-<video id>)")
-    analyze.add_argument("--priority", choices=PRIORITIES, default="normal",
-                         help="job priority (matters only with several jobs; default: normal)")
-    analyze.add_argument("--model", metavar="NAME|DIR",
-                         help="faster-whisper model: a name or a local model directory "
-                              "(default: $KLIPSTREAM_WHISPER_MODEL, else the bundled tiny.en)")
+    analyze.add_argument(
+        "source", metavar="URL|FILE", help="a Twitch VOD URL, any URL yt-dlp understands, or a local media file"
+    )
+    analyze.add_argument(
+        "--chat",
+        metavar="FILE|URL",
+        help="chat archive to use instead of Twitch's chat replay: TwitchDownloader JSON or CSV time,username,message",
+    )
+    analyze.add_argument(
+        "--out", metavar="DIR", type=Path, help="directory for the artifacts (default: ./klipstream-<video id>)"
+    )
+    analyze.add_argument(
+        "--priority",
+        choices=PRIORITIES,
+        default="normal",
+        help="job priority (matters only with several jobs; default: normal)",
+    )
+    analyze.add_argument(
+        "--model",
+        metavar="NAME|DIR",
+        help="faster-whisper model: a name or a local model directory "
+        "(default: $KLIPSTREAM_WHISPER_MODEL, else the bundled tiny.en)",
+    )
     analyze.add_argument("--language", metavar="CODE", help="spoken language, e.g. en (default: detected)")
     analyze.add_argument("--top", type=int, metavar="N", help="how many highlights to return (1-100)")
     analyze.add_argument("--video", action="store_true", help="also keep a video rendition")
-    analyze.add_argument("--json", action="store_true",
-                         help="print only the final job as JSON on stdout (results map each artifact to its file); "
-                              "progress is still drawn on stderr when it is a terminal")
+    analyze.add_argument(
+        "--json",
+        action="store_true",
+        help="print only the final job as JSON on stdout (results map each artifact to its file); "
+        "progress is still drawn on stderr when it is a terminal",
+    )
     analyze.add_argument("-v", "--verbose", action="store_true", help="show the service's log lines")
     analyze.set_defaults(func=cmd_analyze)
 
 
 def _add_remote(commands: Any, remote: argparse.ArgumentParser) -> None:
     submit = commands.add_parser(
-        "submit", parents=[remote], help="submit a VOD to a running server",
+        "submit",
+        parents=[remote],
+        help="submit a VOD to a running server",
         description="Submit a VOD URL to a running KlipStream server and print the new job's id.",
         epilog="Follow the job with `klipstream watch JOB_ID`. " + EXIT_CODES_HELP,
     )
@@ -140,15 +170,20 @@ def _add_remote(commands: Any, remote: argparse.ArgumentParser) -> None:
     submit.set_defaults(func=cmd_submit)
 
     status = commands.add_parser(
-        "status", parents=[remote], help="show one job",
-        description="Show a job's status, stages, error, highlights and artifact URLs.", epilog=EXIT_CODES_HELP,
+        "status",
+        parents=[remote],
+        help="show one job",
+        description="Show a job's status, stages, error, highlights and artifact URLs.",
+        epilog=EXIT_CODES_HELP,
     )
-    status.add_argument("job_id", metavar="JOB_ID")
+    status.add_argument("job_id", metavar="JOB_ID", help="the job's id, as printed by `klipstream submit`")
     status.add_argument("--json", action="store_true", help="print the whole job as JSON")
     status.set_defaults(func=cmd_status)
 
     watch = commands.add_parser(
-        "watch", parents=[remote], help="follow a job live until it ends",
+        "watch",
+        parents=[remote],
+        help="follow a job live until it ends",
         description=(
             "Follow a job's Server-Sent-Events stream with a progress bar per stage, reconnecting (with "
             "Last-Event-ID) when the connection drops, then print its highlights and artifact URLs. Ctrl-C "
@@ -156,17 +191,27 @@ def _add_remote(commands: Any, remote: argparse.ArgumentParser) -> None:
         ),
         epilog=EXIT_CODES_HELP,
     )
-    watch.add_argument("job_id", metavar="JOB_ID")
+    watch.add_argument("job_id", metavar="JOB_ID", help="the job's id, as printed by `klipstream submit`")
     watch.add_argument("--json", action="store_true", help="print only the final job as JSON")
     watch.set_defaults(func=cmd_watch)
 
-    cancel = commands.add_parser("cancel", parents=[remote], help="cancel a job",
-                                 description="Cancel a queued or running job.", epilog=EXIT_CODES_HELP)
-    cancel.add_argument("job_id", metavar="JOB_ID")
+    cancel = commands.add_parser(
+        "cancel",
+        parents=[remote],
+        help="cancel a job",
+        description="Cancel a queued or running job.",
+        epilog=EXIT_CODES_HELP,
+    )
+    cancel.add_argument("job_id", metavar="JOB_ID", help="the job's id, as printed by `klipstream submit`")
     cancel.set_defaults(func=cmd_cancel)
 
-    jobs = commands.add_parser("jobs", parents=[remote], help="list recent jobs",
-                               description="List jobs, newest first.", epilog=EXIT_CODES_HELP)
+    jobs = commands.add_parser(
+        "jobs",
+        parents=[remote],
+        help="list recent jobs",
+        description="List jobs, newest first.",
+        epilog=EXIT_CODES_HELP,
+    )
     jobs.add_argument("--status", choices=("queued", "running", "completed", "failed", "cancelled"))
     jobs.add_argument("--limit", type=int, default=20, help="how many (1-200, default 20)")
     jobs.add_argument("--json", action="store_true", help="print the page as JSON")
@@ -258,8 +303,7 @@ def _configure_cli_logging(console: Any, verbose: bool) -> None:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
 
 
-async def _analyze(base: Settings, request: Any, out_dir: Path, as_json: bool, show_progress: bool,
-                   err: Any) -> int:
+async def _analyze(base: Settings, request: Any, out_dir: Path, as_json: bool, show_progress: bool, err: Any) -> int:
     from rich.console import Console
 
     from klipstream.cli_progress import JobBoard, print_summary
@@ -292,7 +336,7 @@ async def _analyze(base: Settings, request: Any, out_dir: Path, as_json: bool, s
             loop.remove_signal_handler(signal.SIGINT)
             loop.remove_signal_handler(signal.SIGTERM)
     job = result.job.model_dump(mode="json")
-    job["results"] = {key: str(path) for key, path in result.files.items()}
+    job["results"] = {key: str(path.resolve()) for key, path in result.files.items()}
     if as_json:
         print(json.dumps(job, indent=2))
     else:
@@ -353,8 +397,10 @@ class Remote:
                 text = await resp.text()
                 status = resp.status
         except aiohttp.ClientConnectorError as exc:
-            raise CliError(f"cannot reach the server at {self.base} ({exc.os_error or exc}); is `klipstream serve` "
-                           "running? Use --server URL to point elsewhere.") from None
+            raise CliError(
+                f"cannot reach the server at {self.base} ({exc.os_error or exc}); is `klipstream serve` "
+                "running? Use --server URL to point elsewhere."
+            ) from None
         except aiohttp.ClientError as exc:
             raise CliError(f"the connection to {self.base} failed: {exc}") from None
         except TimeoutError:
@@ -465,8 +511,10 @@ def _print_status(remote: Remote, job: dict[str, Any]) -> None:
     if job["status"] in ("queued", "running"):
         eta = progress.get("estimated_completion_seconds")
         where = f", position {job['queue_position']}" if job.get("queue_position") else ""
-        console.print(f"{job['status']}{where}: {progress.get('percentage', 0):.1f}% "
-                      f"({progress.get('current_stage')}), ETA {hms(eta)}")
+        console.print(
+            f"{job['status']}{where}: {progress.get('percentage', 0):.1f}% "
+            f"({progress.get('current_stage')}), ETA {hms(eta)}"
+        )
     table = Table(title="Stages", title_justify="left")
     for column in ("Stage", "Status", "Progress", "Note"):
         table.add_column(column)
@@ -544,8 +592,12 @@ class SseParser:
     buffer: bytearray = field(default_factory=bytearray)
     data: list[str] = field(default_factory=list)
     event: str = ""
-    last_id: str | None = None
+    last_id: str | None = None  # of the last dispatched event: what Last-Event-ID sends
+    id_buffer: str | None = None  # the id field seen so far; counts only once its event is complete
     retry: int | None = None
+
+    def __post_init__(self) -> None:
+        self.id_buffer = self.last_id
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         self.buffer += chunk
@@ -564,6 +616,7 @@ class SseParser:
 
     def _line(self, line: str) -> SseEvent | None:
         if not line:
+            self.last_id = self.id_buffer
             if not self.data:
                 self.event = ""
                 return None
@@ -579,7 +632,7 @@ class SseParser:
         elif name == "event":
             self.event = value
         elif name == "id" and "\0" not in value:
-            self.last_id = value
+            self.id_buffer = value
         elif name == "retry" and value.isdigit():
             self.retry = int(value)
         return None
@@ -664,11 +717,17 @@ def cmd_jobs(args: argparse.Namespace) -> int:
             return EXIT_OK
         table = Table(title="Jobs", title_justify="left")
         for column in ("Job", "Video", "Status", "Progress", "Stage", "Updated"):
-            table.add_column(column)
+            table.add_column(column, no_wrap=column in ("Job", "Video", "Status"))
         for job in page["jobs"]:
             progress = job["progress"]
-            table.add_row(job["job_id"], job["video_id"], job["status"], f"{progress['percentage']:.0f}%",
-                          progress["current_stage"], job["updated_at"][:19].replace("T", " "))
+            table.add_row(
+                job["job_id"],
+                job["video_id"],
+                job["status"],
+                f"{progress['percentage']:.0f}%",
+                progress["current_stage"],
+                job["updated_at"][:19].replace("T", " "),
+            )
         Console().print(table)
         return EXIT_OK
 

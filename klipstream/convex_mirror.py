@@ -182,7 +182,7 @@ class ConvexMirror:
             if state.has_work and state.sender is None:
                 state.sender = asyncio.create_task(self._send_job(job_id, state), name=f"convex-{job_id}")
 
-    async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a flush budget, not a single wait
+    async def close(self, timeout: float) -> None:
         """Send what is pending, skipping progress spacing, for at most `timeout` seconds."""
         self._closing = True
         self._deadline = time.monotonic() + timeout

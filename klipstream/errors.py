@@ -129,7 +129,9 @@ def classify(exc: BaseException) -> KlipstreamError:
     if isinstance(exc, aiohttp.ClientResponseError):
         if exc.status == 429 or exc.status >= 500:
             return ExternalServiceError(f"A remote service answered HTTP {exc.status}.", code=f"http_{exc.status}")
-        return ExternalServiceError(f"A remote service refused the request (HTTP {exc.status}).", code=f"http_{exc.status}")
+        return ExternalServiceError(
+            f"A remote service refused the request (HTTP {exc.status}).", code=f"http_{exc.status}"
+        )
     if isinstance(exc, (aiohttp.ClientError, ConnectionError)):
         return NetworkError(f"Network failure: {type(exc).__name__}.")
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -4,26 +4,23 @@ webhook dispatcher. Each listens to job events; none can block or fail a job."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import logging
 import time
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from klipstream.config import Settings
 from klipstream.convex_mirror import ConvexMirror
 from klipstream.outbox import Outbox
-from klipstream.webhooks import WebhookDispatcher
 from klipstream.service import JobService
+from klipstream.transcriber import Transcriber
+from klipstream.webhooks import WebhookDispatcher
 
 log = logging.getLogger(__name__)
-CLOSERS = web.AppKey("integration_closers", list)
 
 
 async def start_integrations(
-    app: web.Application | None,
     service: JobService,
     settings: Settings,
     http: aiohttp.ClientSession,
@@ -31,12 +28,9 @@ async def start_integrations(
 ) -> list[Any]:
     """Create and start the integrations; returns the objects to close, in order."""
     closers: list[Any] = []
-    if importlib.util.find_spec("klipstream.transcriber") is not None:
-        from klipstream.transcriber import Transcriber
-
-        transcriber = Transcriber(settings)  # starts its worker processes on first use
-        services["transcriber"] = transcriber
-        closers.append(transcriber)
+    transcriber = Transcriber(settings)  # starts its worker processes on first use
+    services["transcriber"] = transcriber
+    closers.append(transcriber)
     mirror = ConvexMirror(settings, http)
     if mirror.enabled:
         await mirror.start()
@@ -47,8 +41,6 @@ async def start_integrations(
     service.listeners.append(lambda kind, job: dispatcher.job_changed(job, kind))
     closers.append(dispatcher)
     services["webhooks"] = dispatcher
-    if app is not None:
-        app[CLOSERS] = closers
     return closers
 
 
@@ -59,9 +51,5 @@ async def close_all(closers: list[Any], budget: float) -> None:
         remaining = max(0.1, deadline - time.monotonic())
         try:
             await asyncio.wait_for(item.close(remaining), remaining + 0.5)
-        except Exception:  # noqa: BLE001 - shutting down: log and go on closing the rest
+        except Exception:
             log.warning("closing %s failed", type(item).__name__, exc_info=True)
-
-
-async def stop_integrations(app: web.Application, budget: float) -> None:
-    await close_all(app.get(CLOSERS, []), budget)

@@ -49,9 +49,7 @@ def execution_times(job: Job) -> dict[str, float]:
     """Seconds spent getting the media and chat ("raw") and analysing them, as the old API split it."""
     start = job.started_at or job.created_at
     end = job.finished_at or start
-    acquired = max(
-        (s.finished_at for s in job.stages if s.name in ACQUISITION_STAGES and s.finished_at), default=start
-    )
+    acquired = max((s.finished_at for s in job.stages if s.name in ACQUISITION_STAGES and s.finished_at), default=start)
     return {
         "raw_pipeline": round((acquired - start).total_seconds(), 3),
         "analysis_pipeline": round((end - acquired).total_seconds(), 3),
@@ -75,8 +73,15 @@ async def run_pipeline(request: web.Request) -> web.Response:
     except ValidationError as exc:
         return legacy_json(LegacyResult(status="error", message=f"Invalid request: {exc.errors()[0]['msg']}"), 400)
     except InvalidVideoUrl as exc:
-        return legacy_json(LegacyResult(status="error", message=exc.message, error_type=exc.error_type.value,
-                                        suggested_action=exc.suggested_action), 422)
+        return legacy_json(
+            LegacyResult(
+                status="error",
+                message=exc.message,
+                error_type=exc.error_type.value,
+                suggested_action=exc.suggested_action,
+            ),
+            422,
+        )
     service = request.app[SERVICE]
     try:
         outcome = await service.submit(submit)
@@ -106,33 +111,46 @@ async def wait_for_end(app: web.Application, job_id: str, limit: float) -> Job:
 
 def answer(job: Job) -> web.Response:
     if job.status.value == "completed":
-        return legacy_json(LegacyResult(
-            status="success",
-            message=f"Analysis of video {job.video_id} completed.",
+        return legacy_json(
+            LegacyResult(
+                status="success",
+                message=f"Analysis of video {job.video_id} completed.",
+                video_id=job.video_id,
+                job_id=job.job_id,
+                execution_time=execution_times(job),
+                files=dict(job.results),
+            ),
+            200,
+        )
+    if not job.status.terminal:
+        return legacy_json(
+            LegacyResult(
+                status="processing",
+                message="The analysis is still running; follow status_url.",
+                video_id=job.video_id,
+                job_id=job.job_id,
+                status_url=job.status_url,
+            ),
+            504,
+        )
+    if job.error is None:  # cancelled
+        return legacy_json(
+            LegacyResult(status="error", message="The job was cancelled.", video_id=job.video_id, job_id=job.job_id),
+            409,
+        )
+    status = 422 if job.error.error_type in CLIENT_ERRORS else 504 if job.error.is_retryable else 502
+    return legacy_json(
+        LegacyResult(
+            status="error",
+            message=job.error.message,
             video_id=job.video_id,
             job_id=job.job_id,
+            error_type=job.error.error_type.value,
+            suggested_action=job.error.suggested_action,
             execution_time=execution_times(job),
-            files=dict(job.results),
-        ), 200)
-    if not job.status.terminal:
-        return legacy_json(LegacyResult(
-            status="processing",
-            message="The analysis is still running; follow status_url.",
-            video_id=job.video_id, job_id=job.job_id, status_url=job.status_url,
-        ), 504)
-    if job.error is None:  # cancelled
-        return legacy_json(LegacyResult(status="error", message="The job was cancelled.", video_id=job.video_id,
-                                        job_id=job.job_id), 409)
-    status = 422 if job.error.error_type in CLIENT_ERRORS else 504 if job.error.is_retryable else 502
-    return legacy_json(LegacyResult(
-        status="error",
-        message=job.error.message,
-        video_id=job.video_id,
-        job_id=job.job_id,
-        error_type=job.error.error_type.value,
-        suggested_action=job.error.suggested_action,
-        execution_time=execution_times(job),
-    ), status)
+        ),
+        status,
+    )
 
 
 async def list_files(request: web.Request) -> web.Response:
@@ -157,14 +175,50 @@ async def list_output_files(request: web.Request) -> web.Response:
 
 
 LEGACY_ROUTES = [
-    Route("POST", "/", run_pipeline, "Legacy: run the whole analysis and wait (old response shape)",
-          request=LegacyRequest, responses={200: LegacyResult, 400: LegacyResult, 422: LegacyResult,
-                                            429: Problem, 502: LegacyResult, 504: LegacyResult}),
-    Route("POST", "/run_pipeline", run_pipeline, "Legacy alias of POST /", request=LegacyRequest,
-          responses={200: LegacyResult, 400: LegacyResult, 422: LegacyResult, 429: Problem,
-                     502: LegacyResult, 504: LegacyResult}),
-    Route("GET", "/list_files", list_files, "Legacy: stored artifacts (admin)",
-          responses={200: "application/json", 401: Problem}, query={"video_id": "string"}),
-    Route("GET", "/list_output_files", list_output_files, "Legacy: stored artifacts by video (admin)",
-          responses={200: "application/json", 401: Problem}, query={"video_id": "string"}),
+    Route(
+        "POST",
+        "/",
+        run_pipeline,
+        "Legacy: run the whole analysis and wait (old response shape)",
+        request=LegacyRequest,
+        responses={
+            200: LegacyResult,
+            400: LegacyResult,
+            422: LegacyResult,
+            429: Problem,
+            502: LegacyResult,
+            504: LegacyResult,
+        },
+    ),
+    Route(
+        "POST",
+        "/run_pipeline",
+        run_pipeline,
+        "Legacy alias of POST /",
+        request=LegacyRequest,
+        responses={
+            200: LegacyResult,
+            400: LegacyResult,
+            422: LegacyResult,
+            429: Problem,
+            502: LegacyResult,
+            504: LegacyResult,
+        },
+    ),
+    Route(
+        "GET",
+        "/list_files",
+        list_files,
+        "Legacy: stored artifacts (admin)",
+        responses={200: "application/json", 401: Problem},
+        query={"video_id": "string"},
+    ),
+    Route(
+        "GET",
+        "/list_output_files",
+        list_output_files,
+        "Legacy: stored artifacts by video (admin)",
+        responses={200: "application/json", 401: Problem},
+        query={"video_id": "string"},
+    ),
 ]

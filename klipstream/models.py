@@ -7,7 +7,7 @@ format.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from enum import IntEnum, StrEnum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -149,7 +149,9 @@ class Job(BaseModel):
     stages: list[StageState] = Field(default_factory=list)
     results: dict[str, str] = Field(default_factory=dict, description="Artifact key to a URL a client can fetch.")
     result_uris: dict[str, str] = Field(default_factory=dict, description="Artifact key to its storage URI.")
-    artifacts: dict[str, str] = Field(default_factory=dict, description="Artifact key to file name in the job directory.")
+    artifacts: dict[str, str] = Field(
+        default_factory=dict, description="Artifact key to file name in the job directory."
+    )
     error: JobError | None = None
     warnings: list[str] = Field(default_factory=list)
     video: VideoInfo | None = None

@@ -90,5 +90,7 @@ def _response(spec: ResponseSpec, refs: dict[Any, Any]) -> dict[str, Any]:
     if isinstance(spec, str):
         return {"description": spec, "content": {spec: {}}}
     media = "application/problem+json" if spec.__name__ == "Problem" else "application/json"
-    return {"description": spec.__doc__.strip().splitlines()[0] if spec.__doc__ else spec.__name__,
-            "content": {media: {"schema": refs[(spec, "serialization")]}}}
+    return {
+        "description": spec.__doc__.strip().splitlines()[0] if spec.__doc__ else spec.__name__,
+        "content": {media: {"schema": refs[(spec, "serialization")]}},
+    }

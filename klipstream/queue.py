@@ -153,7 +153,7 @@ class WorkerPool:
             except asyncio.CancelledError:
                 if not task.done():  # the worker itself is being stopped
                     raise
-            except Exception:  # noqa: BLE001 - the runner records job failures; this is a bug
+            except Exception:
                 log.exception("job runner crashed", extra={"job_id": job_id})
             finally:
                 self.running.pop(job_id, None)

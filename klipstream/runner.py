@@ -250,7 +250,7 @@ class JobRun(ProgressSink):
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - classified below
+            except Exception as exc:
                 error = classify(exc)
                 if not isinstance(exc, KlipstreamError):
                     log.exception("stage %s raised", stage.name, extra={"job_id": self.job.job_id, "stage": stage.name})
@@ -365,7 +365,9 @@ class JobRun(ProgressSink):
         self._refresh_progress()
         await self._save()
         log.warning(
-            "job failed: %s", error.message, extra={"job_id": job.job_id, "stage": stage, "error_type": error.error_type}
+            "job failed: %s",
+            error.message,
+            extra={"job_id": job.job_id, "stage": stage, "error_type": error.error_type},
         )
         self._emit("failed")
 
@@ -421,7 +423,7 @@ class JobRun(ProgressSink):
     async def _save_in_background(self) -> None:
         try:
             await self._save()
-        except Exception:  # noqa: BLE001 - progress snapshots are best effort; state changes are not
+        except Exception:
             log.warning("progress checkpoint failed", exc_info=True, extra={"job_id": self.job.job_id})
         finally:
             self._persisting = None
@@ -429,7 +431,7 @@ class JobRun(ProgressSink):
     def _emit(self, kind: str) -> None:
         try:
             self.deps.listener(kind, self.job)
-        except Exception:  # noqa: BLE001 - a listener bug must not break the job
+        except Exception:
             log.exception("job listener failed", extra={"job_id": self.job.job_id})
 
 
@@ -477,9 +479,7 @@ def current_display(job: Job, stages: list[Stage]) -> DisplayStage:
     return DisplayStage.FINDING_HIGHLIGHTS
 
 
-def estimate_remaining(
-    job: Job, stages: list[Stage], timings: StageTimings, started: dict[str, float]
-) -> float | None:
+def estimate_remaining(job: Job, stages: list[Stage], timings: StageTimings, started: dict[str, float]) -> float | None:
     """Seconds until the last stage ends: measured rates of running stages, history for the rest."""
     if job.status.terminal:
         return 0.0 if job.status is JobStatus.COMPLETED else None

@@ -14,11 +14,10 @@ import json
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp_sse import sse_response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -44,7 +43,7 @@ from klipstream.models import (
 )
 from klipstream.openapi import Route, openapi_document
 from klipstream.queue import QueueFull
-from klipstream.runner import RunnerDeps, resource_limits
+from klipstream.runtime import job_runtime
 from klipstream.service import (
     IdempotencyConflict,
     InvalidTransition,
@@ -53,9 +52,6 @@ from klipstream.service import (
     ShuttingDown,
 )
 from klipstream.stage import Stage
-from klipstream.storage import create_storage
-from klipstream.store import SQLiteStore
-from klipstream.timings import StageTimings
 from klipstream.urls import check_url_syntax
 
 log = logging.getLogger(__name__)
@@ -151,14 +147,18 @@ def service_of(request: web.Request) -> JobService:
 
 def require_api_key(request: web.Request) -> None:
     if not api_key_ok(request, request.app[SETTINGS]):
-        raise web.HTTPUnauthorized(reason="Unauthorized", text="Send Authorization: Bearer <api key>.",
-                                   headers={"WWW-Authenticate": "Bearer"})
+        raise web.HTTPUnauthorized(
+            reason="Unauthorized", text="Send Authorization: Bearer <api key>.", headers={"WWW-Authenticate": "Bearer"}
+        )
 
 
 def require_admin(request: web.Request) -> None:
     if not admin_ok(request, request.app[SETTINGS]):
-        raise web.HTTPUnauthorized(reason="Unauthorized", text="Admin routes need Authorization: Bearer <admin token>.",
-                                   headers={"WWW-Authenticate": "Bearer"})
+        raise web.HTTPUnauthorized(
+            reason="Unauthorized",
+            text="Admin routes need Authorization: Bearer <admin token>.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
 
 
 def json_text(body: str, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -207,8 +207,9 @@ async def submit_job(request: web.Request) -> web.Response:
     require_api_key(request)
     service = service_of(request)
     if service.shutting_down or request.app[STATE].get("draining"):
-        return _problem_with_headers(503, "Shutting down", "This instance is not accepting jobs; retry shortly.",
-                                     {"Retry-After": "5"})
+        return _problem_with_headers(
+            503, "Shutting down", "This instance is not accepting jobs; retry shortly.", {"Retry-After": "5"}
+        )
     raw = await request.read()
     try:
         body = SubmitRequest.model_validate_json(raw)
@@ -230,8 +231,9 @@ async def submit_job(request: web.Request) -> web.Response:
     except IdempotencyConflict:
         return problem(422, "Idempotency-Key reused", "This key was already used with a different request body.")
     except QueueFull:
-        return _problem_with_headers(429, "Queue full", "Too many jobs are waiting; retry later.",
-                                     {"Retry-After": "30"})
+        return _problem_with_headers(
+            429, "Queue full", "Too many jobs are waiting; retry later.", {"Retry-After": "30"}
+        )
     except ShuttingDown:
         return _problem_with_headers(503, "Shutting down", "Retry shortly.", {"Retry-After": "5"})
     headers = {"Location": f"/api/v1/analysis/{outcome.job_id}"}
@@ -244,13 +246,20 @@ async def get_job(request: web.Request) -> web.Response:
     webhooks = request.app[EXTRAS].get("webhooks")
     if webhooks is None or not job.callback_url:
         return json_text(job_document(request.app, job))
-    data = job.model_dump(mode="json")
+    data = fresh_links(request.app, job).model_dump(mode="json")
     data["webhook_deliveries"] = await webhooks.deliveries_for(job.job_id)
     return web.json_response(data)
 
 
 def job_document(app: web.Application, job: Job) -> str:
-    return job.model_dump_json()
+    return fresh_links(app, job).model_dump_json()
+
+
+def fresh_links(app: web.Application, job: Job) -> Job:
+    """Stream tokens expire, so every read gets a newly signed stream_url (when keys are on)."""
+    if not app[SETTINGS].api_keys:
+        return job
+    return job.model_copy(update={"stream_url": app[SERVICE].stream_url(job.job_id)})
 
 
 async def get_job_status(request: web.Request) -> web.Response:
@@ -278,8 +287,9 @@ async def retry_job(request: web.Request) -> web.Response:
     except InvalidTransition as exc:
         return problem(409, "Cannot retry", str(exc))
     except QueueFull:
-        return _problem_with_headers(429, "Queue full", "Too many jobs are waiting; retry later.",
-                                     {"Retry-After": "30"})
+        return _problem_with_headers(
+            429, "Queue full", "Too many jobs are waiting; retry later.", {"Retry-After": "30"}
+        )
     return model_response(status_view(job), 202)
 
 
@@ -287,17 +297,29 @@ async def list_jobs(request: web.Request) -> web.Response:
     require_api_key(request)
     status = request.query.get("status")
     if status is not None and status not in {s.value for s in JobStatus}:
-        return problem(422, "Invalid status", f"status must be one of {', '.join(s.value for s in JobStatus)}.",
-                       errors=[{"field": "status", "message": "unknown status"}])
+        return problem(
+            422,
+            "Invalid status",
+            f"status must be one of {', '.join(s.value for s in JobStatus)}.",
+            errors=[{"field": "status", "message": "unknown status"}],
+        )
     try:
         limit = int(request.query.get("limit", "50"))
         cursor = int(request.query["cursor"]) if "cursor" in request.query else None
     except ValueError:
-        return problem(422, "Invalid paging", "limit and cursor must be integers.",
-                       errors=[{"field": "limit", "message": "not an integer"}])
+        return problem(
+            422,
+            "Invalid paging",
+            "limit and cursor must be integers.",
+            errors=[{"field": "limit", "message": "not an integer"}],
+        )
     if not 1 <= limit <= MAX_PAGE or (cursor is not None and cursor < 0):
-        return problem(422, "Invalid paging", f"limit must be between 1 and {MAX_PAGE}; cursor must be positive.",
-                       errors=[{"field": "limit", "message": "out of range"}])
+        return problem(
+            422,
+            "Invalid paging",
+            f"limit must be between 1 and {MAX_PAGE}; cursor must be positive.",
+            errors=[{"field": "limit", "message": "out of range"}],
+        )
     jobs, next_cursor = await service_of(request).list(status, limit, cursor)
     page = JobList(jobs=[status_view(j) for j in jobs], next_cursor=str(next_cursor) if next_cursor else None)
     return model_response(page)
@@ -377,8 +399,13 @@ async def _send_event(response: Any, event: Event) -> None:
 # --- health, admin, metrics ---
 async def health(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    return model_response(HealthView(state=_state_name(request.app), version=__version__,
-                                     detail={"uptime_seconds": round(time.monotonic() - state["started"], 1)}))
+    return model_response(
+        HealthView(
+            state=_state_name(request.app),
+            version=__version__,
+            detail={"uptime_seconds": round(time.monotonic() - state["started"], 1)},
+        )
+    )
 
 
 def _state_name(app: web.Application) -> str:
@@ -401,8 +428,11 @@ async def ready(request: web.Request) -> web.Response:
     store_ok = service.started and await service.store.ping()
     workers_ok = service.pool.alive()
     healthy = name in ("ready", "busy") and store_ok and workers_ok
-    view = HealthView(state=name if healthy or name != "ready" else "degraded", version=__version__,
-                      detail={"store": store_ok, "workers": workers_ok})
+    view = HealthView(
+        state=name if healthy or name != "ready" else "degraded",
+        version=__version__,
+        detail={"store": store_ok, "workers": workers_ok},
+    )
     return model_response(view, 200 if healthy else 503)
 
 
@@ -424,8 +454,13 @@ async def queue_stats(request: web.Request) -> web.Response:
         running=service.running_summary(),
         resources={
             "jobs": {"in_use": len(service.pool.running), "limit": service.pool.size},
-            **{r.value: {"in_use": _in_use(sem, _limit(service.settings, r.value)), "limit": _limit(service.settings, r.value)}
-               for r, sem in limits.items()},
+            **{
+                r.value: {
+                    "in_use": _in_use(sem, _limit(service.settings, r.value)),
+                    "limit": _limit(service.settings, r.value),
+                }
+                for r, sem in limits.items()
+            },
         },
         last_hour={s: counts.get(s, 0) for s in ("completed", "failed", "cancelled")},
         stage_durations=service.deps.timings.percentiles(),
@@ -447,7 +482,7 @@ def _limit(settings: Settings, resource: str) -> int:
 
 
 def _in_use(semaphore: asyncio.Semaphore, limit: int) -> int:
-    return limit - semaphore._value  # noqa: SLF001 - asyncio exposes no public reading
+    return limit - semaphore._value
 
 
 async def pause_queue(request: web.Request) -> web.Response:
@@ -500,36 +535,120 @@ async def serve_file(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(path, headers={"Cache-Control": "public, max-age=300"})
 
 
+# --- the web page ---
+STATIC_FILES = frozenset({"index.html", "app.js", "style.css"})
+PAGE_HEADERS = {
+    "Cache-Control": "no-cache",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    # Same-origin only, except https: media and fetches so Cloud Storage artifact URLs still load.
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    "media-src 'self' https:; connect-src 'self' https:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'",
+}
+
+
+async def index_page(request: web.Request) -> web.StreamResponse:
+    return web.FileResponse(static_dir() / "index.html", headers=PAGE_HEADERS)
+
+
+async def static_file(request: web.Request) -> web.StreamResponse:
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        raise web.HTTPNotFound(reason="Not found", text="No such file.")
+    return web.FileResponse(static_dir() / name, headers=PAGE_HEADERS)
+
+
 # --- the route table: handlers and their OpenAPI description in one place ---
 ROUTES: list[Route] = [
-    Route("POST", "/api/v1/analysis", submit_job, "Submit a VOD for analysis", request=SubmitRequest,
-          responses={202: SubmitResponse, 200: SubmitResponse, 400: Problem, 413: Problem, 422: Problem,
-                     429: Problem, 503: Problem}),
+    Route(
+        "POST",
+        "/api/v1/analysis",
+        submit_job,
+        "Submit a VOD for analysis",
+        request=SubmitRequest,
+        responses={
+            202: SubmitResponse,
+            200: SubmitResponse,
+            400: Problem,
+            413: Problem,
+            422: Problem,
+            429: Problem,
+            503: Problem,
+        },
+    ),
     Route("GET", "/api/v1/analysis/{job_id}", get_job, "The whole job", responses={200: Job, 404: Problem}),
-    Route("GET", "/api/v1/analysis/{job_id}/status", get_job_status, "Compact status for polling (ETag)",
-          responses={200: JobStatusView, 304: None, 404: Problem}),
-    Route("GET", "/api/v1/analysis/{job_id}/stream", stream_job, "Server-Sent Events: snapshot, progress, stage, "
-          "then one of completed|failed|cancelled", responses={200: "text/event-stream", 404: Problem}),
-    Route("DELETE", "/api/v1/analysis/{job_id}", cancel_job, "Cancel a job",
-          responses={200: JobStatusView, 202: JobStatusView, 404: Problem}),
-    Route("POST", "/api/v1/analysis/{job_id}/retry", retry_job, "Re-run a failed or cancelled job from its "
-          "last completed stage", responses={202: JobStatusView, 404: Problem, 409: Problem, 429: Problem}),
-    Route("GET", "/api/v1/jobs", list_jobs, "Jobs, newest first", responses={200: JobList, 422: Problem},
-          query={"status": "string", "limit": "integer", "cursor": "string"}),
+    Route(
+        "GET",
+        "/api/v1/analysis/{job_id}/status",
+        get_job_status,
+        "Compact status for polling (ETag)",
+        responses={200: JobStatusView, 304: None, 404: Problem},
+    ),
+    Route(
+        "GET",
+        "/api/v1/analysis/{job_id}/stream",
+        stream_job,
+        "Server-Sent Events: snapshot, progress, stage, then one of completed|failed|cancelled",
+        responses={200: "text/event-stream", 404: Problem},
+    ),
+    Route(
+        "DELETE",
+        "/api/v1/analysis/{job_id}",
+        cancel_job,
+        "Cancel a job",
+        responses={200: JobStatusView, 202: JobStatusView, 404: Problem},
+    ),
+    Route(
+        "POST",
+        "/api/v1/analysis/{job_id}/retry",
+        retry_job,
+        "Re-run a failed or cancelled job from its last completed stage",
+        responses={202: JobStatusView, 404: Problem, 409: Problem, 429: Problem},
+    ),
+    Route(
+        "GET",
+        "/api/v1/jobs",
+        list_jobs,
+        "Jobs, newest first",
+        responses={200: JobList, 422: Problem},
+        query={"status": "string", "limit": "integer", "cursor": "string"},
+    ),
     Route("GET", "/health", health, "Liveness", responses={200: HealthView}),
     Route("GET", "/health/ready", ready, "Readiness", responses={200: HealthView, 503: HealthView}),
-    Route("GET", "/api/v1/queue/stats", queue_stats, "Queue statistics (admin)",
-          responses={200: QueueStats, 401: Problem}),
-    Route("POST", "/api/v1/queue/pause", pause_queue, "Stop dispatching queued jobs (admin)",
-          responses={200: "application/json", 401: Problem}),
-    Route("POST", "/api/v1/queue/resume", resume_queue, "Resume dispatching (admin)",
-          responses={200: "application/json", 401: Problem}),
-    Route("POST", "/api/v1/queue/drain", drain_queue, "Stop dispatching and report not ready (admin)",
-          responses={200: "application/json", 401: Problem}),
+    Route(
+        "GET", "/api/v1/queue/stats", queue_stats, "Queue statistics (admin)", responses={200: QueueStats, 401: Problem}
+    ),
+    Route(
+        "POST",
+        "/api/v1/queue/pause",
+        pause_queue,
+        "Stop dispatching queued jobs (admin)",
+        responses={200: "application/json", 401: Problem},
+    ),
+    Route(
+        "POST",
+        "/api/v1/queue/resume",
+        resume_queue,
+        "Resume dispatching (admin)",
+        responses={200: "application/json", 401: Problem},
+    ),
+    Route(
+        "POST",
+        "/api/v1/queue/drain",
+        drain_queue,
+        "Stop dispatching and report not ready (admin)",
+        responses={200: "application/json", 401: Problem},
+    ),
     Route("GET", "/metrics", metrics, "Prometheus metrics", responses={200: "text/plain"}),
     Route("GET", "/openapi.json", openapi, "This document", responses={200: "application/json"}),
-    Route("GET", "/files/{video_id}/{name}", serve_file, "A stored artifact (local storage)",
-          responses={200: "application/octet-stream", 404: Problem}),
+    Route(
+        "GET",
+        "/files/{video_id}/{name}",
+        serve_file,
+        "A stored artifact (local storage)",
+        responses={200: "application/octet-stream", 404: Problem},
+    ),
 ]
 
 
@@ -565,28 +684,14 @@ def create_app(
     for route in routes:
         app.router.add_route(route.method, route.path, route.handler)
     app[EXTRAS]["openapi"] = openapi_document(routes, title="KlipStream Analysis", version=__version__)
-    app.on_startup.append(_start)
+    app.cleanup_ctx.append(_runtime)
     app.on_shutdown.append(_on_shutdown)
-    app.on_cleanup.append(_cleanup)
     return app
 
 
-async def _start(app: web.Application) -> None:
+async def _runtime(app: web.Application) -> AsyncIterator[None]:
+    """The job machinery for the app's lifetime (aiohttp cleanup context)."""
     settings = app[SETTINGS]
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60))
-    storage = create_storage(settings, http)
-    services: dict[str, Any] = {}
-    deps = RunnerDeps(
-        settings=settings,
-        store=SQLiteStore(settings.database_path),
-        http=http,
-        storage=storage,
-        timings=StageTimings(),
-        listener=lambda kind, job: None,
-        limits=resource_limits(settings),
-        services=services,
-    )
     tokens = app[TOKENS]
     base = settings.public_url.rstrip("/")
 
@@ -594,20 +699,19 @@ async def _start(app: web.Application) -> None:
         url = f"{base}/api/v1/analysis/{job_id}/stream"
         return f"{url}?token={tokens.issue(job_id)}" if settings.api_keys else url
 
-    service = JobService(deps, app[STAGES], stream_url=stream_url)
-    app[SERVICE] = service
-    service.listeners.append(app[METRICS].job_event)
-    service.listeners.append(_broadcast_listener(app[BROADCASTER]))
-    from klipstream.integrations import start_integrations
-
-    await start_integrations(app, service, settings, http, services)
-    if "webhooks" in services:
-        app[EXTRAS]["webhooks"] = services["webhooks"]
-    await service.start()
-    app[LAG].start()
-    app[STATE]["http"] = http
-    app[STATE]["storage"] = storage
-    app[STATE]["pruner"] = asyncio.create_task(_prune_topics(app[BROADCASTER]))
+    listeners = [app[METRICS].job_event, _broadcast_listener(app[BROADCASTER])]
+    async with job_runtime(settings, app[STAGES], stream_url=stream_url, listeners=listeners) as runtime:
+        app[SERVICE] = runtime.service
+        app[STATE]["storage"] = runtime.storage
+        if "webhooks" in runtime.services:
+            app[EXTRAS]["webhooks"] = runtime.services["webhooks"]
+        app[LAG].start()
+        pruner = asyncio.create_task(_prune_topics(app[BROADCASTER]))
+        try:
+            yield
+        finally:
+            pruner.cancel()
+            await app[LAG].stop()
 
 
 def _broadcast_listener(broadcaster: Broadcaster) -> Callable[[str, Job], None]:
@@ -617,6 +721,8 @@ def _broadcast_listener(broadcaster: Broadcaster) -> Callable[[str, Job], None]:
         elif kind in ("completed", "failed", "cancelled"):
             broadcaster.publish(job.job_id, kind, job.model_dump_json)
         elif kind in ("started", "stage_changed", "queued", "requeued"):
+            if kind == "queued":
+                broadcaster.reopen(job.job_id)  # a retried job streams again
             broadcaster.publish(job.job_id, "stage", lambda: stage_payload(kind, job))
 
     return on_event
@@ -629,8 +735,12 @@ def progress_payload(job: Job) -> str:
         if s.status.value == "running"
     ]
     return json.dumps(
-        {"job_id": job.job_id, "status": job.status.value, "progress": job.progress.model_dump(mode="json"),
-         "stages": running}
+        {
+            "job_id": job.job_id,
+            "status": job.status.value,
+            "progress": job.progress.model_dump(mode="json"),
+            "stages": running,
+        }
     )
 
 
@@ -670,22 +780,6 @@ async def _drain(app: web.Application) -> None:
     app[BROADCASTER].announce_shutdown(json.dumps({"reason": "server shutting down", "retry_ms": SSE_RETRY_MS}))
     if SERVICE in app:
         await app[SERVICE].shutdown(deadline)
-
-
-async def _cleanup(app: web.Application) -> None:
-    state = app[STATE]
-    if "pruner" in state:
-        state["pruner"].cancel()
-    await app[LAG].stop()
-    from klipstream.integrations import stop_integrations
-
-    deadline = state.get("deadline") or time.monotonic() + 3.0
-    await stop_integrations(app, max(0.5, deadline - time.monotonic()))
-    if "storage" in state:
-        with contextlib.suppress(Exception):
-            await state["storage"].close()
-    if "http" in state:
-        await state["http"].close()
 
 
 def run_server(settings: Settings) -> None:

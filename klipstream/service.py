@@ -80,9 +80,10 @@ class JobService:
         self.active_by_video: dict[str, str] = {}
         self.runs: dict[str, JobRun] = {}
         self.shutting_down = False
+        self.shutdown_deadline: float | None = None  # time.monotonic() by which shutdown must end
         self.started = False
         self._inflight_keys: dict[str, tuple[str, asyncio.Future[SubmitOutcome]]] = {}
-        self._stream_url = stream_url or (lambda job_id: f"{self.base}/api/v1/analysis/{job_id}/stream")
+        self.stream_url = stream_url or (lambda job_id: f"{self.base}/api/v1/analysis/{job_id}/stream")
         deps.listener = self._on_job_event
 
     @property
@@ -116,6 +117,7 @@ class JobService:
     async def shutdown(self, deadline: float) -> None:
         """Stop taking work, checkpoint running jobs back to queued, close the store by `deadline`."""
         self.shutting_down = True
+        self.shutdown_deadline = deadline
         self.queue.pause()
         for job_id, run in list(self.runs.items()):
             run.cancel_reason = CancelReason.SHUTDOWN
@@ -199,7 +201,7 @@ class JobService:
             options=request.options,
             stages=initial_stage_states(self.stages),
             status_url=f"{self.base}/api/v1/analysis/{job_id}/status",
-            stream_url=self._stream_url(job_id),
+            stream_url=self.stream_url(job_id),
         )
         job.progress = compute_progress(job, self.stages, self.deps.timings)
         return job
@@ -327,7 +329,7 @@ class JobService:
         for listener in self.listeners:
             try:
                 listener(kind, job)
-            except Exception:  # noqa: BLE001 - one listener's bug must not stop the others
+            except Exception:
                 log.exception("listener failed on %s", kind, extra={"job_id": job.job_id})
 
     # --- statistics ---
@@ -337,10 +339,15 @@ class JobService:
             job = self.active.get(job_id)
             if job is not None:
                 stages = [s.name for s in job.stages if s.status is StageStatus.RUNNING]
-                out.append({"job_id": job_id, "video_id": job.video_id, "stages": stages,
-                            "percentage": job.progress.percentage})
+                out.append(
+                    {
+                        "job_id": job_id,
+                        "video_id": job.video_id,
+                        "stages": stages,
+                        "percentage": job.progress.percentage,
+                    }
+                )
         return out
 
     def queued_counts(self) -> dict[str, int]:
         return self.queue.counts()
-

@@ -75,13 +75,14 @@ def create_storage(settings: Settings, session: aiohttp.ClientSession) -> Storag
     return LocalStorage(settings)
 
 
-def _check_names(video_id: str, artifact: ArtifactSpec) -> str:
+def _check_names(video_id: str, artifact: ArtifactSpec, path: Path) -> str:
     """The object's file name; ids become path components, so refuse anything that could escape."""
     if not _SAFE_ID.match(video_id) or video_id in (".", ".."):
         raise InternalError(f"Refusing to store artifacts under the unsafe video id {video_id!r}.")
     if not artifact.published:
         raise InternalError(f"Artifact {artifact.key!r} is internal and is never published.")
-    return artifact.filename(video_id)
+    # The stage may have chosen another container (e.g. .ogg where no MP3 encoder exists).
+    return artifact.filename(video_id, path.suffix[1:] or None)
 
 
 # --------------------------------------------------------------------------------------------
@@ -108,7 +109,7 @@ class LocalStorage:
         )
 
     async def put(self, video_id: str, artifact: ArtifactSpec, path: Path) -> StoredObject:
-        filename = _check_names(video_id, artifact)
+        filename = _check_names(video_id, artifact, path)
         dest = self._root / video_id / filename
         try:
             return await asyncio.to_thread(self._place, video_id, path, dest)
@@ -290,9 +291,9 @@ class GcsStorage:
     def can_sign(self) -> bool:
         return self._sign_locally or self._signing_account is not None
 
-    def location(self, video_id: str, artifact: ArtifactSpec) -> tuple[str, str]:
+    def location(self, video_id: str, artifact: ArtifactSpec, path: Path) -> tuple[str, str]:
         """(bucket, object name) of an artifact; keeps the existing per-kind bucket layout by default."""
-        filename = _check_names(video_id, artifact)
+        filename = _check_names(video_id, artifact, path)
         if self._settings.gcs_bucket:
             return self._settings.gcs_bucket, f"{video_id}/{filename}"
         return self._bucket_for(artifact.kind), f"{video_id}/{filename}"
@@ -332,7 +333,7 @@ class GcsStorage:
         raise AssertionError("unreachable")
 
     async def put(self, video_id: str, artifact: ArtifactSpec, path: Path) -> StoredObject:
-        bucket, name = self.location(video_id, artifact)
+        bucket, name = self.location(video_id, artifact, path)
         async with self._limit:
             try:
                 size, md5 = await asyncio.to_thread(_file_md5, path)

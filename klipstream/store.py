@@ -131,7 +131,7 @@ class SQLiteStore:
             conn.execute("PRAGMA synchronous=NORMAL")
             conn.execute("PRAGMA busy_timeout=5000")
             conn.executescript(_SCHEMA)
-        except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+        except Exception as exc:
             self._loop.call_soon_threadsafe(_settle, ready, None, exc)
             return
         self._loop.call_soon_threadsafe(_settle, ready, None, None)
@@ -163,12 +163,12 @@ class SQLiteStore:
                 try:
                     outcomes.append((future, fn(conn), None))
                     conn.execute("RELEASE request")
-                except Exception as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+                except Exception as exc:
                     conn.execute("ROLLBACK TO request")
                     conn.execute("RELEASE request")
                     outcomes.append((future, None, exc))
             conn.execute("COMMIT")
-        except Exception as exc:  # noqa: BLE001 - the commit itself failed: every request failed
+        except Exception as exc:
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             outcomes = [(future, None, exc) for _, future in batch]
@@ -186,7 +186,7 @@ class SQLiteStore:
     async def ping(self) -> bool:
         try:
             return await self._call(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
-        except Exception:  # noqa: BLE001 - readiness reports it
+        except Exception:
             return False
 
     async def insert_job(self, job: Job, idempotency: IdempotencyRecord | None = None) -> None:

@@ -220,7 +220,7 @@ class WebhookDispatcher:
             self._session = aiohttp.ClientSession(connector=connector)
         self._loop_task = asyncio.create_task(self._run(), name="webhook-delivery")
 
-    async def close(self, timeout: float) -> None:  # noqa: ASYNC109 - a budget shared by several steps
+    async def close(self, timeout: float) -> None:
         """Write every recorded event to the outbox, let sends in flight finish within `timeout`."""
         deadline = time.monotonic() + timeout
         if self._loop_task is not None:

@@ -74,8 +74,16 @@ def writing_stage(
             recorder.mark(name, "cancelled")
             raise
 
-    return Stage(name=name, display=display, run=run, needs=needs, uses=uses, provides=provides,
-                 resource=resource, timeout=timeout)
+    return Stage(
+        name=name,
+        display=display,
+        run=run,
+        needs=needs,
+        uses=uses,
+        provides=provides,
+        resource=resource,
+        timeout=timeout,
+    )
 
 
 def blocking_stage(name: str, recorder: Recorder, seconds: float, *, provides: tuple[str, ...] = ()) -> Stage:
@@ -100,17 +108,47 @@ def blocking_stage(name: str, recorder: Recorder, seconds: float, *, provides: t
 def simple_pipeline(recorder: Recorder, **gates: bool) -> list[Stage]:
     """download -> audio -> transcribe, chat in parallel, analysis using chat when present."""
     return [
-        writing_stage("download", recorder, provides=("media",), display=DisplayStage.DOWNLOADING,
-                      resource=Resource.NETWORK, gated=gates.get("download", False)),
-        writing_stage("chat", recorder, provides=("chat_json",), display=DisplayStage.FETCHING_CHAT,
-                      resource=Resource.NETWORK, gated=gates.get("chat", False)),
-        writing_stage("audio", recorder, needs=("media",), provides=("pcm", "waveform"),
-                      display=DisplayStage.PROCESSING_AUDIO, gated=gates.get("audio", False)),
-        writing_stage("transcribe", recorder, needs=("pcm",), provides=("transcript_json",),
-                      display=DisplayStage.TRANSCRIBING, resource=Resource.TRANSCRIPTION,
-                      gated=gates.get("transcribe", False)),
-        writing_stage("highlights", recorder, needs=("waveform",), uses=("transcript_json", "chat_json"),
-                      provides=("highlights_json",), display=DisplayStage.FINDING_HIGHLIGHTS),
+        writing_stage(
+            "download",
+            recorder,
+            provides=("media",),
+            display=DisplayStage.DOWNLOADING,
+            resource=Resource.NETWORK,
+            gated=gates.get("download", False),
+        ),
+        writing_stage(
+            "chat",
+            recorder,
+            provides=("chat_json",),
+            display=DisplayStage.FETCHING_CHAT,
+            resource=Resource.NETWORK,
+            gated=gates.get("chat", False),
+        ),
+        writing_stage(
+            "audio",
+            recorder,
+            needs=("media",),
+            provides=("pcm", "waveform"),
+            display=DisplayStage.PROCESSING_AUDIO,
+            gated=gates.get("audio", False),
+        ),
+        writing_stage(
+            "transcribe",
+            recorder,
+            needs=("pcm",),
+            provides=("transcript_json",),
+            display=DisplayStage.TRANSCRIBING,
+            resource=Resource.TRANSCRIPTION,
+            gated=gates.get("transcribe", False),
+        ),
+        writing_stage(
+            "highlights",
+            recorder,
+            needs=("waveform",),
+            uses=("transcript_json", "chat_json"),
+            provides=("highlights_json",),
+            display=DisplayStage.FINDING_HIGHLIGHTS,
+        ),
     ]
 
 

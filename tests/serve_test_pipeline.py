@@ -22,8 +22,9 @@ STEPS = 10
 STEP_SECONDS = float(os.environ.get("TEST_STEP_SECONDS", "0.1"))
 
 
-def slow_stage(name: str, marker_dir: Path, *, needs: tuple[str, ...], provides: tuple[str, ...],
-               display: DisplayStage) -> Stage:
+def slow_stage(
+    name: str, marker_dir: Path, *, needs: tuple[str, ...], provides: tuple[str, ...], display: DisplayStage
+) -> Stage:
     async def run(ctx: StageContext) -> None:
         with (marker_dir / f"{name}.log").open("a") as log:
             log.write(f"start {os.getpid()}\n")
@@ -42,10 +43,16 @@ def slow_stage(name: str, marker_dir: Path, *, needs: tuple[str, ...], provides:
 def pipeline(marker_dir: Path) -> list[Stage]:
     return [
         slow_stage("download", marker_dir, needs=(), provides=("media",), display=DisplayStage.DOWNLOADING),
-        slow_stage("audio", marker_dir, needs=("media",), provides=("waveform",),
-                   display=DisplayStage.PROCESSING_AUDIO),
-        slow_stage("highlights", marker_dir, needs=("waveform",), provides=("highlights_json",),
-                   display=DisplayStage.FINDING_HIGHLIGHTS),
+        slow_stage(
+            "audio", marker_dir, needs=("media",), provides=("waveform",), display=DisplayStage.PROCESSING_AUDIO
+        ),
+        slow_stage(
+            "highlights",
+            marker_dir,
+            needs=("waveform",),
+            provides=("highlights_json",),
+            display=DisplayStage.FINDING_HIGHLIGHTS,
+        ),
     ]
 
 
@@ -53,7 +60,11 @@ def main() -> None:
     data_dir, port, marker_dir = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     marker_dir.mkdir(parents=True, exist_ok=True)
     settings = Settings.from_env(
-        data_dir=data_dir, port=port, host="127.0.0.1", allow_private_urls=True, log_format="text",
+        data_dir=data_dir,
+        port=port,
+        host="127.0.0.1",
+        allow_private_urls=True,
+        log_format="text",
         max_running_jobs=1,
     )
     configure_logging("info", "text")

@@ -27,11 +27,13 @@ async def read_events(resp: aiohttp.ClientResponse, limit: int = 10_000) -> list
         line = raw.decode().rstrip("\r\n")
         if not line:
             if "data" in fields or "event" in fields:
-                events.append(SseEvent(
-                    id=fields.get("id", [None])[-1],
-                    event=fields.get("event", ["message"])[-1],
-                    data="\n".join(fields.get("data", [])),
-                ))
+                events.append(
+                    SseEvent(
+                        id=fields.get("id", [None])[-1],
+                        event=fields.get("event", ["message"])[-1],
+                        data="\n".join(fields.get("data", [])),
+                    )
+                )
                 if len(events) >= limit:
                     break
             fields = {}

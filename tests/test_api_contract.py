@@ -64,8 +64,14 @@ async def test_body_over_limit_is_413(client):
 
 async def test_private_addresses_refused_unless_allowed(make_client, make_settings, recorder):
     client = await make_client(make_settings(allow_private_urls=False), simple_pipeline(recorder))
-    for url in ("http://127.0.0.1/v.mp4", "http://10.1.2.3/v.mp4", "http://[::1]/a", "http://169.254.169.254/x",
-                "http://localhost:8080/v", "http://metadata.google.internal/"):
+    for url in (
+        "http://127.0.0.1/v.mp4",
+        "http://10.1.2.3/v.mp4",
+        "http://[::1]/a",
+        "http://169.254.169.254/x",
+        "http://localhost:8080/v",
+        "http://metadata.google.internal/",
+    ):
         body = await problem_of(await client.post("/api/v1/analysis", json={"url": url}), 422)
         assert "private" in body["detail"]
     resp = await client.post("/api/v1/analysis", json={"url": URL, "callback_url": "http://192.168.1.5/hook"})
@@ -73,9 +79,13 @@ async def test_private_addresses_refused_unless_allowed(make_client, make_settin
 
 
 async def test_unknown_job_is_404(client):
-    for method, path in (("GET", "/api/v1/analysis/nope"), ("GET", "/api/v1/analysis/nope/status"),
-                         ("DELETE", "/api/v1/analysis/nope"), ("POST", "/api/v1/analysis/nope/retry"),
-                         ("GET", "/api/v1/analysis/nope/stream")):
+    for method, path in (
+        ("GET", "/api/v1/analysis/nope"),
+        ("GET", "/api/v1/analysis/nope/status"),
+        ("DELETE", "/api/v1/analysis/nope"),
+        ("POST", "/api/v1/analysis/nope/retry"),
+        ("GET", "/api/v1/analysis/nope/stream"),
+    ):
         await problem_of(await client.request(method, path), 404)
 
 
@@ -108,8 +118,10 @@ async def test_idempotency_key_replays_and_conflicts(client, recorder):
 async def test_concurrent_idempotent_requests_create_one_job(client, recorder):
     headers = {"Idempotency-Key": "race"}
     responses = await asyncio.gather(
-        *[client.post("/api/v1/analysis", json={"url": URL, "options": {"force": True}}, headers=headers)
-          for _ in range(10)]
+        *[
+            client.post("/api/v1/analysis", json={"url": URL, "options": {"force": True}}, headers=headers)
+            for _ in range(10)
+        ]
     )
     ids = {(await r.json())["job_id"] for r in responses}
     assert len(ids) == 1
@@ -118,8 +130,9 @@ async def test_concurrent_idempotent_requests_create_one_job(client, recorder):
 
 
 async def test_queue_full_is_429_with_retry_after(make_client, make_settings, recorder):
-    client = await make_client(make_settings(max_queued_jobs=2, max_running_jobs=1),
-                               simple_pipeline(recorder, download=True))
+    client = await make_client(
+        make_settings(max_queued_jobs=2, max_running_jobs=1), simple_pipeline(recorder, download=True)
+    )
     statuses = []
     for i in range(5):
         resp = await client.post("/api/v1/analysis", json={"url": f"https://example.com/{i}.mp4"})
@@ -152,8 +165,21 @@ async def test_job_document_shape(client, recorder):
     job = await (await client.post("/api/v1/analysis", json={"url": URL, "priority": "high"})).json()
     recorder.gate("download").set()
     doc = await wait_status(client, job["job_id"], {"completed"})
-    for key in ("job_id", "video_id", "status", "progress", "stages", "results", "error", "created_at",
-                "updated_at", "started_at", "finished_at", "attempts", "priority"):
+    for key in (
+        "job_id",
+        "video_id",
+        "status",
+        "progress",
+        "stages",
+        "results",
+        "error",
+        "created_at",
+        "updated_at",
+        "started_at",
+        "finished_at",
+        "attempts",
+        "priority",
+    ):
         assert key in doc
     assert doc["priority"] == "high" and doc["attempts"] == 1 and doc["error"] is None
     stage = doc["stages"][0]
@@ -192,8 +218,15 @@ async def test_admin_routes_need_token(make_client, make_settings, recorder):
     await problem_of(await client.get("/api/v1/queue/stats", headers={"Authorization": "Bearer nope"}), 401)
     auth = {"Authorization": "Bearer s3cret"}
     stats = await (await client.get("/api/v1/queue/stats", headers=auth)).json()
-    for key in ("queued", "running", "resources", "oldest_queued_age_seconds", "last_hour", "stage_durations",
-                "paused"):
+    for key in (
+        "queued",
+        "running",
+        "resources",
+        "oldest_queued_age_seconds",
+        "last_hour",
+        "stage_durations",
+        "paused",
+    ):
         assert key in stats
     assert (await (await client.post("/api/v1/queue/pause", headers=auth)).json())["paused"] is True
     assert (await (await client.get("/api/v1/queue/stats", headers=auth)).json())["paused"] is True
@@ -244,9 +277,14 @@ async def test_metrics_are_prometheus_exposition(client, recorder):
     job = await (await client.post("/api/v1/analysis", json={"url": URL})).json()
     await wait_status(client, job["job_id"], {"completed"})
     text = await (await client.get("/metrics")).text()
-    for name in ("klipstream_jobs_finished_total{status=\"completed\"} 1.0", "klipstream_queue_depth",
-                 "klipstream_running_jobs", "klipstream_stage_duration_seconds_bucket",
-                 "klipstream_sse_subscribers", "klipstream_event_loop_lag_seconds_bucket"):
+    for name in (
+        'klipstream_jobs_finished_total{status="completed"} 1.0',
+        "klipstream_queue_depth",
+        "klipstream_running_jobs",
+        "klipstream_stage_duration_seconds_bucket",
+        "klipstream_sse_subscribers",
+        "klipstream_event_loop_lag_seconds_bucket",
+    ):
         assert name in text, name
 
 
@@ -261,8 +299,9 @@ async def test_openapi_document_is_generated_and_valid(client):
 
 
 async def test_cors_preflight_and_headers(client):
-    resp = await client.options("/api/v1/analysis", headers={"Origin": "https://app.example",
-                                                              "Access-Control-Request-Method": "POST"})
+    resp = await client.options(
+        "/api/v1/analysis", headers={"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    )
     assert resp.status == 204
     assert resp.headers["Access-Control-Allow-Origin"] == "*"
     assert "Access-Control-Allow-Credentials" not in resp.headers

@@ -14,8 +14,6 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
-from tests.fake_twitch_gql import FakeChat, RunningFake, serve
-from tests.stage_helpers import RecordingSink, make_context
 
 from klipstream.chat_archive import ChatMessage, ChatVideo, Fragment, iter_csv
 from klipstream.errors import ExternalServiceError, InvalidVideoUrl, StageUnavailable
@@ -31,6 +29,8 @@ from klipstream.twitch_chat import (
     split_ranges,
     write_merged,
 )
+from tests.fake_twitch_gql import FakeChat, RunningFake, serve
+from tests.stage_helpers import RecordingSink, make_context
 
 VOD = "https://www.twitch.tv/videos/123456789"
 

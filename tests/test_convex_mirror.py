@@ -45,7 +45,7 @@ def _mirror(fake: FakeConvex, http: aiohttp.ClientSession, secret: str = "s3cret
 
 async def until(predicate: Callable[[], Any], within: float = 15.0) -> None:
     async def poll() -> None:
-        while not predicate():  # noqa: ASYNC110 - polling a peer's observable state
+        while not predicate():
             await asyncio.sleep(0.02)
 
     await asyncio.wait_for(poll(), within)

@@ -36,7 +36,9 @@ class ServerProcess:
     async def start(self) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.serve_test_pipeline", str(self.data_dir), str(self.port), str(self.markers)],
-            cwd=ROOT, stdout=self.log.open("ab"), stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
         )
         async with aiohttp.ClientSession() as http:
             async with asyncio.timeout(20):
@@ -87,8 +89,9 @@ async def test_kill_9_mid_job_then_restart_completes_without_losing_work(server:
         async with http.post(f"{server.base}/api/v1/analysis", json={"url": "https://example.com/a.mp4"}) as resp:
             assert resp.status == 202
             job_id = (await resp.json())["job_id"]
-        async with http.post(f"{server.base}/api/v1/analysis",
-                             json={"url": "https://example.com/b.mp4", "priority": "low"}) as resp:
+        async with http.post(
+            f"{server.base}/api/v1/analysis", json={"url": "https://example.com/b.mp4", "priority": "low"}
+        ) as resp:
             queued_id = (await resp.json())["job_id"]
         job_url = f"{server.base}/api/v1/analysis/{job_id}"
         await wait_for(http, job_url, lambda j: j["stages"][1]["status"] == "running")
@@ -98,13 +101,18 @@ async def test_kill_9_mid_job_then_restart_completes_without_losing_work(server:
         await server.start()
         job = await wait_for(http, job_url, lambda j: j["status"] in ("completed", "failed"), timeout=30)
         assert job["status"] == "completed"
-        other = await wait_for(http, f"{server.base}/api/v1/analysis/{queued_id}",
-                               lambda j: j["status"] in ("completed", "failed"), timeout=30)
+        other = await wait_for(
+            http,
+            f"{server.base}/api/v1/analysis/{queued_id}",
+            lambda j: j["status"] in ("completed", "failed"),
+            timeout=30,
+        )
         assert other["status"] == "completed"
     # the download finished before the kill and was not run again; audio restarted in the new process
     assert server.stage_log("download").count(f"end {first_pid}") == 1
     assert [line for line in server.stage_log("download") if str(first_pid) not in line] == [
-        f"start {server.proc.pid}", f"end {server.proc.pid}"  # the second job's download
+        f"start {server.proc.pid}",
+        f"end {server.proc.pid}",  # the second job's download
     ]
     assert f"start {first_pid}" in server.stage_log("audio")
     assert f"end {server.proc.pid}" in server.stage_log("audio")
@@ -152,8 +160,9 @@ async def test_sigterm_refuses_new_work_while_draining(server: ServerProcess, mo
                 try:
                     async with http.get(f"{server.base}/health/ready") as ready:
                         statuses.add(("ready", ready.status))
-                    async with http.post(f"{server.base}/api/v1/analysis",
-                                         json={"url": "https://example.com/new.mp4"}) as resp:
+                    async with http.post(
+                        f"{server.base}/api/v1/analysis", json={"url": "https://example.com/new.mp4"}
+                    ) as resp:
                         statuses.add(("submit", resp.status))
                 except aiohttp.ClientError:
                     break

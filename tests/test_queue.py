@@ -19,8 +19,14 @@ def drain(queue: JobQueue) -> list[str]:
 
 def test_priority_then_fifo():
     queue = JobQueue(maxsize=100, aging_seconds=3600)
-    for name, priority in [("l1", Priority.LOW), ("n1", Priority.NORMAL), ("u1", Priority.URGENT),
-                           ("h1", Priority.HIGH), ("n2", Priority.NORMAL), ("u2", Priority.URGENT)]:
+    for name, priority in [
+        ("l1", Priority.LOW),
+        ("n1", Priority.NORMAL),
+        ("u1", Priority.URGENT),
+        ("h1", Priority.HIGH),
+        ("n2", Priority.NORMAL),
+        ("u2", Priority.URGENT),
+    ]:
         queue.push(name, priority)
     assert queue.position("u1") == 1 and queue.position("l1") == 6
     assert drain(queue) == ["u1", "u2", "h1", "n1", "n2", "l1"]

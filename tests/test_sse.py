@@ -37,8 +37,9 @@ async def test_stream_snapshot_then_stages_then_one_terminal(make_client, settin
     assert ids == sorted(ids) and len(set(ids)) == len(ids)
     final = events[-1].json()
     assert final["status"] == "completed" and "results" in final
-    displays = [s["display"] for e in events if e.event == "stage" for s in e.json()["stages"]
-                if s["status"] == "running"]
+    displays = [
+        s["display"] for e in events if e.event == "stage" for s in e.json()["stages"] if s["status"] == "running"
+    ]
     assert {"Downloading", "Fetching chat", "Processing audio", "Transcribing"} <= set(displays)
 
 

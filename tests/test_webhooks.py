@@ -127,7 +127,7 @@ async def until(predicate: Callable[[], Any], within: float = 15.0) -> None:
         return bool(await value) if inspect.isawaitable(value) else bool(value)
 
     async def poll() -> None:
-        while not await holds():  # noqa: ASYNC110 - polling observable state of a peer
+        while not await holds():
             await asyncio.sleep(0.02)
 
     await asyncio.wait_for(poll(), within)

@@ -1,0 +1,167 @@
+"""One job run in this process, without HTTP: what `klipstream analyze` drives.
+
+It builds the same objects the server builds at start-up (store, storage, runner dependencies,
+integrations, `JobService`) so a local run goes through exactly the server's queue, runner,
+checkpoints and cancellation. The only differences are where files go (a scratch data directory
+inside the output directory, so publishing is a hard link and the final move is a rename) and that
+nothing is mirrored to Convex.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from klipstream.config import Settings
+from klipstream.models import Job, SubmitRequest
+from klipstream.runtime import job_runtime
+from klipstream.service import JobService
+from klipstream.stage import Stage
+
+TERMINAL_KINDS = frozenset({"completed", "failed", "cancelled"})
+CANCEL_WAIT_SECONDS = 15.0  # the runner stops stages within ~2 s; this bounds a misbehaving one
+WATCH_INTERVAL = 0.1  # how often the progress callback sees the job (the runner emits far more often)
+
+
+def default_stages() -> list[Stage]:
+    from klipstream.stages import default_pipeline
+
+    return default_pipeline()
+
+
+@contextlib.asynccontextmanager
+async def job_service(settings: Settings, stages: list[Stage]) -> AsyncIterator[JobService]:
+    """The server's job machinery (klipstream.runtime), started and torn down around a block."""
+    async with job_runtime(settings, stages) as runtime:
+        yield runtime.service
+
+
+@dataclass
+class LocalResult:
+    job: Job
+    files: dict[str, Path] = field(default_factory=dict)  # artifact key -> file in the output directory
+    interrupted: bool = False  # cancelled because the user asked (Ctrl-C)
+
+
+async def run_job(
+    service: JobService,
+    request: SubmitRequest,
+    *,
+    stop: asyncio.Event,
+    watch: Callable[[Job], None] | None = None,
+) -> tuple[Job, bool]:
+    """Submit one job and wait for its terminal state; `stop` cancels it through the service.
+
+    `watch` sees the live job every WATCH_INTERVAL, not on every runner event, so rendering costs
+    the same whatever the stages report.
+    """
+    done = asyncio.Event()
+    job_id: str | None = None
+
+    def on_event(kind: str, job: Job) -> None:
+        if job.job_id == job_id and kind in TERMINAL_KINDS:
+            done.set()
+
+    service.listeners.append(on_event)
+    outcome = await service.submit(request)
+    job_id = outcome.job_id
+    job = await service.get(job_id)
+    if job.status.terminal:
+        done.set()
+    waiters = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(done.wait())]
+    interrupted = False
+    try:
+        while not done.is_set():
+            if watch is not None:
+                watch(job)
+            await asyncio.wait(waiters, timeout=WATCH_INTERVAL, return_when=asyncio.FIRST_COMPLETED)
+            if stop.is_set() and not done.is_set():
+                interrupted = True
+                await service.cancel(job_id)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(done.wait(), CANCEL_WAIT_SECONDS)
+                break
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+        service.listeners.remove(on_event)
+    job = await service.get(job_id)
+    if watch is not None:
+        watch(job)
+    return job, interrupted
+
+
+def local_settings(base: Settings, data_dir: Path) -> Settings:
+    """The settings of a local run: local files and loopback URLs allowed, no Convex mirror."""
+    from dataclasses import replace
+
+    return replace(
+        base,
+        data_dir=data_dir,
+        allow_local_files=True,
+        allow_private_urls=True,
+        storage="local",
+        public_url="",
+        convex_url="",
+    )
+
+
+async def analyze(
+    base: Settings,
+    request: SubmitRequest,
+    out_dir: Path,
+    *,
+    stop: asyncio.Event,
+    stages: list[Stage] | None = None,
+    watch: Callable[[Job], None] | None = None,
+) -> LocalResult:
+    """Run one job and move its published artifacts into `out_dir`.
+
+    The scratch data directory lives inside `out_dir` (same file system: publishing links, the
+    final move renames) and is removed whatever happens, so a cancelled run leaves no partial
+    files; an output directory this run created is removed again if it ends up empty.
+    """
+    created, scratch = await asyncio.to_thread(_make_scratch, out_dir)
+    try:
+        settings = local_settings(base, scratch)
+        async with job_service(settings, stages if stages is not None else default_stages()) as service:
+            job, interrupted = await run_job(service, request, stop=stop, watch=watch)
+        files = {} if interrupted else await asyncio.to_thread(_collect, settings, job, out_dir)
+        return LocalResult(job=job, files=files, interrupted=interrupted)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, scratch, True)
+        if created:
+            await asyncio.to_thread(_remove_if_empty, out_dir)
+
+
+def _make_scratch(out_dir: Path) -> tuple[bool, Path]:
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return created, Path(tempfile.mkdtemp(prefix=".klipstream-", dir=out_dir))
+
+
+def _remove_if_empty(directory: Path) -> None:
+    with contextlib.suppress(OSError):
+        directory.rmdir()  # fails, as wanted, when anything is in it
+
+
+def _collect(settings: Settings, job: Job, out_dir: Path) -> dict[str, Path]:
+    """Move each published artifact from local storage into the output directory."""
+    files: dict[str, Path] = {}
+    source_dir = settings.artifacts_dir / job.video_id
+    for key, url in sorted(job.results.items()):
+        name = unquote(urlsplit(url).path.rsplit("/", 1)[-1])
+        source = source_dir / name
+        if not name or not source.is_file():
+            continue
+        dest = out_dir / name
+        os.replace(source, dest)
+        files[key] = dest
+    return files

@@ -1,0 +1,75 @@
+"""The job machinery one process runs: HTTP session, store, storage, integrations, job service.
+
+The server and `klipstream analyze` both enter `job_runtime`, so a local run goes through exactly
+the queue, runner, checkpoints and cancellation that the service uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from klipstream.config import Settings
+from klipstream.integrations import close_all, start_integrations
+from klipstream.runner import JobListener, RunnerDeps, resource_limits
+from klipstream.service import JobService
+from klipstream.stage import Stage
+from klipstream.storage import Storage, create_storage
+from klipstream.store import SQLiteStore
+from klipstream.timings import StageTimings
+
+
+@dataclass
+class Runtime:
+    service: JobService
+    http: aiohttp.ClientSession
+    storage: Storage
+    services: dict[str, Any]
+
+
+@contextlib.asynccontextmanager
+async def job_runtime(
+    settings: Settings,
+    stages: list[Stage],
+    *,
+    stream_url: Callable[[str], str] | None = None,
+    listeners: list[JobListener] | None = None,
+) -> AsyncIterator[Runtime]:
+    """Start everything, yield, then stop within the shutdown budget (jobs go back to the queue).
+
+    `listeners` are attached before the workers start, so no event of a recovered job is missed.
+    """
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60))
+    storage = create_storage(settings, http)
+    services: dict[str, Any] = {}
+    deps = RunnerDeps(
+        settings=settings,
+        store=SQLiteStore(settings.database_path),
+        http=http,
+        storage=storage,
+        timings=StageTimings(),
+        listener=lambda kind, job: None,
+        limits=resource_limits(settings),
+        services=services,
+    )
+    service = JobService(deps, stages, stream_url=stream_url)
+    service.listeners.extend(listeners or [])
+    closers: list[Any] = []
+    try:
+        closers = await start_integrations(service, settings, http, services)
+        await service.start()
+        yield Runtime(service, http, storage, services)
+    finally:
+        deadline = service.shutdown_deadline or time.monotonic() + settings.shutdown_seconds
+        if service.started and not service.shutting_down:
+            await service.shutdown(deadline)
+        await close_all(closers, max(0.5, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):
+            await storage.close()
+        await http.close()

@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import itertools
 import logging
 import multiprocessing
@@ -45,7 +46,7 @@ from typing import Any
 import numpy as np
 
 from klipstream.config import Settings
-from klipstream.errors import KlipstreamError, ProcessingTimeout, TranscriptionError
+from klipstream.errors import InternalError, KlipstreamError, ProcessingTimeout, TranscriptionError
 from klipstream.transcript_files import Segment, Transcript
 from klipstream.vad_chunks import BLOCK_SECONDS, SAMPLE_RATE, Chunk, plan_chunks, sample_count, vad_blocks
 from klipstream.whisper_worker import ChunkResult, ChunkTask, EngineInfo, VadTask, WorkerConfig, serve
@@ -135,7 +136,7 @@ class Transcriber:
         if self._loop is None:
             self._loop = loop
         elif self._loop is not loop:
-            raise RuntimeError("Transcriber is bound to the event loop that first used it")
+            raise InternalError("the transcription pool is bound to the event loop that first used it")
         self._broken = None
         while len(self._workers) < self.size:
             self._spawn()
@@ -241,14 +242,17 @@ class Transcriber:
             report(done, total, f"{done / 60:.1f} min of {total / 60:.1f} min")
 
         report(silence, total, f"{silence / 60:.1f} min of {total / 60:.1f} min")
+
+        def finished(index: int, future: asyncio.Future[Any]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                progress(index, chunks[index].speech_seconds)
+
         futures = []
         for chunk in chunks:
             task = ChunkTask(str(pcm_path), chunk.pieces, language, initial_prompt)
             timeout = self.timeout_base + self.timeout_factor * chunk.speech_seconds
-            future = self._submit(job, "transcribe", task, timeout, lambda s, i=chunk.index: progress(i, s))
-            future.add_done_callback(
-                lambda f, c=chunk: None if f.cancelled() or f.exception() else progress(c.index, c.speech_seconds)
-            )
+            future = self._submit(job, "transcribe", task, timeout, functools.partial(progress, chunk.index))
+            future.add_done_callback(functools.partial(finished, chunk.index))
             futures.append(future)
         # gather raises on the first failed chunk; the caller then cancels the job's other chunks.
         return list(await asyncio.gather(*futures))
@@ -261,11 +265,11 @@ class Transcriber:
             for seg in result.segments:
                 segments.append(seg._replace(id=len(segments)))
         if language is None:
-            weight: collections.Counter[str] = collections.Counter()
+            weight: dict[str, float] = collections.defaultdict(float)
             for chunk, result in zip(chunks, results, strict=True):
                 weight[result.language] += chunk.speech_seconds
             if weight:
-                language = weight.most_common(1)[0][0]
+                language = max(weight, key=weight.__getitem__)
             elif self._info is not None and not self._info.multilingual:
                 language = "en"
         model = self._info.model if self._info else (self.settings.whisper_model or "tiny.en")

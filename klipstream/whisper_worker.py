@@ -18,8 +18,10 @@ model libraries are imported inside `serve` only.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 import signal
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -98,6 +100,12 @@ class Engine:
     def __init__(self, config: WorkerConfig) -> None:
         import ctranslate2
         from faster_whisper import BatchedInferencePipeline, WhisperModel
+        from tqdm import tqdm
+
+        # faster-whisper makes a (disabled) tqdm bar per call, and tqdm's default lock is a
+        # multiprocessing semaphore; a worker killed on cancel would leave it to the resource
+        # tracker, which warns at exit. A thread lock is all a single-task worker needs.
+        tqdm.set_lock(threading.RLock())
 
         path, display = resolve_model(config.model)
         device = config.device
@@ -163,6 +171,10 @@ class TimeMap:
         return round(self.vod_starts[i] + local, 3)
 
 
+def _send_progress(results: Connection, task_id: int, done: float) -> None:
+    results.send(("progress", task_id, done))
+
+
 def serve(config: WorkerConfig, tasks: Connection, results: Connection) -> None:
     """Process target. Ctrl-C goes to the whole terminal process group; the server decides when
     workers end, so SIGINT is ignored here. Model libraries never download at run time."""
@@ -188,7 +200,7 @@ def serve(config: WorkerConfig, tasks: Connection, results: Connection) -> None:
             if kind == "vad":
                 result = speech_probabilities(payload.pcm_path, payload.start, payload.end)
             else:
-                result = engine.transcribe(payload, lambda done, tid=task_id: results.send(("progress", tid, done)))
+                result = engine.transcribe(payload, functools.partial(_send_progress, results, task_id))
             results.send(("done", task_id, result))
         except Exception as exc:
             results.send(("failed", task_id, f"{type(exc).__name__}: {exc}"))

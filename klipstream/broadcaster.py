@@ -22,11 +22,21 @@ TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
 class Event:
     id: int
     type: str  # snapshot | progress | stage | completed | failed | cancelled | reconnect
-    data: str  # JSON text, encoded once for every subscriber
+    data: str  # JSON text on one line
+    frame: bytes  # the whole text/event-stream frame, encoded once for every subscriber
 
     @property
     def terminal(self) -> bool:
         return self.type in TERMINAL_EVENTS
+
+
+def sse_frame(event_id: int, type_: str, data: str, retry_ms: int | None = None) -> bytes:
+    """One event in text/event-stream framing; `data` must be a single line (compact JSON is)."""
+    retry = f"retry: {retry_ms}\n" if retry_ms is not None else ""
+    return f"id: {event_id}\nevent: {type_}\n{retry}data: {data}\n\n".encode()
+
+
+HEARTBEAT_FRAME = b": ping\n\n"
 
 
 class Topic:
@@ -45,14 +55,12 @@ class Topic:
 
     def append(self, type_: str, data: str) -> Event:
         self.last_id += 1
-        event = Event(self.last_id, type_, data)
+        event = Event(self.last_id, type_, data, sse_frame(self.last_id, type_, data))
         self.events.append(event)
         if event.terminal:
             self.terminal = True
         self.last_used = time.monotonic()
-        if self._wakeup is not None and not self._wakeup.done():
-            self._wakeup.set_result(None)
-        self._wakeup = None
+        self.wake()
         return event
 
     def since(self, last_id: int) -> list[Event] | None:
@@ -66,16 +74,25 @@ class Topic:
             return None
         return [e for e in self.events if e.id > last_id]
 
-    async def wait_after(self, last_id: int, timeout: float) -> list[Event] | None:
-        """Wait until there is something after `last_id` (or `timeout` passes); see `since`."""
+    async def wait_after(self, last_id: int) -> list[Event] | None:
+        """Wait until there is something after `last_id`, or the next heartbeat (then: []).
+
+        No timer per subscriber: all of a topic's subscribers sleep on one future, which an event or
+        the broadcaster's heartbeat resolves.
+        """
         if self.last_id == last_id:
-            if self._wakeup is None:
-                self._wakeup = asyncio.get_running_loop().create_future()
-            try:
-                await asyncio.wait_for(asyncio.shield(self._wakeup), timeout)
-            except TimeoutError:
-                return []
+            await asyncio.shield(self._future())
         return self.since(last_id)
+
+    def _future(self) -> asyncio.Future[None]:
+        if self._wakeup is None or self._wakeup.done():
+            self._wakeup = asyncio.get_running_loop().create_future()
+        return self._wakeup
+
+    def wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+        self._wakeup = None
 
 
 class Broadcaster:
@@ -147,6 +164,12 @@ class Broadcaster:
             if topic.subscribers and not topic.terminal:
                 self._flush_progress(job_id, topic)
                 topic.append("reconnect", data)
+
+    def heartbeat(self) -> None:
+        """Wake every subscriber so each sends a keep-alive comment (one timer for all of them)."""
+        for topic in self.topics.values():
+            if topic.subscribers:
+                topic.wake()
 
     def subscriber_count(self) -> int:
         return sum(t.subscribers for t in self.topics.values())

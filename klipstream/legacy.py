@@ -7,6 +7,7 @@ is a sleep on the job's event topic, so a thousand legacy callers cost no pollin
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any
 
@@ -105,7 +106,10 @@ async def wait_for_end(app: web.Application, job_id: str, limit: float) -> Job:
         remaining = deadline - time.monotonic()
         if job.status.terminal or remaining <= 0:
             return job
-        events = await topic.wait_after(cursor, timeout=min(remaining, 15.0))
+        try:
+            events = await asyncio.wait_for(topic.wait_after(cursor), min(remaining, 15.0))
+        except TimeoutError:
+            events = []
         cursor = topic.last_id if events is None or not events else events[-1].id
 
 

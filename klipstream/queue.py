@@ -45,6 +45,9 @@ class JobQueue:
         self._seq = 0
         self._changed = asyncio.Event()
         self.paused = False
+        self._lane_counts = {p: 0 for p in Priority}
+        self._positions: dict[str, int] = {}
+        self._positions_at = -1.0
 
     def pause(self) -> None:
         """Stop handing out jobs; running ones are not affected."""
@@ -68,13 +71,15 @@ class JobQueue:
         entry = QueueEntry(job_id, priority, self._seq, time.monotonic() - max(0.0, waited))
         self._lanes[priority].append(entry)
         self._entries[job_id] = entry
+        self._lane_counts[priority] += 1
         self._changed.set()
-        return self.position(job_id) or 1
+        return self._estimate(entry)
 
     def remove(self, job_id: str) -> bool:
         entry = self._entries.pop(job_id, None)
         if entry is None:
             return False
+        self._lane_counts[entry.priority] -= 1
         entry.removed = True  # dropped lazily when it reaches the head of its lane
         return True
 
@@ -95,6 +100,7 @@ class JobQueue:
         best = max(heads, key=lambda e: (e.score(now, self.aging_seconds), -e.seq))
         self._lanes[best.priority].popleft()
         del self._entries[best.job_id]
+        self._lane_counts[best.priority] -= 1
         return best.job_id
 
     async def pop(self) -> str:
@@ -106,20 +112,27 @@ class JobQueue:
             await self._changed.wait()
 
     def position(self, job_id: str) -> int | None:
-        """1-based place in line as things stand now (ageing may still move it)."""
+        """1-based place in line as things stand (ageing may still move it).
+
+        Ranking every entry costs O(n log n), so the ranking is shared by all callers for a quarter
+        of a second; a job queued since then gets its lane-based estimate.
+        """
         entry = self._entries.get(job_id)
         if entry is None:
             return None
         now = time.monotonic()
-        key = (entry.score(now, self.aging_seconds), -entry.seq)
-        ahead = sum(1 for e in self._entries.values() if (e.score(now, self.aging_seconds), -e.seq) > key)
-        return ahead + 1
+        if now - self._positions_at > 0.25:
+            order = sorted(self._entries.values(), key=lambda e: (-e.score(now, self.aging_seconds), e.seq))
+            self._positions = {e.job_id: i for i, e in enumerate(order, 1)}
+            self._positions_at = now
+        return self._positions.get(job_id) or self._estimate(entry)
+
+    def _estimate(self, entry: QueueEntry) -> int:
+        """Place of the newest entry of its lane: behind everything in its own and higher lanes."""
+        return sum(n for p, n in self._lane_counts.items() if p.level >= entry.priority.level)
 
     def counts(self) -> dict[str, int]:
-        counts = {p.value: 0 for p in Priority}
-        for entry in self._entries.values():
-            counts[entry.priority.value] += 1
-        return counts
+        return {p.value: n for p, n in self._lane_counts.items()}
 
     def oldest_age(self) -> float | None:
         if not self._entries:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import shutil
 import time
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from klipstream.artifacts import spec
+from klipstream.backoff import full_jitter
 from klipstream.errors import KlipstreamError, StageUnavailable, StorageError, classify
 from klipstream.models import (
     DisplayStage,
@@ -259,7 +259,7 @@ class JobRun(ProgressSink):
                     state.status = StageStatus.FAILED
                     state.finished_at = utcnow()
                     raise StageFailed(stage.name, error) from exc
-                delay = error.retry_after or random.uniform(0, self.settings.retry_base_seconds * 2 ** (attempt - 1))
+                delay = error.retry_after or full_jitter(attempt - 1, self.settings.retry_base_seconds, 300.0)
                 state.status = StageStatus.PENDING
                 state.message = f"retrying in {delay:.1f} s after: {error.message}"
                 await self._save()

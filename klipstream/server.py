@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from klipstream import __version__
 from klipstream.auth import StreamTokens, admin_ok, api_key_ok
-from klipstream.broadcaster import Broadcaster, Event
+from klipstream.broadcaster import HEARTBEAT_FRAME, Broadcaster, Topic, sse_frame
 from klipstream.config import Settings
 from klipstream.errors import InvalidVideoUrl
 from klipstream.logs import trace_context
@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 SSE_RETRY_MS = 3000
 SSE_HEARTBEAT_SECONDS = 15.0
 SSE_SEND_TIMEOUT = 30.0
+SSE_MAX_BACKLOG = 1 << 20  # bytes queued for one subscriber before it is cut off
 MAX_PAGE = 200
 
 SERVICE = web.AppKey("service", JobService)
@@ -338,10 +339,14 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     broadcaster = request.app[BROADCASTER]
     metrics = request.app[METRICS]
     last_event_id = _parse_last_event_id(request)
+    known = broadcaster.topics.get(job_id)
+    if known is not None and known.terminal and last_event_id is not None and last_event_id >= known.last_id:
+        # This client already has the terminal event; 204 tells EventSource to stop reconnecting.
+        return web.Response(status=204)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    async with sse_response(
-        request, headers=headers, send_timeout=SSE_SEND_TIMEOUT, ping_interval=SSE_HEARTBEAT_SECONDS
-    ) as response:
+    # Heartbeats come from the broadcaster (one timer for all streams), not from aiohttp-sse's
+    # per-response ping task, hence the very long ping interval.
+    async with sse_response(request, headers=headers, send_timeout=SSE_SEND_TIMEOUT, ping_interval=86400) as response:
         topic = broadcaster.topic(job_id)
         topic.subscribers += 1
         metrics.sse_subscribers.inc()
@@ -364,36 +369,55 @@ def _parse_last_event_id(request: web.Request) -> int | None:
     return None
 
 
-async def _follow(response: Any, app: web.Application, job: Job, topic: Any, last_event_id: int | None) -> None:
+async def _follow(response: Any, app: web.Application, job: Job, topic: Topic, last_event_id: int | None) -> None:
     """Replay or snapshot, then forward events until the job's terminal event."""
     missed = topic.since(last_event_id) if last_event_id is not None else None
     if missed is None:
-        await response.send(job_document(app, job), id=str(topic.last_id), event="snapshot", retry=SSE_RETRY_MS)
+        await _write(response, _snapshot(app, job, topic))
         cursor = topic.last_id
     else:
         cursor = last_event_id or 0
     if job.status.terminal and not (missed and any(e.terminal for e in missed)):
         # Finished: replay what was missed, then the terminal event, and close.
-        for event in missed or []:
-            await _send_event(response, event)
-        await response.send(job_document(app, job), id=str(topic.last_id), event=job.status.value)
+        frames = [e.frame for e in missed or []]
+        frames.append(sse_frame(topic.last_id, job.status.value, job_document(app, job)))
+        await _write(response, b"".join(frames))
         return
     while True:
-        events = missed if missed is not None else await topic.wait_after(cursor, timeout=SSE_HEARTBEAT_SECONDS)
+        events = missed if missed is not None else await topic.wait_after(cursor)
         missed = None
         if events is None:  # fell off the ring: start again from a fresh snapshot
-            await response.send(job_document(app, job), id=str(topic.last_id), event="snapshot")
+            await _write(response, _snapshot(app, job, topic))
             cursor = topic.last_id
             continue
-        for event in events:
-            await _send_event(response, event)
-            cursor = event.id
-            if event.terminal or event.type == "reconnect":
-                return
+        if not events:
+            await _write(response, HEARTBEAT_FRAME)
+            continue
+        await _write(response, b"".join(e.frame for e in events))
+        cursor = events[-1].id
+        if events[-1].terminal or events[-1].type == "reconnect":
+            return
 
 
-async def _send_event(response: Any, event: Event) -> None:
-    await response.send(event.data, id=str(event.id), event=event.type)
+def _snapshot(app: web.Application, job: Job, topic: Topic) -> bytes:
+    return sse_frame(topic.last_id, "snapshot", job_document(app, job), retry_ms=SSE_RETRY_MS)
+
+
+async def _write(response: Any, frame: bytes) -> None:
+    """Write without a timer on the fast path; a client that is already behind gets a deadline,
+    and one that is hopelessly behind is cut off (it reconnects with Last-Event-ID)."""
+    transport = response._req.transport if response._req is not None else None
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError
+    backlog = transport.get_write_buffer_size()
+    if backlog == 0:
+        await response.write(frame)
+        return
+    if backlog > SSE_MAX_BACKLOG:
+        transport.abort()
+        raise ConnectionResetError
+    async with asyncio.timeout(SSE_SEND_TIMEOUT):
+        await response.write(frame)
 
 
 # --- health, admin, metrics ---
@@ -590,7 +614,7 @@ ROUTES: list[Route] = [
         "/api/v1/analysis/{job_id}/stream",
         stream_job,
         "Server-Sent Events: snapshot, progress, stage, then one of completed|failed|cancelled",
-        responses={200: "text/event-stream", 404: Problem},
+        responses={200: "text/event-stream", 204: None, 404: Problem},
     ),
     Route(
         "DELETE",
@@ -706,7 +730,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         if "webhooks" in runtime.services:
             app[EXTRAS]["webhooks"] = runtime.services["webhooks"]
         app[LAG].start()
-        pruner = asyncio.create_task(_prune_topics(app[BROADCASTER]))
+        pruner = asyncio.create_task(_heartbeat_and_prune(app[BROADCASTER]))
         try:
             yield
         finally:
@@ -757,10 +781,14 @@ def stage_payload(kind: str, job: Job) -> str:
     )
 
 
-async def _prune_topics(broadcaster: Broadcaster) -> None:
+async def _heartbeat_and_prune(broadcaster: Broadcaster) -> None:
+    ticks = 0
     while True:
-        await asyncio.sleep(60)
-        broadcaster.prune()
+        await asyncio.sleep(SSE_HEARTBEAT_SECONDS)
+        broadcaster.heartbeat()
+        ticks += 1
+        if ticks % 4 == 0:
+            broadcaster.prune()
 
 
 async def _on_shutdown(app: web.Application) -> None:

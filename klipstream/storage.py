@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import errno
 import hashlib
 import logging
@@ -18,7 +17,6 @@ import os
 import random
 import re
 import shutil
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +34,7 @@ from gcloud.aio.storage.blob import Blob
 from gcloud.aio.storage.storage import init_api_root
 
 from klipstream.artifacts import ARTIFACTS, ArtifactSpec, StorageKind
+from klipstream.backoff import full_jitter, parse_retry_after
 from klipstream.config import ConfigError
 from klipstream.errors import InternalError, StorageError
 
@@ -163,7 +162,7 @@ class RetryPolicy:
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
         """Full jitter: spreads the retries of many parallel uploads instead of synchronising them."""
-        backoff = random.uniform(0, min(self.cap_seconds, self.base_seconds * 2**attempt))
+        backoff = full_jitter(attempt, self.base_seconds, self.cap_seconds)
         if retry_after is not None:
             return min(max(retry_after, backoff), self.cap_seconds * 4)
         return backoff
@@ -180,20 +179,6 @@ class _Transient(Exception):
 
 class _SessionGone(Exception):
     """The resumable session expired or was lost (404/410): the upload must start over."""
-
-
-def _retry_after(headers: Any) -> float | None:
-    raw = headers.get("Retry-After") if headers else None
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        try:
-            when = email.utils.parsedate_to_datetime(raw)
-        except (TypeError, ValueError):
-            return None
-        return max(0.0, when.timestamp() - time.time())
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -428,7 +413,7 @@ class GcsStorage:
             return
         text = (await resp.text(errors="replace"))[:500]
         if resp.status in (408, 429) or resp.status >= 500:
-            raise _Transient(resp.status, text, _retry_after(resp.headers))
+            raise _Transient(resp.status, text, parse_retry_after(resp.headers.get("Retry-After")))
         raise aiohttp.ClientResponseError(
             resp.request_info, resp.history, status=resp.status, message=text, headers=resp.headers
         )

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import email.utils
 import json
 import math
 import os
@@ -28,12 +27,12 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 
+from klipstream.backoff import full_jitter, parse_retry_after
 from klipstream.chat_archive import Badge, ChatMessage, ChatVideo, CsvSink, Fragment, encode_comment, json_header
 from klipstream.errors import ExternalServiceError, KlipstreamError, NetworkError, StageUnavailable
 
@@ -105,24 +104,6 @@ async def read_body(response: aiohttp.ClientResponse, limit: int) -> bytes:
             raise ValueError(f"response exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds: either delta-seconds or an HTTP date."""
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 def split_ranges(duration: float | None, count: int, *, min_seconds: float = 60.0) -> list[ChatRange]:
@@ -276,7 +257,7 @@ class GqlClient:
             if last.retry_after is not None:
                 delay = min(last.retry_after, policy.max_retry_after) + random.uniform(0, 0.1)
             else:
-                delay = random.uniform(0, min(policy.cap_seconds, policy.base_seconds * 2**n))
+                delay = full_jitter(n, policy.base_seconds, policy.cap_seconds)
             await asyncio.sleep(delay)
         assert last is not None
         message = f"Twitch chat replay failed {policy.attempts} times while fetching {what} (last: {last.what})."

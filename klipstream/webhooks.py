@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
+from klipstream.backoff import parse_retry_after
 from klipstream.config import ConfigError
 from klipstream.errors import InvalidVideoUrl, KlipstreamError
 from klipstream.models import Job
@@ -128,20 +129,6 @@ class PublicOnlyResolver(AbstractResolver):
 
     async def close(self) -> None:
         await self._inner.close()
-
-
-def _retry_after(raw: str | None) -> float | None:
-    if not raw:
-        return None
-    try:
-        return max(0.0, float(raw))
-    except ValueError:
-        import email.utils
-
-        try:
-            return max(0.0, email.utils.parsedate_to_datetime(raw).timestamp() - time.time())
-        except (TypeError, ValueError):
-            return None
 
 
 class WebhookDispatcher:
@@ -342,7 +329,7 @@ class WebhookDispatcher:
                 timeout=aiohttp.ClientTimeout(total=self._settings.webhook_timeout_seconds),
             ) as resp:
                 status = resp.status
-                retry_after = _retry_after(resp.headers.get("Retry-After"))
+                retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     await resp.content.read(4096)  # enough to reuse the connection; the body is not used
         except aiohttp.ClientConnectorError as exc:

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from klipstream.backoff import parse_retry_after
 from klipstream.chat_archive import ChatMessage, ChatVideo, Fragment, iter_csv
 from klipstream.errors import ExternalServiceError, InvalidVideoUrl, StageUnavailable
 from klipstream.models import VideoInfo
@@ -25,7 +26,6 @@ from klipstream.twitch_chat import (
     GqlConfig,
     RangeSpool,
     RetryPolicy,
-    parse_retry_after,
     split_ranges,
     write_merged,
 )

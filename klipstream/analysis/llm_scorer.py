@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klipstream.analysis.lexicon import load_lexicon
 from klipstream.analysis.text_scoring import TextScore, intensity_cues
+from klipstream.backoff import parse_retry_after
 
 PROMPT_VERSION = "1"
 SYSTEM_PROMPT = (
@@ -208,7 +209,7 @@ class LLMScorer:
         try:
             async with self.http.post(self.url, json=payload, headers=headers, timeout=self.timeout) as resp:
                 if resp.status == 429 or resp.status >= 500:
-                    retry_after = _retry_after(resp.headers.get("Retry-After"))
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                     raise _Retryable(f"http {resp.status}", retry_after)
                 if resp.status >= 400:
                     raise _Fatal(f"http {resp.status}")
@@ -265,13 +266,6 @@ class LLMScorer:
 
 
 _FIELDS = ("sentiment", "excitement", "funny", "happiness", "anger", "sadness", "neutral")
-
-
-def _retry_after(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _strip_fences(content: Any) -> str:

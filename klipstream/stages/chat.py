@@ -30,6 +30,7 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 from yarl import URL
 
+from klipstream.backoff import parse_retry_after
 from klipstream.chat_archive import ChatVideo, ParsedArchive, invalid, parse_archive, too_large, write_artifacts
 from klipstream.errors import ExternalServiceError, InvalidVideoUrl, NetworkError, StageUnavailable
 from klipstream.models import DisplayStage
@@ -38,7 +39,6 @@ from klipstream.twitch_chat import (
     ChatFetch,
     GqlClient,
     GqlConfig,
-    parse_retry_after,
     read_body,
     report_progress,
     split_ranges,

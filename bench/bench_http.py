@@ -1,0 +1,239 @@
+"""HTTP throughput and latency of `klipstream serve` against a bare aiohttp handler, same run.
+
+The server under test is pinned to core 0 and wrk (C, Debian's package) to core 1, so the load
+generator never competes with the server. Measured:
+
+* status polling: GET /api/v1/analysis/{id}/status of a queued job (the full 200 body with ETag;
+  the 304 path is shown for reference);
+* job submission: POST /api/v1/analysis with a different Twitch URL every request (a counter in
+  the Lua script, so deduplication never turns a submission into a lookup), durable SQLite write
+  included, queue paused so no job runs, 64 connections;
+* the bare handler (bench/bare_server.py) for GET and for POST with the same bodies.
+
+Run: `python bench/bench_http.py [--seconds 10] [--connections 64]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    ServerProcess,
+    WrkResult,
+    bare_server,
+    klipstream_server,
+    machine_note,
+    real_pipeline_available,
+    request,
+    run_wrk,
+    sched_seconds,
+    table,
+    verdict,
+)
+
+# A new Twitch VOD URL per request: run nonce, wrk thread number, per-thread counter.
+SUBMIT_LUA = """
+local counter = 0
+local thread_no = 0
+local nonce = "1"
+
+setup = function(thread)
+  thread:set("thread_no", thread_no)
+  thread_no = thread_no + 1
+end
+
+init = function(args)
+  nonce = args[1] or "1"
+end
+
+request = function()
+  counter = counter + 1
+  local video = nonce .. thread_no .. string.format("%09d", counter)
+  local body = '{"url":"https://www.twitch.tv/videos/' .. video .. '","priority":"normal"}'
+  return wrk.format("POST", nil, {["Content-Type"] = "application/json"}, body)
+end
+"""
+
+# Conditional polling, as a client holding the last ETag does.
+ETAG_LUA = """
+init = function(args)
+  wrk.headers["If-None-Match"] = args[1]
+end
+"""
+
+
+def write_script(text: str) -> Path:
+    handle = tempfile.NamedTemporaryFile("w", suffix=".lua", prefix="bench-", delete=False)
+    handle.write(text)
+    handle.close()
+    return Path(handle.name)
+
+
+@dataclass
+class Run:
+    """One wrk run and what the server got of its core meanwhile."""
+
+    wrk: WrkResult
+    cpu_share: float  # on-CPU / (on-CPU + waiting for CPU) of the server's threads
+
+
+def measure(
+    server: ServerProcess, url: str, conns: int, seconds: int, script: Path | None = None, args: tuple[str, ...] = ()
+) -> Run:
+    run0, wait0 = sched_seconds(server.pid)
+    result = run_wrk(url, connections=conns, seconds=seconds, threads=1, script=script, script_args=args)
+    run1, wait1 = sched_seconds(server.pid)
+    busy, queued = run1 - run0, wait1 - wait0
+    return Run(result, busy / (busy + queued) if busy + queued else 1.0)
+
+
+def median_run(runs: list[Run]) -> Run:
+    return sorted(runs, key=lambda r: r.wrk.requests_per_second)[len(runs) // 2]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the median round is reported")
+    parser.add_argument("--connections", type=int, default=64)
+    args = parser.parse_args()
+    seconds, conns = args.seconds, args.connections
+    submit_lua, etag_lua = write_script(SUBMIT_LUA), write_script(ETAG_LUA)
+    real = real_pipeline_available()
+    runs: dict[str, list[Run]] = {}
+    nonce = str(time.time_ns() % 997)
+    try:
+        # Both servers stay up on core 0 and the runs alternate, so background load on this shared
+        # machine hits the bare handler and the service alike.
+        with bare_server() as bare, klipstream_server(real=real, KLIPSTREAM_MAX_QUEUED_JOBS="100000000") as svc:
+            status, _ = request("POST", svc.base + "/api/v1/queue/pause")
+            assert status == 200, f"pause answered {status}"
+            status, job = request(
+                "POST", svc.base + "/api/v1/analysis", {"url": "https://www.twitch.tv/videos/1000000001"}
+            )
+            assert status == 202, f"submit answered {status}: {job}"
+            status_url = f"{svc.base}/api/v1/analysis/{job['job_id']}/status"
+            etag = _etag(status_url)
+            plan: list[tuple[str, ServerProcess, str, Path | None, tuple[str, ...]]] = [
+                ("bare GET", bare, bare.base + "/bare", None, ()),
+                ("status 200", svc, status_url, None, ()),
+                ("status 304", svc, status_url, etag_lua, (etag,)),
+                ("bare POST", bare, bare.base + "/bare", submit_lua, (nonce,)),
+                ("submit", svc, svc.base + "/api/v1/analysis", submit_lua, (nonce,)),
+            ]
+            # Phase 1, one queued job: polling. Phase 2: submissions, which fill the queue and so
+            # must not run before phase 1. The bare handler runs in both phases.
+            polling = [p for p in plan if p[0] != "submit"]
+            submitting = [p for p in plan if p[0] in ("bare GET", "submit")]
+            for phase in (polling, submitting):
+                for name, _server, url, script, script_args in phase:  # warm-up, not counted
+                    warm_args = ("9" + script_args[0],) if name == "submit" else script_args
+                    run_wrk(url, connections=conns, seconds=1, threads=1, script=script, script_args=warm_args)
+                _, before = request("GET", svc.base + "/api/v1/queue/stats")
+                for round_no in range(args.rounds):
+                    for name, server, url, script, script_args in phase:
+                        if name == "submit":
+                            script_args = (f"{round_no + 1}{nonce}",)
+                        runs.setdefault(name, []).append(measure(server, url, conns, seconds, script, script_args))
+            time.sleep(0.5)
+            _, after = request("GET", svc.base + "/api/v1/queue/stats")
+            accepted = after["queued_total"] - before["queued_total"]
+            depth = after["queued_total"]
+            runs[f"status 200, {depth:,} queued"] = [measure(svc, status_url, conns, seconds)]
+    finally:
+        submit_lua.unlink(missing_ok=True)
+        etag_lua.unlink(missing_ok=True)
+
+    submitted = sum(r.wrk.requests for r in runs["submit"])
+    failed = sum(r.wrk.non_2xx + r.wrk.errors for r in runs["submit"])
+    print_report(
+        {k: median_run(v) for k, v in runs.items()}, accepted, submitted, failed, conns, seconds, args.rounds, real
+    )
+    return 0
+
+
+def _etag(url: str) -> str:
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=5) as resp:
+        return resp.headers["ETag"]
+
+
+def print_report(
+    results: dict[str, Run],
+    accepted: int,
+    submitted: int,
+    failed: int,
+    conns: int,
+    seconds: int,
+    rounds: int,
+    real: bool,
+) -> None:
+    bare = results["bare GET"].wrk.requests_per_second
+    bare_post = results["bare POST"].wrk.requests_per_second
+    submit = results["submit"].wrk
+    polling = results["status 200"].wrk.requests_per_second / bare
+    submit_ratio = submit.requests_per_second / bare
+    p99 = submit.latency_ms.get("99", float("nan"))
+    rows = []
+    for name, run in results.items():
+        r = run.wrk
+        rows.append(
+            [
+                name,
+                r.requests_per_second,
+                r.requests_per_second / bare,
+                r.latency_ms.get("50", 0.0),
+                r.latency_ms.get("99", 0.0),
+                r.non_2xx + r.errors,
+                f"{100 * run.cpu_share:.0f}%",
+            ]
+        )
+    print(
+        f"\n### HTTP ({conns} connections, median of {rounds} interleaved {seconds} s runs; "
+        "server on core 0, wrk on core 1)\n"
+    )
+    print(
+        f"Machine: {machine_note()}. Pipeline loaded by the server: "
+        f"{'shipped default_pipeline' if real else 'bench-only stages (default_pipeline not importable)'}.\n"
+    )
+    print(table(["run", "req/s", "× bare GET", "p50 ms", "p99 ms", "errors/non-2xx", "server got CPU"], rows))
+    print(
+        "\nThe polling rows run while one job is queued, before any submission run; the last row polls the "
+        "same job after the submission runs have filled the queue.\n"
+        "\n*server got CPU*: share of its runnable time the server actually ran (from /proc schedstat); "
+        "below ~95% other load on the machine competed for core 0 during that run.\n"
+    )
+    print(
+        table(
+            ["target", "measured", "goal", "verdict"],
+            [
+                ["status polling throughput", f"{polling:.2f}× bare", "≥ 0.6×", verdict(polling >= 0.6)],
+                [
+                    "submission throughput",
+                    f"{submit_ratio:.2f}× bare GET ({submit.requests_per_second / bare_post:.2f}× bare POST)",
+                    "≥ 0.3×",
+                    verdict(submit_ratio >= 0.3),
+                ],
+                [f"submission p99 at {conns} clients", f"{p99:.1f} ms", "≤ 20 ms", verdict(p99 <= 20)],
+                [
+                    "submissions durably accepted",
+                    f"{accepted:,} new queued jobs for {submitted:,} answered requests, {failed} errors",
+                    "all",
+                    verdict(failed == 0 and accepted >= submitted),
+                ],
+            ],
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -266,11 +266,25 @@ def fresh_links(app: web.Application, job: Job) -> Job:
 async def get_job_status(request: web.Request) -> web.Response:
     require_api_key(request)
     job = await job_or_404(request)
-    body = status_view(job).model_dump_json()
-    etag = '"' + hashlib.blake2b(body.encode(), digest_size=12).hexdigest() + '"'
+    body, etag = _status_body(request.app, job)
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers={"ETag": etag})
     return json_text(body, headers={"ETag": etag, "Cache-Control": "no-cache"})
+
+
+def _status_body(app: web.Application, job: Job) -> tuple[str, str]:
+    """The polled body and its ETag, encoded once per job change rather than once per poll."""
+    cache: dict[str, tuple[Any, str, str]] = app[EXTRAS].setdefault("status_cache", {})
+    version = (job.updated_at, job.status, job.queue_position)
+    cached = cache.get(job.job_id)
+    if cached is not None and cached[0] == version:
+        return cached[1], cached[2]
+    body = status_view(job).model_dump_json()
+    etag = '"' + hashlib.blake2b(body.encode(), digest_size=12).hexdigest() + '"'
+    if len(cache) >= 10_000:
+        cache.clear()
+    cache[job.job_id] = (version, body, etag)
+    return body, etag
 
 
 async def cancel_job(request: web.Request) -> web.Response:

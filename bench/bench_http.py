@@ -38,11 +38,13 @@ from bench.common import (
     verdict,
 )
 
-# A new Twitch VOD URL per request: run nonce, wrk thread number, per-thread counter.
+# A new Twitch VOD URL per request: run nonce, wrk thread number, per-thread counter. These must
+# be globals: thread:set() writes a thread's globals, which a `local` of the same name would shadow
+# (every thread then numbered itself 0 and half the "submissions" were deduplicated lookups).
 SUBMIT_LUA = """
-local counter = 0
-local thread_no = 0
-local nonce = "1"
+counter = 0
+thread_no = 0
+nonce = "1"
 
 setup = function(thread)
   thread:set("thread_no", thread_no)

@@ -314,3 +314,11 @@ async def test_cors_explicit_origins_allow_credentials(make_client, make_setting
     assert ok.headers["Access-Control-Allow-Credentials"] == "true"
     other = await client.get("/health", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+async def test_cors_headers_reach_event_streams(client, recorder):
+    job = await (await client.post("/api/v1/analysis", json={"url": URL})).json()
+    stream = await client.get(f"/api/v1/analysis/{job['job_id']}/stream", headers={"Origin": "https://app.example"})
+    assert stream.headers["Access-Control-Allow-Origin"] == "*"
+    stream.close()
+    recorder.gate("download").set()

@@ -268,7 +268,10 @@ def fresh_links(app: web.Application, job: Job) -> Job:
 
 async def get_job_status(request: web.Request) -> web.Response:
     require_api_key(request)
-    job = await job_or_404(request)
+    service = service_of(request)
+    job = service.cached(request.match_info["job_id"])  # polls of live jobs never leave memory
+    if job is None or job.status.value == "queued":
+        job = await job_or_404(request)
     body, etag = _status_body(request.app, job)
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers={"ETag": etag})

@@ -21,7 +21,7 @@ from typing import Any
 from klipstream.models import Job, JobStatus, StageStatus, SubmitRequest, SubmitResponse, utcnow
 from klipstream.queue import JobQueue, QueueFull, WorkerPool
 from klipstream.runner import CancelReason, JobListener, JobRun, RunnerDeps, compute_progress, initial_stage_states
-from klipstream.stage import Stage
+from klipstream.stage import Resource, Stage
 from klipstream.store import IdempotencyRecord, JobStore
 from klipstream.urls import video_id_for
 
@@ -61,6 +61,12 @@ def new_job_id() -> str:
     Ids are names, not secrets (access is by API key), so a seeded generator is enough.
     """
     return f"{int(time.time() * 1000):012x}{_ID_RANDOM.getrandbits(48):012x}"
+
+
+def _log_warm_up_failure(task: asyncio.Task[None]) -> None:
+    # The transcription stage reports a pool that cannot start; this is only the early attempt.
+    if not task.cancelled() and task.exception() is not None:
+        log.warning("transcription workers could not be started ahead of time: %s", task.exception())
 
 
 def body_hash(payload: Any) -> str:
@@ -301,6 +307,7 @@ class JobService:
         job = self.active.get(job_id)
         if job is None:  # cancelled while queued, or a stale entry
             return
+        self._warm_up()
         run = JobRun(self.deps, self.stages, job)
         self.runs[job_id] = run
         try:
@@ -309,6 +316,14 @@ class JobService:
             self.runs.pop(job_id, None)
             if job.status is JobStatus.QUEUED and not self.shutting_down:
                 self.queue.push(job_id, job.priority, force=True)
+
+    def _warm_up(self) -> None:
+        """Start the transcription workers when a job starts, so loading the model overlaps the
+        download and decode instead of delaying the transcription stage."""
+        transcriber = self.deps.services.get("transcriber")
+        if transcriber is not None and any(s.resource is Resource.TRANSCRIPTION for s in self.stages):
+            task = asyncio.create_task(transcriber.start())
+            task.add_done_callback(_log_warm_up_failure)
 
     # --- bookkeeping ---
     def _track(self, job: Job) -> None:

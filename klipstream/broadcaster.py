@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+PROGRESS_SECONDS_PER_SUBSCRIBER = 0.0002
 
 
 @dataclass(slots=True, frozen=True)
@@ -24,6 +25,7 @@ class Event:
     type: str  # snapshot | progress | stage | completed | failed | cancelled | reconnect
     data: str  # JSON text on one line
     frame: bytes  # the whole text/event-stream frame, encoded once for every subscriber
+    chunk: bytes  # the frame as one HTTP/1.1 chunk, what is written to each subscriber's socket
 
     @property
     def terminal(self) -> bool:
@@ -32,11 +34,17 @@ class Event:
 
 def sse_frame(event_id: int, type_: str, data: str, retry_ms: int | None = None) -> bytes:
     """One event in text/event-stream framing; `data` must be a single line (compact JSON is)."""
-    retry = f"retry: {retry_ms}\n" if retry_ms is not None else ""
-    return f"id: {event_id}\nevent: {type_}\n{retry}data: {data}\n\n".encode()
+    retry = f"retry: {retry_ms}\r\n" if retry_ms is not None else ""
+    return f"id: {event_id}\r\nevent: {type_}\r\n{retry}data: {data}\r\n\r\n".encode()
 
 
-HEARTBEAT_FRAME = b": ping\n\n"
+def http_chunk(payload: bytes) -> bytes:
+    """`payload` in HTTP/1.1 chunked transfer coding (event streams are always chunked)."""
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+HEARTBEAT_FRAME = b": ping\r\n\r\n"  # CRLF like aiohttp-sse, so every frame has one line ending
+HEARTBEAT_CHUNK = http_chunk(HEARTBEAT_FRAME)
 
 
 class Topic:
@@ -55,7 +63,8 @@ class Topic:
 
     def append(self, type_: str, data: str) -> Event:
         self.last_id += 1
-        event = Event(self.last_id, type_, data, sse_frame(self.last_id, type_, data))
+        frame = sse_frame(self.last_id, type_, data)
+        event = Event(self.last_id, type_, data, frame, http_chunk(frame))
         self.events.append(event)
         if event.terminal:
             self.terminal = True
@@ -69,10 +78,12 @@ class Topic:
             return None  # an id from an earlier process or another instance
         if last_id == self.last_id:
             return []
-        oldest = self.events[0].id if self.events else self.last_id + 1
-        if last_id + 1 < oldest:
+        missing = self.last_id - last_id
+        if missing > len(self.events):
             return None
-        return [e for e in self.events if e.id > last_id]
+        # Ids are consecutive, so the missing events are the last `missing` ones; indexing a deque
+        # near its end is O(1), which matters when 5,000 up-to-date subscribers each take one event.
+        return [self.events[-i] for i in range(missing, 0, -1)]
 
     async def wait_after(self, last_id: int) -> list[Event] | None:
         """Wait until there is something after `last_id`, or the next heartbeat (then: []).
@@ -135,7 +146,10 @@ class Broadcaster:
             return
         topic._pending_progress = render
         now = time.monotonic()
-        wait = topic._last_progress_at + self.progress_interval - now
+        # A fan-out costs one socket write per subscriber; big audiences get progress less often
+        # (1/s at 5,000) so stage and terminal events are not queued behind progress.
+        interval = max(self.progress_interval, topic.subscribers * PROGRESS_SECONDS_PER_SUBSCRIBER)
+        wait = topic._last_progress_at + interval - now
         if wait <= 0:
             self._flush_progress(job_id, topic)
         elif topic._progress_handle is None:

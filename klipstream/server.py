@@ -20,13 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp_sse import sse_response
+from aiohttp_sse import EventSourceResponse, sse_response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
 from klipstream import __version__
 from klipstream.auth import StreamTokens, admin_ok, api_key_ok
-from klipstream.broadcaster import HEARTBEAT_FRAME, Broadcaster, Topic, sse_frame
+from klipstream.broadcaster import HEARTBEAT_CHUNK, HEARTBEAT_FRAME, Broadcaster, Topic, http_chunk, sse_frame
 from klipstream.config import Settings
 from klipstream.errors import InvalidVideoUrl
 from klipstream.logs import trace_context
@@ -364,9 +364,9 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
         # This client already has the terminal event; 204 tells EventSource to stop reconnecting.
         return web.Response(status=204)
     headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    # Heartbeats come from the broadcaster (one timer for all streams), not from aiohttp-sse's
-    # per-response ping task, hence the very long ping interval.
-    async with sse_response(request, headers=headers, send_timeout=SSE_SEND_TIMEOUT, ping_interval=86400) as response:
+    async with sse_response(
+        request, headers=headers, send_timeout=SSE_SEND_TIMEOUT, response_cls=BroadcastStream
+    ) as response:
         topic = broadcaster.topic(job_id)
         topic.subscribers += 1
         metrics.sse_subscribers.inc()
@@ -382,6 +382,14 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     return response
 
 
+class BroadcastStream(EventSourceResponse):
+    """aiohttp-sse's event stream without its ping task per stream: the broadcaster's single
+    heartbeat wakes every subscriber instead, which saves a task and a timer per connection."""
+
+    async def _ping(self) -> None:
+        return
+
+
 def _parse_last_event_id(request: web.Request) -> int | None:
     raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id")
     if raw and raw.isdigit() and len(raw) < 19:
@@ -390,30 +398,35 @@ def _parse_last_event_id(request: web.Request) -> int | None:
 
 
 async def _follow(response: Any, app: web.Application, job: Job, topic: Topic, last_event_id: int | None) -> None:
-    """Replay or snapshot, then forward events until the job's terminal event."""
+    """Replay or snapshot, then forward events until the job's terminal event.
+
+    The first write goes through aiohttp (it sends the buffered headers with it); every later
+    event is written to the socket as the pre-encoded chunk shared by all subscribers.
+    """
     missed = topic.since(last_event_id) if last_event_id is not None else None
     if missed is None:
-        await _write(response, _snapshot(app, job, topic))
+        await response.write(_snapshot(app, job, topic))
         cursor = topic.last_id
     else:
-        cursor = last_event_id or 0
+        await response.write(b"".join(e.frame for e in missed) or HEARTBEAT_FRAME)
+        cursor = missed[-1].id if missed else last_event_id or 0
+        if missed and (missed[-1].terminal or missed[-1].type == "reconnect"):
+            return
     if job.status.terminal and not (missed and any(e.terminal for e in missed)):
-        # Finished: replay what was missed, then the terminal event, and close.
-        frames = [e.frame for e in missed or []]
-        frames.append(sse_frame(topic.last_id, job.status.value, job_document(app, job)))
-        await _write(response, b"".join(frames))
+        # Finished: the terminal event, and close.
+        frame = sse_frame(topic.last_id, job.status.value, job_document(app, job))
+        await _send(response, http_chunk(frame))
         return
     while True:
-        events = missed if missed is not None else await topic.wait_after(cursor)
-        missed = None
+        events = await topic.wait_after(cursor)
         if events is None:  # fell off the ring: start again from a fresh snapshot
-            await _write(response, _snapshot(app, job, topic))
+            await _send(response, http_chunk(_snapshot(app, job, topic)))
             cursor = topic.last_id
             continue
         if not events:
-            await _write(response, HEARTBEAT_FRAME)
+            await _send(response, HEARTBEAT_CHUNK)
             continue
-        await _write(response, b"".join(e.frame for e in events))
+        await _send(response, events[0].chunk if len(events) == 1 else b"".join(e.chunk for e in events))
         cursor = events[-1].id
         if events[-1].terminal or events[-1].type == "reconnect":
             return
@@ -423,21 +436,20 @@ def _snapshot(app: web.Application, job: Job, topic: Topic) -> bytes:
     return sse_frame(topic.last_id, "snapshot", job_document(app, job), retry_ms=SSE_RETRY_MS)
 
 
-async def _write(response: Any, frame: bytes) -> None:
-    """Write without a timer on the fast path; a client that is already behind gets a deadline,
-    and one that is hopelessly behind is cut off (it reconnects with Last-Event-ID)."""
+async def _send(response: Any, chunk: bytes) -> None:
+    """Write a chunk to the socket with no timer on the fast path. A client that is already behind
+    gets a deadline to drain; one hopelessly behind is cut off (it reconnects with Last-Event-ID)."""
     transport = response._req.transport if response._req is not None else None
     if transport is None or transport.is_closing():
         raise ConnectionResetError
     backlog = transport.get_write_buffer_size()
-    if backlog == 0:
-        await response.write(frame)
-        return
     if backlog > SSE_MAX_BACKLOG:
         transport.abort()
         raise ConnectionResetError
-    async with asyncio.timeout(SSE_SEND_TIMEOUT):
-        await response.write(frame)
+    transport.write(chunk)
+    if backlog:
+        async with asyncio.timeout(SSE_SEND_TIMEOUT):
+            await response._payload_writer.drain()
 
 
 # --- health, admin, metrics ---

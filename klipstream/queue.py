@@ -114,14 +114,16 @@ class JobQueue:
     def position(self, job_id: str) -> int | None:
         """1-based place in line as things stand (ageing may still move it).
 
-        Ranking every entry costs O(n log n), so the ranking is shared by all callers for a quarter
-        of a second; a job queued since then gets its lane-based estimate.
+        Ranking every entry costs O(n log n), so the ranking is shared by all callers for a while;
+        a job queued since then gets its lane-based estimate.
         """
         entry = self._entries.get(job_id)
         if entry is None:
             return None
         now = time.monotonic()
-        if now - self._positions_at > 0.25:
+        # Re-rank at most every 0.25 s, and less often for very long queues (sorting 50,000
+        # entries takes tens of milliseconds of event loop).
+        if now - self._positions_at > max(0.25, len(self._entries) / 20_000):
             order = sorted(self._entries.values(), key=lambda e: (-e.score(now, self.aging_seconds), e.seq))
             self._positions = {e.job_id: i for i, e in enumerate(order, 1)}
             self._positions_at = now

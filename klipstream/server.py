@@ -698,6 +698,14 @@ ROUTES: list[Route] = [
     ),
     Route("GET", "/metrics", metrics, "Prometheus metrics", responses={200: "text/plain"}),
     Route("GET", "/openapi.json", openapi, "This document", responses={200: "application/json"}),
+    Route("GET", "/", index_page, "The web page", responses={200: "text/html"}),
+    Route(
+        "GET",
+        "/static/{name}",
+        static_file,
+        "The page's script and style sheet",
+        responses={200: "application/octet-stream", 404: Problem},
+    ),
     Route(
         "GET",
         "/files/{video_id}/{name}",
@@ -737,8 +745,11 @@ def create_app(
         from klipstream.legacy import LEGACY_ROUTES
 
         routes += LEGACY_ROUTES
-    for route in routes:
-        app.router.add_route(route.method, route.path, route.handler)
+    resources: dict[str, web.Resource] = {}
+    for route in routes:  # one resource per path, so GET / (the page) and POST / (legacy) coexist
+        if route.path not in resources:
+            resources[route.path] = app.router.add_resource(route.path)
+        resources[route.path].add_route(route.method, route.handler)
     app[EXTRAS]["openapi"] = openapi_document(routes, title="KlipStream Analysis", version=__version__)
     app.on_response_prepare.append(cors_headers(settings))
     app.cleanup_ctx.append(_runtime)

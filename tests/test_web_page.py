@@ -16,7 +16,6 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
-from klipstream.openapi import Route
 from klipstream.server import create_app
 from tests.test_cli import demo_pipeline, make_wav
 
@@ -36,42 +35,6 @@ CHROMIUM_ARGS = [
     "--no-first-run",
     "--disable-quic",
     "--autoplay-policy=no-user-gesture-required",
-]
-
-# --- the page routes, as they should be added to klipstream/server.py -----------------------------
-STATIC_FILES = frozenset({"index.html", "app.js", "style.css"})
-PAGE_HEADERS = {
-    "Cache-Control": "no-cache",
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "Content-Security-Policy": (
-        "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-        "media-src 'self' https:; connect-src 'self' https:; object-src 'none'; base-uri 'none'; "
-        "form-action 'self'; frame-ancestors 'none'"
-    ),
-}
-
-
-async def index_page(request: web.Request) -> web.StreamResponse:
-    return web.FileResponse(WEB_DIR / "index.html", headers=PAGE_HEADERS)
-
-
-async def static_file(request: web.Request) -> web.StreamResponse:
-    name = request.match_info["name"]
-    if name not in STATIC_FILES:
-        raise web.HTTPNotFound(reason="Not found", text="No such file.")
-    return web.FileResponse(WEB_DIR / name, headers=PAGE_HEADERS)
-
-
-PAGE_ROUTES = [
-    Route("GET", "/", index_page, "The web page", responses={200: "text/html"}),
-    Route(
-        "GET",
-        "/static/{name}",
-        static_file,
-        "The web page's script and style sheet",
-        responses={200: "application/octet-stream", 404: None},
-    ),
 ]
 
 
@@ -127,7 +90,7 @@ async def test_page_submits_follows_and_renders_results(aiohttp_server, make_set
     make_wav(tmp_path / "stream.wav", seconds=8.0, bursts=(2.0, 5.5))
     media = await media_server(aiohttp_server, tmp_path)
     settings = make_settings(allow_local_files=True, api_keys=("page-key",), admin_token="admin-secret")
-    server = await aiohttp_server(create_app(settings, stages=demo_pipeline(), extra_routes=PAGE_ROUTES))
+    server = await aiohttp_server(create_app(settings, stages=demo_pipeline()))
     base = f"http://127.0.0.1:{server.port}"
     page = await browser.new_page(viewport={"width": 1280, "height": 1000})
     problems = watch_page(page, {"127.0.0.1"})
@@ -190,22 +153,11 @@ async def test_page_submits_follows_and_renders_results(aiohttp_server, make_set
     assert problems == []
 
 
-def _real_pipeline_available() -> bool:
-    try:
-        from klipstream.stages import default_pipeline
-
-        default_pipeline()
-    except ImportError:
-        return False
-    return True
-
-
-@pytest.mark.skipif(not _real_pipeline_available(), reason="the shipped pipeline is not complete yet")
 async def test_page_with_the_real_pipeline(aiohttp_server, make_settings, browser, tmp_path):
     """The shipped pipeline end to end through the page: a 31 s speech clip served over loopback."""
     shutil.copyfile(SPEECH, tmp_path / "speech.ogg")
     media = await media_server(aiohttp_server, tmp_path)
-    server = await aiohttp_server(create_app(make_settings(), extra_routes=PAGE_ROUTES))
+    server = await aiohttp_server(create_app(make_settings()))
     base = f"http://127.0.0.1:{server.port}"
     page = await browser.new_page(viewport={"width": 1280, "height": 1000})
     problems = watch_page(page, {"127.0.0.1"})
@@ -229,7 +181,7 @@ async def test_page_with_the_real_pipeline(aiohttp_server, make_settings, browse
 async def test_failed_job_shows_error_and_retries(aiohttp_server, make_settings, browser, tmp_path):
     (tmp_path / "broken.wav").write_text("not audio at all")
     media = await media_server(aiohttp_server, tmp_path)
-    server = await aiohttp_server(create_app(make_settings(), stages=demo_pipeline(), extra_routes=PAGE_ROUTES))
+    server = await aiohttp_server(create_app(make_settings(), stages=demo_pipeline()))
     base = f"http://127.0.0.1:{server.port}"
     page = await browser.new_page(viewport={"width": 420, "height": 900})  # phone-sized: one column
     problems = watch_page(page, {"127.0.0.1"})
@@ -252,7 +204,7 @@ async def test_failed_job_shows_error_and_retries(aiohttp_server, make_settings,
 
 
 async def test_page_routes_refuse_other_files(aiohttp_server, make_settings):
-    server = await aiohttp_server(create_app(make_settings(), stages=demo_pipeline(), extra_routes=PAGE_ROUTES))
+    server = await aiohttp_server(create_app(make_settings(), stages=demo_pipeline()))
     client_base = f"http://127.0.0.1:{server.port}"
     import aiohttp
 

@@ -178,6 +178,14 @@ async def list_output_files(request: web.Request) -> web.Response:
     return web.json_response({"videos": grouped})
 
 
+LEGACY_RESPONSES: dict[int, type[BaseModel] | str | None] = {
+    200: LegacyResult,
+    400: LegacyResult,
+    422: LegacyResult,
+    429: Problem,
+    502: LegacyResult,
+    504: LegacyResult,
+}
 LEGACY_ROUTES = [
     Route(
         "POST",
@@ -185,14 +193,7 @@ LEGACY_ROUTES = [
         run_pipeline,
         "Legacy: run the whole analysis and wait (old response shape)",
         request=LegacyRequest,
-        responses={
-            200: LegacyResult,
-            400: LegacyResult,
-            422: LegacyResult,
-            429: Problem,
-            502: LegacyResult,
-            504: LegacyResult,
-        },
+        responses=LEGACY_RESPONSES,
     ),
     Route(
         "POST",
@@ -200,14 +201,7 @@ LEGACY_ROUTES = [
         run_pipeline,
         "Legacy alias of POST /",
         request=LegacyRequest,
-        responses={
-            200: LegacyResult,
-            400: LegacyResult,
-            422: LegacyResult,
-            429: Problem,
-            502: LegacyResult,
-            504: LegacyResult,
-        },
+        responses=LEGACY_RESPONSES,
     ),
     Route(
         "GET",

@@ -19,20 +19,11 @@ from aiohttp import web
 from klipstream.config import Settings
 from klipstream.openapi import Route
 from klipstream.server import BROADCASTER, create_app
+from tests.chromium import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
 from tests.scheduler_stages import Recorder, simple_pipeline
 
 pytestmark = pytest.mark.browser
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-]
 URL = "https://www.twitch.tv/videos/1122334455"
 TERMINAL = ("completed", "failed", "cancelled")
 
@@ -121,6 +112,8 @@ class CuttableProxy:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Any]:
+    if not HAVE_CHROMIUM:
+        pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     playwright_api = pytest.importorskip("playwright.async_api")
     async with playwright_api.async_playwright() as pw:
         instance = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

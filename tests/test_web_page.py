@@ -17,6 +17,7 @@ import pytest
 from aiohttp import web
 
 from klipstream.server import create_app
+from tests.chromium import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
 from tests.test_cli import demo_pipeline, make_wav
 
 pytestmark = pytest.mark.browser
@@ -24,18 +25,6 @@ pytestmark = pytest.mark.browser
 WEB_DIR = Path(__file__).resolve().parent.parent / "klipstream" / "web"
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 SPEECH = Path(__file__).resolve().parent / "fixtures" / "speech" / "speech.ogg"
-CHROMIUM = "/usr/bin/chromium"
-HAVE_CHROMIUM = Path(CHROMIUM).exists()
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-    "--disable-quic",
-    "--autoplay-policy=no-user-gesture-required",
-]
 
 
 # --- fixtures ---------------------------------------------------------------------------------------

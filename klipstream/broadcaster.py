@@ -92,10 +92,11 @@ class Topic:
         the broadcaster's heartbeat resolves.
         """
         if self.last_id == last_id:
-            await asyncio.shield(self._future())
+            await asyncio.shield(self.next_event())
         return self.since(last_id)
 
-    def _future(self) -> asyncio.Future[None]:
+    def next_event(self) -> asyncio.Future[None]:
+        """The future the next event (or heartbeat) resolves; shared by all waiting subscribers."""
         if self._wakeup is None or self._wakeup.done():
             self._wakeup = asyncio.get_running_loop().create_future()
         return self._wakeup

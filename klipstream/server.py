@@ -8,7 +8,6 @@ answered from memory; streams read from the broadcaster's ring buffers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import hashlib
 import json
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse, sse_response
+from aiohttp_sse import EventSourceResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel, ValidationError
 
@@ -363,22 +362,20 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     if known is not None and known.terminal and last_event_id is not None and last_event_id >= known.last_id:
         # This client already has the terminal event; 204 tells EventSource to stop reconnecting.
         return web.Response(status=204)
-    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    async with sse_response(
-        request, headers=headers, send_timeout=SSE_SEND_TIMEOUT, response_cls=BroadcastStream
-    ) as response:
-        topic = broadcaster.topic(job_id)
-        topic.subscribers += 1
-        metrics.sse_subscribers.inc()
-        try:
-            await _follow(response, request.app, job, topic, last_event_id)
-        except (ConnectionResetError, TimeoutError, RuntimeError):
-            pass  # the client went away or stalled past the send timeout
-        finally:
-            topic.subscribers -= 1
-            metrics.sse_subscribers.dec()
-            with contextlib.suppress(RuntimeError):
-                response.stop_streaming()
+    # aiohttp-sse's response sets the event-stream headers and chunked coding; it is prepared
+    # directly rather than through sse_response() to keep each open stream's footprint small.
+    response = BroadcastStream(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    topic = broadcaster.topic(job_id)
+    topic.subscribers += 1
+    metrics.sse_subscribers.inc()
+    try:
+        await _follow(response, request.app, job, topic, last_event_id)
+    except (ConnectionResetError, TimeoutError, RuntimeError):
+        pass  # the client went away or stalled past the send timeout
+    finally:
+        topic.subscribers -= 1
+        metrics.sse_subscribers.dec()
     return response
 
 
@@ -418,7 +415,9 @@ async def _follow(response: Any, app: web.Application, job: Job, topic: Topic, l
         await _send(response, http_chunk(frame))
         return
     while True:
-        events = await topic.wait_after(cursor)
+        if topic.last_id == cursor:
+            await asyncio.shield(topic.next_event())
+        events = topic.since(cursor)
         if events is None:  # fell off the ring: start again from a fresh snapshot
             await _send(response, http_chunk(_snapshot(app, job, topic)))
             cursor = topic.last_id

@@ -178,27 +178,37 @@ class SQLiteStore:
             conn.close()
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
-        """Run a batch in one transaction; each request in its own savepoint so one failure is local."""
+        """Run a batch in one transaction (group commit). If any request fails, the batch is rolled
+        back and each request runs again in a transaction of its own, so one failure stays local."""
         assert self._loop is not None
-        outcomes: list[tuple[asyncio.Future[Any], Any, BaseException | None]] = []
+        try:
+            outcomes = self._transaction(conn, batch, isolate=False)
+        except _BatchFailed:
+            outcomes = [o for item in batch for o in self._transaction(conn, [item], isolate=True)]
+        # One wake-up of the event loop for the whole batch, not one per request.
+        self._loop.call_soon_threadsafe(_settle_all, outcomes)
+
+    @staticmethod
+    def _transaction(conn: sqlite3.Connection, batch: list[Any], *, isolate: bool) -> list[Outcome]:
+        outcomes: list[Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for fn, future in batch:
-                conn.execute("SAVEPOINT request")
                 try:
                     outcomes.append((future, fn(conn), None))
-                    conn.execute("RELEASE request")
                 except Exception as exc:
-                    conn.execute("ROLLBACK TO request")
-                    conn.execute("RELEASE request")
-                    outcomes.append((future, None, exc))
+                    raise _BatchFailed(exc) from exc
             conn.execute("COMMIT")
-        except Exception as exc:
+        except _BatchFailed as failed:
+            conn.execute("ROLLBACK")
+            if not isolate:
+                raise
+            outcomes = [(future, None, failed.args[0]) for _, future in batch]
+        except Exception as exc:  # BEGIN or COMMIT itself failed
             if conn.in_transaction:
                 conn.execute("ROLLBACK")
             outcomes = [(future, None, exc) for _, future in batch]
-        for future, result, error in outcomes:
-            self._loop.call_soon_threadsafe(_settle, future, result, error)
+        return outcomes
 
     async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._thread is None or self._loop is None:
@@ -302,6 +312,18 @@ class SQLiteStore:
             ).fetchall()
         )
         return {status: count for status, count in rows}
+
+
+Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+class _BatchFailed(Exception):
+    """One request of a group commit failed; the batch is retried request by request."""
+
+
+def _settle_all(outcomes: list[Outcome]) -> None:
+    for future, result, error in outcomes:
+        _settle(future, result, error)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -124,6 +124,8 @@ class Settings:
     whisper_device: str = _env("KLIPSTREAM_WHISPER_DEVICE", _choice("auto", "cpu", "cuda"), default="auto")
     whisper_compute_type: str = _env("KLIPSTREAM_WHISPER_COMPUTE_TYPE", default="auto")
     whisper_batch_size: int = _env("KLIPSTREAM_WHISPER_BATCH_SIZE", _positive_int, default=16)
+    # BatchedInferencePipeline: "auto" uses it on GPU only; "on" forces it (CI runs the GPU code path on CPU)
+    whisper_batched: str = _env("KLIPSTREAM_WHISPER_BATCHED", _choice("auto", "on", "off"), default="auto")
     chunk_seconds: float = _env("KLIPSTREAM_CHUNK_SECONDS", _positive_float, default=120.0)
     # --- analysis ---
     top_highlights: int = _env("KLIPSTREAM_TOP_HIGHLIGHTS", _positive_int, default=10)

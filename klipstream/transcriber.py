@@ -116,6 +116,7 @@ class Transcriber:
             compute_type=settings.whisper_compute_type,
             cpu_threads=max(1, (os.cpu_count() or 1) // self.size),
             batch_size=settings.whisper_batch_size,
+            batched=settings.whisper_batched,
         )
         self._mp = multiprocessing.get_context("spawn")
         self._loop: asyncio.AbstractEventLoop | None = None

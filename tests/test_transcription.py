@@ -358,6 +358,17 @@ async def test_two_jobs_at_once(tmp_path: Path, speech_pcm: Path, reference: str
     assert wer(reference, text_of(first)) <= WER_BASELINE + WER_MARGIN
 
 
+async def test_batched_pipeline_path_transcribes(tmp_path: Path, speech_pcm: Path, reference: str) -> None:
+    """The GPU configuration's BatchedInferencePipeline path, forced on the CPU."""
+    transcriber = Transcriber(pool_settings(tmp_path, whisper_batched="on", whisper_batch_size=4))
+    try:
+        transcript = await asyncio.wait_for(transcriber.transcribe(speech_pcm), 120)
+    finally:
+        await transcriber.close()
+    assert wer(reference, text_of(transcript)) <= WER_BASELINE + WER_MARGIN
+    assert all(w.start <= w.end for s in transcript.segments for w in s.words)
+
+
 async def test_hung_chunk_is_bounded(tmp_path: Path, speech_pcm: Path) -> None:
     # A bound far below what decoding needs: every chunk overruns, is killed, retried once, then fails.
     transcriber = Transcriber(pool_settings(tmp_path, chunk_seconds=120.0), timeout_base=0.05, timeout_factor=0.001)

@@ -7,7 +7,7 @@
 //
 // A row is found or created by twitchId inside the mutation; Convex runs every mutation as a
 // serializable transaction, so two concurrent first updates for one video never create two rows.
-import { ConvexError, v } from "convex/values";
+import { ConvexError, type Infer, v } from "convex/values";
 import { type Doc, type MutationCtx, mutation, query } from "./builders";
 import { urlFields } from "./schema";
 
@@ -76,6 +76,32 @@ const jobIdentity = {
   urls: v.optional(urls),
 };
 
+const jobIdentityObject = v.object(jobIdentity);
+type JobIdentity = Infer<typeof jobIdentityObject>;
+
+/** Check the secret, find or create the row, and apply `patch` plus the job's identity fields,
+ * unless a newer update of this job (or a newer job) already reached the row. */
+async function applyJobUpdate(
+  ctx: MutationCtx,
+  args: JobIdentity,
+  patch: Partial<Doc>,
+): Promise<{ applied: boolean }> {
+  checkSecret(args.secret);
+  const row = await findOrCreate(ctx, args.twitchId);
+  if (isStale(row, args.jobId, args.createdAt, args.updatedAt)) return { applied: false };
+  await ctx.db.patch(row._id, {
+    ...(args.urls ?? {}),
+    ...(args.title !== undefined ? { title: args.title } : {}),
+    jobId: args.jobId,
+    retryCount: args.retryCount,
+    createdAt: args.createdAt,
+    updatedAt: args.updatedAt,
+    processingStartedAt: args.processingStartedAt,
+    ...patch,
+  });
+  return { applied: true };
+}
+
 export const upsertJobProgress = mutation({
   args: {
     ...jobIdentity,
@@ -84,52 +110,28 @@ export const upsertJobProgress = mutation({
     progressPercentage: v.number(),
     estimatedCompletionSeconds: v.optional(v.number()),
   },
-  handler: async (ctx, args) => {
-    checkSecret(args.secret);
-    const row = await findOrCreate(ctx, args.twitchId);
-    if (isStale(row, args.jobId, args.createdAt, args.updatedAt)) return { applied: false };
-    await ctx.db.patch(row._id, {
+  handler: async (ctx, args) =>
+    applyJobUpdate(ctx, args, {
       ...noError,
-      ...(args.urls ?? {}),
-      ...(args.title !== undefined ? { title: args.title } : {}),
       status: args.status,
       currentStage: args.currentStage,
-      jobId: args.jobId,
       progressPercentage: args.progressPercentage,
       estimatedCompletionSeconds: args.estimatedCompletionSeconds,
-      retryCount: args.retryCount,
-      createdAt: args.createdAt,
-      updatedAt: args.updatedAt,
-      processingStartedAt: args.processingStartedAt,
       processingCompletedAt: undefined,
-    });
-    return { applied: true };
-  },
+    }),
 });
 
 export const markCompleted = mutation({
   args: { ...jobIdentity, processingCompletedAt: v.number() },
-  handler: async (ctx, args) => {
-    checkSecret(args.secret);
-    const row = await findOrCreate(ctx, args.twitchId);
-    if (isStale(row, args.jobId, args.createdAt, args.updatedAt)) return { applied: false };
-    await ctx.db.patch(row._id, {
+  handler: async (ctx, args) =>
+    applyJobUpdate(ctx, args, {
       ...noError,
-      ...(args.urls ?? {}),
-      ...(args.title !== undefined ? { title: args.title } : {}),
       status: "Completed",
       currentStage: "Completed",
-      jobId: args.jobId,
       progressPercentage: 100,
       estimatedCompletionSeconds: 0,
-      retryCount: args.retryCount,
-      createdAt: args.createdAt,
-      updatedAt: args.updatedAt,
-      processingStartedAt: args.processingStartedAt,
       processingCompletedAt: args.processingCompletedAt,
-    });
-    return { applied: true };
-  },
+    }),
 });
 
 export const markFailed = mutation({
@@ -141,53 +143,30 @@ export const markFailed = mutation({
     errorMessage: v.string(),
     isRetryable: v.boolean(),
   },
-  handler: async (ctx, args) => {
-    checkSecret(args.secret);
-    const row = await findOrCreate(ctx, args.twitchId);
-    if (isStale(row, args.jobId, args.createdAt, args.updatedAt)) return { applied: false };
-    await ctx.db.patch(row._id, {
-      ...(args.urls ?? {}),
-      ...(args.title !== undefined ? { title: args.title } : {}),
+  handler: async (ctx, args) =>
+    applyJobUpdate(ctx, args, {
       status: "Failed",
       currentStage: "Failed",
-      jobId: args.jobId,
       progressPercentage: args.progressPercentage,
       estimatedCompletionSeconds: undefined,
       errorType: args.errorType,
       errorMessage: args.errorMessage,
       isRetryable: args.isRetryable,
-      retryCount: args.retryCount,
-      createdAt: args.createdAt,
-      updatedAt: args.updatedAt,
-      processingStartedAt: args.processingStartedAt,
       processingCompletedAt: args.processingCompletedAt,
-    });
-    return { applied: true };
-  },
+    }),
 });
 
 export const markCancelled = mutation({
   args: { ...jobIdentity, processingCompletedAt: v.number(), progressPercentage: v.number() },
-  handler: async (ctx, args) => {
-    checkSecret(args.secret);
-    const row = await findOrCreate(ctx, args.twitchId);
-    if (isStale(row, args.jobId, args.createdAt, args.updatedAt)) return { applied: false };
-    await ctx.db.patch(row._id, {
+  handler: async (ctx, args) =>
+    applyJobUpdate(ctx, args, {
       ...noError,
-      ...(args.urls ?? {}),
       status: "Cancelled",
       currentStage: "Cancelled",
-      jobId: args.jobId,
       progressPercentage: args.progressPercentage,
       estimatedCompletionSeconds: undefined,
-      retryCount: args.retryCount,
-      createdAt: args.createdAt,
-      updatedAt: args.updatedAt,
-      processingStartedAt: args.processingStartedAt,
       processingCompletedAt: args.processingCompletedAt,
-    });
-    return { applied: true };
-  },
+    }),
 });
 
 // --- names the previous service used; kept so existing callers and dashboards keep working ---

@@ -42,8 +42,10 @@ class TimedTopic(Topic):
         self.published: dict[int, tuple[str, float]] = {}
 
     def append(self, type_: str, data: str) -> Event:
+        # Stamped before publishing: append() itself writes to every caught-up subscriber's socket.
+        published = time.time()
         event = super().append(type_, data)
-        self.published[event.id] = (type_, time.time())
+        self.published[event.id] = (type_, published)
         return event
 
 

@@ -47,6 +47,51 @@ HEARTBEAT_FRAME = b": ping\r\n\r\n"  # CRLF like aiohttp-sse, so every frame has
 HEARTBEAT_CHUNK = http_chunk(HEARTBEAT_FRAME)
 
 
+class Sink:
+    """One subscriber's socket, written to by the publisher while the subscriber keeps up.
+
+    Waking one task per subscriber for every event was most of a fan-out's cost; now the publisher
+    writes each event's shared chunk straight to every caught-up socket, and a subscriber's own
+    task runs only when it needs attention: it fell behind (or its buffer filled), or the stream
+    ended.
+    """
+
+    __slots__ = ("_attention", "busy", "cursor", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport, cursor: int) -> None:
+        self.transport = transport
+        self.cursor = cursor  # id of the last event this socket was given
+        self.busy = False  # its task is writing (catching up): the publisher must not interleave
+        self._attention: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def offer(self, event: Event) -> None:
+        if self.busy or event.id != self.cursor + 1 or self._backlogged():
+            self.notify()
+            return
+        self.transport.write(event.chunk)
+        self.cursor = event.id
+        if event.terminal or event.type == "reconnect":
+            self.notify()
+
+    def beat(self) -> None:
+        if self.busy or self._backlogged():
+            self.notify()
+        else:
+            self.transport.write(HEARTBEAT_CHUNK)
+
+    def _backlogged(self) -> bool:
+        return self.transport.is_closing() or self.transport.get_write_buffer_size() > 0
+
+    def notify(self) -> None:
+        if not self._attention.done():
+            self._attention.set_result(None)
+
+    async def attention(self) -> None:
+        """Return once the task must act; a notification that came early is not lost."""
+        await self._attention
+        self._attention = asyncio.get_running_loop().create_future()
+
+
 class Topic:
     """One job's event stream."""
 
@@ -54,6 +99,7 @@ class Topic:
         self.events: deque[Event] = deque(maxlen=buffer_size)
         self.last_id = 0
         self.subscribers = 0
+        self.sinks: set[Sink] = set()
         self.terminal = False
         self.last_used = time.monotonic()
         self._wakeup: asyncio.Future[None] | None = None
@@ -69,6 +115,8 @@ class Topic:
         if event.terminal:
             self.terminal = True
         self.last_used = time.monotonic()
+        for sink in tuple(self.sinks):
+            sink.offer(event)
         self.wake()
         return event
 
@@ -181,10 +229,11 @@ class Broadcaster:
                 topic.append("reconnect", data)
 
     def heartbeat(self) -> None:
-        """Wake every subscriber so each sends a keep-alive comment (one timer for all of them)."""
+        """A keep-alive comment to every subscriber (one timer for all of them)."""
         for topic in self.topics.values():
-            if topic.subscribers:
-                topic.wake()
+            for sink in tuple(topic.sinks):
+                sink.beat()
+            topic.wake()
 
     def subscriber_count(self) -> int:
         return sum(t.subscribers for t in self.topics.values())

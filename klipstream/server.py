@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from klipstream import __version__
 from klipstream.auth import StreamTokens, admin_ok, api_key_ok
-from klipstream.broadcaster import HEARTBEAT_CHUNK, HEARTBEAT_FRAME, Broadcaster, Topic, http_chunk, sse_frame
+from klipstream.broadcaster import HEARTBEAT_FRAME, Broadcaster, Sink, Topic, http_chunk, sse_frame
 from klipstream.config import Settings
 from klipstream.errors import InvalidVideoUrl
 from klipstream.logs import trace_context
@@ -414,21 +414,36 @@ async def _follow(response: Any, app: web.Application, job: Job, topic: Topic, l
         frame = sse_frame(topic.last_id, job.status.value, job_document(app, job))
         await _send(response, http_chunk(frame))
         return
+    sink = Sink(response._req.transport, cursor)
+    topic.sinks.add(sink)
+    try:
+        await _serve_sink(response, app, job, topic, sink)
+    finally:
+        topic.sinks.discard(sink)
+
+
+async def _serve_sink(response: Any, app: web.Application, job: Job, topic: Topic, sink: Sink) -> None:
+    """The subscriber's own task: catch up when the publisher could not write, end after the
+    terminal event. While it keeps up, the publisher writes for it and this task sleeps."""
     while True:
-        if topic.last_id == cursor:
-            await asyncio.shield(topic.next_event())
-        events = topic.since(cursor)
-        if events is None:  # fell off the ring: start again from a fresh snapshot
-            await _send(response, http_chunk(_snapshot(app, job, topic)))
-            cursor = topic.last_id
-            continue
-        if not events:
-            await _send(response, HEARTBEAT_CHUNK)
-            continue
-        await _send(response, events[0].chunk if len(events) == 1 else b"".join(e.chunk for e in events))
-        cursor = events[-1].id
-        if events[-1].terminal or events[-1].type == "reconnect":
+        if sink.cursor != topic.last_id:
+            sink.busy = True
+            try:
+                events = topic.since(sink.cursor)
+                if events is None:  # fell off the ring: start again from a fresh snapshot
+                    await _send(response, http_chunk(_snapshot(app, job, topic)))
+                    sink.cursor = topic.last_id
+                    continue
+                await _send(response, b"".join(e.chunk for e in events))
+                sink.cursor = events[-1].id
+            finally:
+                sink.busy = False
+        last = topic.events[-1] if topic.events else None
+        if last is not None and last.id == sink.cursor and (last.terminal or last.type == "reconnect"):
             return
+        if sink.transport.is_closing():
+            raise ConnectionResetError
+        await sink.attention()
 
 
 def _snapshot(app: web.Application, job: Job, topic: Topic) -> bytes:

@@ -163,7 +163,6 @@ class Broadcaster:
         self.progress_interval = progress_interval
         self.idle_seconds = idle_seconds
         self.topics: dict[str, Topic] = {}
-        self.closing = False
 
     def topic(self, job_id: str) -> Topic:
         topic = self.topics.get(job_id)
@@ -222,7 +221,6 @@ class Broadcaster:
 
     def announce_shutdown(self, data: str) -> None:
         """Tell every open stream to reconnect (to another instance) before the process exits."""
-        self.closing = True
         for job_id, topic in self.topics.items():
             if topic.subscribers and not topic.terminal:
                 self._flush_progress(job_id, topic)
@@ -234,9 +232,6 @@ class Broadcaster:
             for sink in tuple(topic.sinks):
                 sink.beat()
             topic.wake()
-
-    def subscriber_count(self) -> int:
-        return sum(t.subscribers for t in self.topics.values())
 
     def prune(self) -> int:
         """Forget finished, unwatched topics after `idle_seconds`; returns how many were dropped."""

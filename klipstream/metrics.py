@@ -40,7 +40,6 @@ class Metrics:
             registry=r,
         )
         self._observed: set[tuple[str, str, int]] = set()
-        self.http_requests = Counter("klipstream_http_requests", "HTTP responses", ["route", "status"], registry=r)
 
     def job_event(self, kind: str, job: Job) -> None:
         if kind == "queued" and job.retry_count == 0 and job.attempts == 0:

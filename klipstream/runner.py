@@ -10,7 +10,6 @@ events. A resumed job (retry, restart) skips the stages whose artifacts are alre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import shutil
 import time
@@ -506,8 +505,3 @@ def estimate_remaining(job: Job, stages: list[Stage], timings: StageTimings, sta
         deps = [producers[k] for k in (*stage.needs, *stage.uses) if k in producers]
         finish[stage.name] = max((finish.get(d, 0.0) for d in deps), default=0.0) + remaining
     return round(max(finish.values(), default=0.0), 1)
-
-
-async def cleanup_workdir(workdir: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        await asyncio.to_thread(shutil.rmtree, workdir, True)

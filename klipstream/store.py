@@ -11,7 +11,6 @@ the caller's future resolves); only a power loss could drop the last commits.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import sqlite3
@@ -333,7 +332,3 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_exception(error)
     else:
         future.set_result(result)
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))

@@ -116,7 +116,10 @@ class Topic:
             self.terminal = True
         self.last_used = time.monotonic()
         for sink in tuple(self.sinks):
-            sink.offer(event)
+            try:
+                sink.offer(event)
+            except Exception:  # a broken socket must not break the publisher
+                sink.notify()  # its own task meets the error and ends the stream
         self.wake()
         return event
 

@@ -414,7 +414,10 @@ async def _follow(response: Any, app: web.Application, job: Job, topic: Topic, l
         frame = sse_frame(topic.last_id, job.status.value, job_document(app, job))
         await _send(response, http_chunk(frame))
         return
-    sink = Sink(response._req.transport, cursor)
+    transport = response._req.transport if response._req is not None else None
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError
+    sink = Sink(transport, cursor)
     topic.sinks.add(sink)
     try:
         await _serve_sink(response, app, job, topic, sink)

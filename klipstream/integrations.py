@@ -51,5 +51,5 @@ async def close_all(closers: list[Any], budget: float) -> None:
         remaining = max(0.1, deadline - time.monotonic())
         try:
             await asyncio.wait_for(item.close(remaining), remaining + 0.5)
-        except Exception:
+        except Exception:  # shutting down: log it and go on closing the rest
             log.warning("closing %s failed", type(item).__name__, exc_info=True)

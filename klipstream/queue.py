@@ -168,7 +168,7 @@ class WorkerPool:
             except asyncio.CancelledError:
                 if not task.done():  # the worker itself is being stopped
                     raise
-            except Exception:
+            except Exception:  # the runner records job failures itself; this is a bug, keep the worker
                 log.exception("job runner crashed", extra={"job_id": job_id})
             finally:
                 self.running.pop(job_id, None)

@@ -249,7 +249,7 @@ class JobRun(ProgressSink):
                 return
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # every failure is classified below, by type
                 error = classify(exc)
                 if not isinstance(exc, KlipstreamError):
                     log.exception("stage %s raised", stage.name, extra={"job_id": self.job.job_id, "stage": stage.name})
@@ -422,7 +422,7 @@ class JobRun(ProgressSink):
     async def _save_in_background(self) -> None:
         try:
             await self._save()
-        except Exception:
+        except Exception:  # progress snapshots are best effort; state changes are not
             log.warning("progress checkpoint failed", exc_info=True, extra={"job_id": self.job.job_id})
         finally:
             self._persisting = None
@@ -430,7 +430,7 @@ class JobRun(ProgressSink):
     def _emit(self, kind: str) -> None:
         try:
             self.deps.listener(kind, self.job)
-        except Exception:
+        except Exception:  # a listener's bug must not break the job
             log.exception("job listener failed", extra={"job_id": self.job.job_id})
 
 

@@ -351,7 +351,7 @@ class JobService:
         for listener in self.listeners:
             try:
                 listener(kind, job)
-            except Exception:
+            except Exception:  # one listener's bug must not stop the others
                 log.exception("listener failed on %s", kind, extra={"job_id": job.job_id})
 
     # --- statistics ---

@@ -137,7 +137,7 @@ class SQLiteStore:
             # them (the submission p99). A separate thread checkpoints passively instead.
             conn.execute("PRAGMA wal_autocheckpoint=0")
             conn.executescript(_SCHEMA)
-        except Exception as exc:
+        except Exception as exc:  # handed to the coroutine awaiting open()
             self._loop.call_soon_threadsafe(_settle, ready, None, exc)
             return
         self._loop.call_soon_threadsafe(_settle, ready, None, None)
@@ -195,7 +195,7 @@ class SQLiteStore:
             for fn, future in batch:
                 try:
                     outcomes.append((future, fn(conn), None))
-                except Exception as exc:
+                except Exception as exc:  # any request's failure: replay the batch one by one
                     raise _BatchFailed(exc) from exc
             conn.execute("COMMIT")
         except _BatchFailed as failed:
@@ -220,7 +220,7 @@ class SQLiteStore:
     async def ping(self) -> bool:
         try:
             return await self._call(lambda c: c.execute("SELECT 1").fetchone()[0] == 1)
-        except Exception:
+        except Exception:  # readiness reports an unreachable store as not ready
             return False
 
     async def insert_job(self, job: Job, idempotency: IdempotencyRecord | None = None) -> None:

@@ -181,7 +181,10 @@ async def run(ctx: StageContext) -> None:
     missing = [
         name for name, ok in (("chat", timeline.chat is not None), ("speech", "speech" in timeline.signals)) if not ok
     ]
-    detail = f"{len(highlights)} highlights" + (f" (without {' and '.join(missing)})" if missing else "")
+    count = len(highlights)
+    detail = f"{count} highlight{'' if count == 1 else 's'}"
+    if missing:
+        detail += f" (without {' and '.join(missing)})"
     ctx.progress(1.0, detail)
 
 

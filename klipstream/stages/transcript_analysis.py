@@ -89,7 +89,7 @@ async def run(ctx: StageContext) -> None:
     await ctx.to_thread(write_sentiment_json, rows, json_path)
     ctx.add_artifact("sentiment_csv", csv_path)
     ctx.add_artifact("sentiment_json", json_path)
-    ctx.progress(1.0, f"{n} windows scored")
+    ctx.progress(1.0, f"{n} window{'' if n == 1 else 's'} scored")
 
 
 TRANSCRIPT_ANALYSIS = Stage(

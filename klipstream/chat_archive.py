@@ -11,6 +11,7 @@ frontend and tools already read that shape.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -382,7 +383,12 @@ class CsvSink:
     """
 
     def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
         self._writer = csv.writer(stream, lineterminator="\r\n")
+
+    def encoded_rows(self, rows: Iterable[str]) -> None:
+        """Rows already encoded by another CsvSink (the chat range spools)."""
+        self._stream.writelines(rows)
 
     def header(self) -> None:
         self._writer.writerow(CSV_HEADER)
@@ -405,19 +411,29 @@ def write_artifacts(
 
     Blocking: run in a thread. `cancelled` is polled every few thousand messages.
     """
+    with artifact_files(json_path, csv_path, video, source=source, count=count) as (js, sink):
+        for i, message in enumerate(messages):
+            if i and i % 4096 == 0 and cancelled():
+                raise InterruptedError("chat writing cancelled")
+            if i:
+                js.write(",")
+            js.write(encode_comment(message, video.id, video.channel_id))
+            sink.row(message)
+
+
+@contextlib.contextmanager
+def artifact_files(
+    json_path: Path, csv_path: Path, video: ChatVideo, *, source: str, count: int
+) -> Iterator[tuple[TextIO, CsvSink]]:
+    """The two chat artifacts, written atomically: the caller writes the comments (JSON array items
+    and CSV rows); both files appear under their real names only if the block completes."""
     json_tmp, csv_tmp = json_path.with_name(json_path.name + ".part"), csv_path.with_name(csv_path.name + ".part")
     try:
         with _open_text(json_tmp) as js, _open_text(csv_tmp) as cs:
             sink = CsvSink(cs)
             sink.header()
             js.write(json_header(video, source=source, count=count))
-            for i, message in enumerate(messages):
-                if i and i % 4096 == 0 and cancelled():
-                    raise InterruptedError("chat writing cancelled")
-                if i:
-                    js.write(",")
-                js.write(encode_comment(message, video.id, video.channel_id))
-                sink.row(message)
+            yield js, sink
             js.write("]}")
         os.replace(json_tmp, json_path)
         os.replace(csv_tmp, csv_path)

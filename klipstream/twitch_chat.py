@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import json
 import math
-import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -33,7 +32,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from klipstream.backoff import full_jitter, parse_retry_after
-from klipstream.chat_archive import Badge, ChatMessage, ChatVideo, CsvSink, Fragment, encode_comment, json_header
+from klipstream.chat_archive import Badge, ChatMessage, ChatVideo, CsvSink, Fragment, artifact_files, encode_comment
 from klipstream.errors import ExternalServiceError, KlipstreamError, NetworkError, StageUnavailable
 
 T = TypeVar("T")
@@ -537,25 +536,14 @@ def write_merged(
     """Concatenate range spools into the two artifacts (atomic renames); blocking, run in a thread."""
     for spool in spools:
         spool.close()  # flush: a spool still open for writing would read back short
-    json_tmp, csv_tmp = json_path.with_name(json_path.name + ".part"), csv_path.with_name(csv_path.name + ".part")
     try:
-        with (
-            open(json_tmp, "w", encoding="utf-8", newline="", buffering=1 << 20) as js,
-            open(csv_tmp, "w", encoding="utf-8", newline="", buffering=1 << 20) as cs,
-        ):
-            CsvSink(cs).header()
-            js.write(json_header(video, source="twitch", count=count))
+        with artifact_files(json_path, csv_path, video, source="twitch", count=count) as (js, sink):
             for i, (line, record) in enumerate(merged_lines(spools, cancelled)):
                 if i:
                     js.write(",")
                 js.write(line)
-                cs.writelines(record)
-            js.write("]}")
-        os.replace(json_tmp, json_path)
-        os.replace(csv_tmp, csv_path)
+                sink.encoded_rows(record)
     finally:
-        json_tmp.unlink(missing_ok=True)
-        csv_tmp.unlink(missing_ok=True)
         for spool in spools:
             spool.remove()
 

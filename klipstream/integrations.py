@@ -34,11 +34,11 @@ async def start_integrations(
     mirror = ConvexMirror(settings, http)
     if mirror.enabled:
         await mirror.start()
-        service.listeners.append(lambda kind, job: mirror.job_changed(job, kind))
+        service.listen(lambda kind, job: mirror.job_changed(job, kind))  # new jobs become Convex rows
         closers.append(mirror)
     dispatcher = WebhookDispatcher(settings, http, Outbox(settings.database_path))
     await dispatcher.start()
-    service.listeners.append(lambda kind, job: dispatcher.job_changed(job, kind))
+    service.listen(lambda kind, job: dispatcher.job_changed(job, kind), new_jobs=False)  # no job.queued event
     closers.append(dispatcher)
     services["webhooks"] = dispatcher
     return closers

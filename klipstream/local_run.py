@@ -69,7 +69,7 @@ async def run_job(
         if job.job_id == job_id and kind in TERMINAL_KINDS:
             done.set()
 
-    service.listeners.append(on_event)
+    service.listen(on_event, new_jobs=False)  # it waits for the terminal event only
     outcome = await service.submit(request)
     job_id = outcome.job_id
     job = await service.get(job_id)
@@ -91,7 +91,7 @@ async def run_job(
     finally:
         for waiter in waiters:
             waiter.cancel()
-        service.listeners.remove(on_event)
+        service.unlisten(on_event)
     job = await service.get(job_id)
     if watch is not None:
         watch(job)

@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from klipstream.models import Job
+from klipstream.models import Job, Priority
 
 log = logging.getLogger(__name__)
 LAG_WARN_SECONDS = 0.1
@@ -22,6 +22,8 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.jobs_submitted = Counter("klipstream_jobs_submitted", "Jobs accepted", ["priority"], registry=r)
+        # Looked up once: labels() takes a lock and hashes its arguments on every call.
+        self.submitted_by_priority = {p: self.jobs_submitted.labels(p.value) for p in Priority}
         self.jobs_finished = Counter("klipstream_jobs_finished", "Jobs that ended, by status", ["status"], registry=r)
         self.queue_depth = Gauge("klipstream_queue_depth", "Jobs waiting in the queue", registry=r)
         self.running_jobs = Gauge("klipstream_running_jobs", "Jobs being processed", registry=r)
@@ -42,9 +44,7 @@ class Metrics:
         self._observed: set[tuple[str, str, int]] = set()
 
     def job_event(self, kind: str, job: Job) -> None:
-        if kind == "queued" and job.retry_count == 0 and job.attempts == 0:
-            self.jobs_submitted.labels(job.priority.value).inc()
-        elif kind in ("completed", "failed", "cancelled"):
+        if kind in ("completed", "failed", "cancelled"):
             self.jobs_finished.labels(kind).inc()
         if kind == "stage_changed":
             for state in job.stages:

@@ -131,7 +131,8 @@ class JobQueue:
 
     def _estimate(self, entry: QueueEntry) -> int:
         """Place of the newest entry of its lane: behind everything in its own and higher lanes."""
-        return sum(n for p, n in self._lane_counts.items() if p.level >= entry.priority.level)
+        level = entry.priority.level
+        return sum(n for p, n in self._lane_counts.items() if p.level >= level)
 
     def counts(self) -> dict[str, int]:
         return {p.value: n for p, n in self._lane_counts.items()}

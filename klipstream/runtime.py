@@ -16,8 +16,8 @@ import aiohttp
 
 from klipstream.config import Settings
 from klipstream.integrations import close_all, start_integrations
-from klipstream.runner import JobListener, RunnerDeps, resource_limits
-from klipstream.service import JobService
+from klipstream.runner import RunnerDeps, resource_limits
+from klipstream.service import JobService, Subscription
 from klipstream.stage import Stage
 from klipstream.storage import Storage, create_storage
 from klipstream.store import SQLiteStore
@@ -38,11 +38,11 @@ async def job_runtime(
     stages: list[Stage],
     *,
     stream_url: Callable[[str], str] | None = None,
-    listeners: list[JobListener] | None = None,
+    subscriptions: list[Subscription] | None = None,
 ) -> AsyncIterator[Runtime]:
     """Start everything, yield, then stop within the shutdown budget (jobs go back to the queue).
 
-    `listeners` are attached before the workers start, so no event of a recovered job is missed.
+    `subscriptions` are attached before the workers start, so no event of a recovered job is missed.
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60))
@@ -59,7 +59,7 @@ async def job_runtime(
         services=services,
     )
     service = JobService(deps, stages, stream_url=stream_url)
-    service.listeners.extend(listeners or [])
+    service.subscriptions.extend(subscriptions or [])
     closers: list[Any] = []
     try:
         closers = await start_integrations(service, settings, http, services)

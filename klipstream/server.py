@@ -50,6 +50,7 @@ from klipstream.service import (
     JobNotFound,
     JobService,
     ShuttingDown,
+    Subscription,
 )
 from klipstream.stage import Stage
 from klipstream.urls import check_url_syntax
@@ -71,6 +72,7 @@ TOKENS = web.AppKey("tokens", StreamTokens)
 STATE = web.AppKey("state", dict)
 EXTRAS = web.AppKey("extras", dict)
 STAGES = web.AppKey("stages", list)
+STATUS_CACHE = web.AppKey("status_cache", dict)  # job id -> (version, encoded status, ETag)
 
 
 # --- problem details ---
@@ -208,8 +210,9 @@ def validate_urls(body: SubmitRequest, settings: Settings) -> None:
 # --- job routes ---
 async def submit_job(request: web.Request) -> web.Response:
     require_api_key(request)
-    service = service_of(request)
-    if service.shutting_down or request.app[STATE].get("draining"):
+    app = request.app  # a property that walks the match info: read once on the hot path
+    service = app[SERVICE]
+    if service.shutting_down or app[STATE].get("draining"):
         return _problem_with_headers(
             503, "Shutting down", "This instance is not accepting jobs; retry shortly.", {"Retry-After": "5"}
         )
@@ -219,7 +222,7 @@ async def submit_job(request: web.Request) -> web.Response:
     except ValidationError as exc:
         return validation_problem(exc)
     try:
-        validate_urls(body, request.app[SETTINGS])
+        validate_urls(body, app[SETTINGS])
     except InvalidVideoUrl as exc:
         field = "url"
         for name in ("chat_url", "callback_url"):
@@ -239,6 +242,8 @@ async def submit_job(request: web.Request) -> web.Response:
         )
     except ShuttingDown:
         return _problem_with_headers(503, "Shutting down", "Retry shortly.", {"Retry-After": "5"})
+    if outcome.status == 202:
+        app[METRICS].submitted_by_priority[body.priority].inc()
     headers = {"Location": f"/api/v1/analysis/{outcome.job_id}"}
     return json_text(outcome.body, outcome.status, headers)
 
@@ -267,25 +272,24 @@ def fresh_links(app: web.Application, job: Job) -> Job:
 
 async def get_job_status(request: web.Request) -> web.Response:
     require_api_key(request)
-    service = service_of(request)
-    job = service.cached(request.match_info["job_id"])  # polls of live jobs never leave memory
-    if job is None or job.status.value == "queued":
+    app = request.app  # a property that walks the match info: read once on the hot path
+    job = app[SERVICE].live(request.match_info["job_id"])  # polls of live jobs never leave memory
+    if job is None:
         job = await job_or_404(request)
-    body, etag = _status_body(request.app, job)
+    body, etag = _status_body(app[STATUS_CACHE], job)
     if request.headers.get("If-None-Match") == etag:
         return web.Response(status=304, headers={"ETag": etag})
-    return json_text(body, headers={"ETag": etag, "Cache-Control": "no-cache"})
+    return web.Response(body=body, content_type="application/json", headers={"ETag": etag, "Cache-Control": "no-cache"})
 
 
-def _status_body(app: web.Application, job: Job) -> tuple[str, str]:
+def _status_body(cache: dict[str, tuple[Any, bytes, str]], job: Job) -> tuple[bytes, str]:
     """The polled body and its ETag, encoded once per job change rather than once per poll."""
-    cache: dict[str, tuple[Any, str, str]] = app[EXTRAS].setdefault("status_cache", {})
     version = (job.updated_at, job.status, job.queue_position)
     cached = cache.get(job.job_id)
     if cached is not None and cached[0] == version:
         return cached[1], cached[2]
-    body = status_view(job).model_dump_json()
-    etag = '"' + hashlib.blake2b(body.encode(), digest_size=12).hexdigest() + '"'
+    body = status_view(job).model_dump_json().encode()
+    etag = '"' + hashlib.blake2b(body, digest_size=12).hexdigest() + '"'
     if len(cache) >= 10_000:
         cache.clear()
     cache[job.job_id] = (version, body, etag)
@@ -752,6 +756,7 @@ def create_app(
     app[SETTINGS] = settings
     app[STATE] = {"started": time.monotonic(), "stopping": False, "draining": False}
     app[EXTRAS] = {}
+    app[STATUS_CACHE] = {}
     app[METRICS] = Metrics()
     app[BROADCASTER] = Broadcaster()
     app[TOKENS] = StreamTokens(settings)
@@ -784,8 +789,13 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         url = f"{base}/api/v1/analysis/{job_id}/stream"
         return f"{url}?token={tokens.issue(job_id)}" if settings.api_keys else url
 
-    listeners = [app[METRICS].job_event, _broadcast_listener(app[BROADCASTER])]
-    async with job_runtime(settings, app[STAGES], stream_url=stream_url, listeners=listeners) as runtime:
+    # Neither needs new jobs: submissions are counted by the handler, and nobody can be watching
+    # a job's stream before its submission has been answered.
+    subscriptions = [
+        Subscription(app[METRICS].job_event, new_jobs=False),
+        Subscription(_broadcast_listener(app[BROADCASTER]), new_jobs=False),
+    ]
+    async with job_runtime(settings, app[STAGES], stream_url=stream_url, subscriptions=subscriptions) as runtime:
         app[SERVICE] = runtime.service
         app[STATE]["storage"] = runtime.storage
         if "webhooks" in runtime.services:

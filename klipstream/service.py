@@ -18,11 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic_core import to_json
+
 from klipstream.models import Job, JobStatus, StageStatus, SubmitRequest, SubmitResponse, utcnow
 from klipstream.queue import JobQueue, QueueFull, WorkerPool
 from klipstream.runner import CancelReason, JobListener, JobRun, RunnerDeps, compute_progress, initial_stage_states
 from klipstream.stage import Resource, Stage
-from klipstream.store import IdempotencyRecord, JobStore
+from klipstream.store import IdempotencyRecord, JobRow, JobStore
 from klipstream.urls import video_id_for
 
 log = logging.getLogger(__name__)
@@ -43,6 +45,14 @@ class InvalidTransition(Exception):
 
 class ShuttingDown(Exception):
     pass
+
+
+@dataclass(frozen=True)
+class Subscription:
+    listener: JobListener
+    # Also called when a job is first queued. That event makes the service parse the new job
+    # into a `Job` during the request, so only listeners that act on new jobs ask for it.
+    new_jobs: bool
 
 
 @dataclass(frozen=True)
@@ -87,8 +97,12 @@ class JobService:
         self.stages = stages
         self.queue = JobQueue(maxsize=self.settings.max_queued_jobs, aging_seconds=self.settings.aging_seconds)
         self.pool = WorkerPool(self.queue, self._run, self.settings.max_running_jobs)
-        self.listeners: list[JobListener] = []
+        self.subscriptions: list[Subscription] = []
         self.active: dict[str, Job] = {}
+        # New jobs as the JSON they were stored as, until something needs them as a `Job` (a
+        # status poll, a cancel, a worker): most are first touched by the worker that runs them,
+        # and parsing every submission during its request cost more than storing it.
+        self.unparsed: dict[str, str] = {}
         self.recent: OrderedDict[str, Job] = OrderedDict()
         self.active_by_video: dict[str, str] = {}
         self.runs: dict[str, JobRun] = {}
@@ -96,6 +110,8 @@ class JobService:
         self.shutdown_deadline: float | None = None  # time.monotonic() by which shutdown must end
         self.started = False
         self._inflight_keys: dict[str, tuple[str, asyncio.Future[SubmitOutcome]]] = {}
+        self._new_stages = [{"name": s.name, "display": s.display.value} for s in stages]
+        self._new_progress: tuple[int, dict[str, Any]] | None = None  # (timings version, progress)
         self.stream_url = stream_url or (lambda job_id: f"{self.base}/api/v1/analysis/{job_id}/stream")
         deps.listener = self._on_job_event
 
@@ -185,39 +201,85 @@ class JobService:
         if not request.options.force:
             existing_id = self.active_by_video.get(video_id)
             if existing_id is not None:
-                existing = self.active[existing_id]
+                existing = self._job(existing_id)
+                assert existing is not None  # active_by_video only names active jobs
                 return SubmitOutcome(200, self._submit_body(existing, deduplicated=True), existing.job_id)
         if len(self.queue) >= self.queue.maxsize:
             raise QueueFull
-        job = self._new_job(request, video_id)
-        self._track(job)  # before the await, so a concurrent duplicate sees it
-        body = self._submit_body(job, deduplicated=False, position=len(self.queue) + 1)
-        record = IdempotencyRecord(key, fingerprint, job.job_id, body, 202) if key else None
+        doc = self._new_job_doc(request, video_id)
+        job_id = doc["job_id"]
+        encoded = to_json(doc).decode()
+        # Tracked before the await, so a concurrent duplicate sees it.
+        self.unparsed[job_id] = encoded
+        self.active_by_video.setdefault(video_id, job_id)
+        body = self._new_job_body(doc, position=len(self.queue) + 1)
+        record = IdempotencyRecord(key, fingerprint, job_id, body, 202) if key else None
         try:
-            await self.store.insert_job(job, record)
+            await self.store.insert_job(JobRow.new(doc, encoded), record)
         except BaseException:
-            self._untrack(job)
+            self._untrack(job_id, video_id)
             raise
-        job.queue_position = self.queue.push(job.job_id, job.priority, force=True)
-        self._emit("queued", job)
-        return SubmitOutcome(202, body, job.job_id)
+        self.queue.push(job_id, request.priority, force=True)
+        if any(s.new_jobs for s in self.subscriptions):
+            job = self._job(job_id)
+            if job is not None:  # not cancelled in the meantime
+                self._emit("queued", job)
+        return SubmitOutcome(202, body, job_id)
 
-    def _new_job(self, request: SubmitRequest, video_id: str) -> Job:
+    def _new_job_doc(self, request: SubmitRequest, video_id: str) -> dict[str, Any]:
+        """A new job as plain data, in the shape of `Job`.
+
+        It is encoded once (pydantic-core) for the store and the response; building the `Job`
+        model field by field and dumping it twice cost three times as much, and submission is the
+        hot path.
+        """
         job_id = new_job_id()
-        job = Job(
-            job_id=job_id,
-            video_id=video_id,
-            url=request.url,
-            chat_url=request.chat_url,
-            callback_url=request.callback_url,
-            priority=request.priority,
-            options=request.options,
-            stages=initial_stage_states(self.stages),
-            status_url=f"{self.base}/api/v1/analysis/{job_id}/status",
-            stream_url=self.stream_url(job_id),
-        )
-        job.progress = compute_progress(job, self.stages, self.deps.timings)
-        return job
+        now = utcnow()
+        doc: dict[str, Any] = {
+            "job_id": job_id,
+            "video_id": video_id,
+            "url": request.url,
+            "priority": request.priority.value,
+            "progress": self._new_job_progress(),
+            "stages": self._new_stages,
+            "created_at": now,
+            "updated_at": now,
+            "status_url": f"{self.base}/api/v1/analysis/{job_id}/status",
+            "stream_url": self.stream_url(job_id),
+        }
+        if request.chat_url is not None:
+            doc["chat_url"] = request.chat_url
+        if request.callback_url is not None:
+            doc["callback_url"] = request.callback_url
+        if request.options.model_fields_set:
+            doc["options"] = request.options.model_dump(exclude_defaults=True)
+        return doc
+
+    def _new_job_progress(self) -> dict[str, Any]:
+        """Progress of a job that has not started: the same for every new job until the stage
+        timings behind its ETA change."""
+        version = self.deps.timings.version
+        if self._new_progress is None or self._new_progress[0] != version:
+            blank = Job(job_id="", video_id="", url="", stages=initial_stage_states(self.stages))
+            progress = compute_progress(blank, self.stages, self.deps.timings).model_dump(mode="json")
+            self._new_progress = (version, progress)
+        return self._new_progress[1]
+
+    @staticmethod
+    def _new_job_body(doc: dict[str, Any], position: int) -> str:
+        """The 202 body: a `SubmitResponse`, encoded from the new job's plain data."""
+        body = {
+            "job_id": doc["job_id"],
+            "video_id": doc["video_id"],
+            "status": "queued",
+            "progress": doc["progress"],
+            "queue_position": position,
+            "status_url": doc["status_url"],
+            "stream_url": doc["stream_url"],
+            "created_at": doc["created_at"],
+            "deduplicated": False,
+        }
+        return to_json(body).decode()
 
     def _submit_body(self, job: Job, *, deduplicated: bool, position: int | None = None) -> str:
         return SubmitResponse(
@@ -234,17 +296,23 @@ class JobService:
 
     # --- lookup ---
     def cached(self, job_id: str) -> Job | None:
-        return self.active.get(job_id) or self.recent.get(job_id)
+        return self._job(job_id) or self.recent.get(job_id)
+
+    def live(self, job_id: str) -> Job | None:
+        """The job from memory with its place in the queue brought up to date, or None when it
+        has to be read from the store (`get`)."""
+        job = self.cached(job_id)
+        if job is not None and job.status is JobStatus.QUEUED:
+            job.queue_position = self.queue.position(job_id)
+        return job
 
     async def get(self, job_id: str) -> Job:
-        job = self.cached(job_id)
+        job = self.live(job_id)
         if job is None:
             job = await self.store.get_job(job_id)
             if job is None:
                 raise JobNotFound(job_id)
             self._remember(job)
-        if job.status is JobStatus.QUEUED:
-            job.queue_position = self.queue.position(job_id)
         return job
 
     async def list(self, status: str | None, limit: int, cursor: int | None) -> tuple[list[Job], int | None]:
@@ -304,7 +372,7 @@ class JobService:
 
     # --- running ---
     async def _run(self, job_id: str) -> None:
-        job = self.active.get(job_id)
+        job = self._job(job_id)
         if job is None:  # cancelled while queued, or a stale entry
             return
         self._warm_up()
@@ -326,14 +394,30 @@ class JobService:
             task.add_done_callback(_log_warm_up_failure)
 
     # --- bookkeeping ---
+    def listen(self, listener: JobListener, *, new_jobs: bool = True) -> None:
+        self.subscriptions.append(Subscription(listener, new_jobs))
+
+    def unlisten(self, listener: JobListener) -> None:
+        self.subscriptions = [s for s in self.subscriptions if s.listener is not listener]
+
     def _track(self, job: Job) -> None:
         self.active[job.job_id] = job
         self.active_by_video.setdefault(job.video_id, job.job_id)
 
-    def _untrack(self, job: Job) -> None:
-        self.active.pop(job.job_id, None)
-        if self.active_by_video.get(job.video_id) == job.job_id:
-            del self.active_by_video[job.video_id]
+    def _untrack(self, job_id: str, video_id: str) -> None:
+        self.active.pop(job_id, None)
+        self.unparsed.pop(job_id, None)
+        if self.active_by_video.get(video_id) == job_id:
+            del self.active_by_video[video_id]
+
+    def _job(self, job_id: str) -> Job | None:
+        """The queued or running job with this id, parsed the first time anything needs it."""
+        job = self.active.get(job_id)
+        if job is None:
+            doc = self.unparsed.pop(job_id, None)
+            if doc is not None:
+                job = self.active[job_id] = Job.model_validate_json(doc)
+        return job
 
     def _remember(self, job: Job) -> None:
         self.recent[job.job_id] = job
@@ -343,14 +427,14 @@ class JobService:
 
     def _on_job_event(self, kind: str, job: Job) -> None:
         if job.status.terminal:
-            self._untrack(job)
+            self._untrack(job.job_id, job.video_id)
             self._remember(job)
         self._emit(kind, job)
 
     def _emit(self, kind: str, job: Job) -> None:
-        for listener in self.listeners:
+        for subscription in self.subscriptions:
             try:
-                listener(kind, job)
+                subscription.listener(kind, job)
             except Exception:  # one listener's bug must not stop the others
                 log.exception("listener failed on %s", kind, extra={"job_id": job.job_id})
 

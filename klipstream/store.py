@@ -6,6 +6,9 @@ writer thread and commits whatever requests arrived together in one transaction 
 a burst of submissions costs one commit, and the event loop never waits on the disk. WAL mode
 with synchronous=NORMAL survives `kill -9` of the process (every commit is in the WAL file before
 the caller's future resolves); only a power loss could drop the last commits.
+
+Requests made during one turn of the event loop travel to the writer as one batch with one
+timeout timer, so a burst of submissions wakes the writer thread once, not once per request.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from klipstream.models import Job, JobStatus
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 CHECKPOINT_SECONDS = 2.0
+CALL_TIMEOUT_SECONDS = 30.0  # a request the writer has not answered by then fails with TimeoutError
+MAX_BATCH = 512  # requests per transaction
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
@@ -42,7 +47,7 @@ class JobStore(Protocol):
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> bool: ...
-    async def insert_job(self, job: Job, idempotency: IdempotencyRecord | None = None) -> None: ...
+    async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None: ...
     async def save_job(self, job: Job) -> None: ...
     async def get_job(self, job_id: str) -> Job | None: ...
     async def list_jobs(self, status: str | None, limit: int, before_seq: int | None) -> list[tuple[int, Job]]: ...
@@ -55,7 +60,7 @@ class JobStore(Protocol):
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    seq INTEGER PRIMARY KEY,  -- insertion order; rows are never deleted, so never reused
     job_id TEXT NOT NULL UNIQUE,
     video_id TEXT NOT NULL,
     status TEXT NOT NULL,
@@ -66,8 +71,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     doc TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
-CREATE INDEX IF NOT EXISTS jobs_video ON jobs (video_id, status);
-CREATE INDEX IF NOT EXISTS jobs_finished ON jobs (finished_at);
+-- Only finished jobs are counted by time, so queued ones stay out of this index.
+DROP INDEX IF EXISTS jobs_finished;
+CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL;
+DROP INDEX IF EXISTS jobs_video;  -- deduplication is answered from memory
 CREATE TABLE IF NOT EXISTS idempotency (
     key TEXT PRIMARY KEY,
     body_hash TEXT NOT NULL,
@@ -86,17 +93,50 @@ CREATE INDEX IF NOT EXISTS stage_runs_time ON stage_runs (stage, finished_at);
 """
 
 
-def _row_values(job: Job) -> tuple[Any, ...]:
-    finished = job.finished_at.timestamp() if job.finished_at else None
-    return (
-        job.video_id,
-        job.status.value,
-        job.priority.value,
-        job.created_at.timestamp(),
-        job.updated_at.timestamp(),
-        finished,
-        job.model_dump_json(exclude_defaults=True),  # a quarter of the bytes; defaults return on read
-    )
+@dataclass(frozen=True, slots=True)
+class JobRow:
+    """A job as stored: the columns the store filters and sorts on, and the whole job as JSON."""
+
+    job_id: str
+    video_id: str
+    status: str
+    priority: str
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    doc: str
+
+    @classmethod
+    def of(cls, job: Job) -> JobRow:
+        return cls(
+            job.job_id,
+            job.video_id,
+            job.status.value,
+            job.priority.value,
+            job.created_at.timestamp(),
+            job.updated_at.timestamp(),
+            job.finished_at.timestamp() if job.finished_at else None,
+            job.model_dump_json(exclude_defaults=True),  # a quarter of the bytes; defaults return on read
+        )
+
+    @classmethod
+    def new(cls, doc: dict[str, Any], encoded: str) -> JobRow:
+        """The row of a job just submitted, from the plain data it was encoded from."""
+        created = doc["created_at"].timestamp()
+        return cls(doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded)
+
+    def columns(self) -> tuple[Any, ...]:
+        """The values in the order of the `jobs` table's columns after `seq`."""
+        return (
+            self.job_id,
+            self.video_id,
+            self.status,
+            self.priority,
+            self.created_at,
+            self.updated_at,
+            self.finished_at,
+            self.doc,
+        )
 
 
 class SQLiteStore:
@@ -104,8 +144,8 @@ class SQLiteStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._requests: queue.SimpleQueue[tuple[Callable[[sqlite3.Connection], Any], asyncio.Future[Any]] | None]
-        self._requests = queue.SimpleQueue()
+        self._requests: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
+        self._pending: list[Request] = []  # made during this turn of the event loop
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
@@ -122,6 +162,8 @@ class SQLiteStore:
     async def close(self) -> None:
         if self._thread is None:
             return
+        if self._pending:  # made in this loop turn: they go before the stop mark
+            self._flush()
         self._requests.put(None)
         await asyncio.to_thread(self._thread.join, 10)
         self._thread = None
@@ -147,17 +189,19 @@ class SQLiteStore:
             first = self._requests.get()
             if first is None:
                 break
-            batch = [first]
-            while len(batch) < 512:
+            batches = [first]
+            size = len(first.requests)
+            while size < MAX_BATCH:
                 try:
-                    item = self._requests.get_nowait()
+                    more = self._requests.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if more is None:
                     self._requests.put(None)
                     break
-                batch.append(item)
-            self._run_batch(conn, batch)
+                batches.append(more)
+                size += len(more.requests)
+            self._run_batch(conn, batches)
         self._stopping.set()
         checkpointer.join(5)
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -176,19 +220,21 @@ class SQLiteStore:
         finally:
             conn.close()
 
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[Any]) -> None:
-        """Run a batch in one transaction (group commit). If any request fails, the batch is rolled
-        back and each request runs again in a transaction of its own, so one failure stays local."""
+    def _run_batch(self, conn: sqlite3.Connection, batches: list[_Batch]) -> None:
+        """Run the requests in one transaction (group commit). If any request fails, the batch is
+        rolled back and each request runs again in a transaction of its own, so one failure stays
+        local."""
         assert self._loop is not None
+        requests = [request for batch in batches for request in batch.requests]
         try:
-            outcomes = self._transaction(conn, batch, isolate=False)
+            outcomes = self._transaction(conn, requests, isolate=False)
         except _BatchFailed:
-            outcomes = [o for item in batch for o in self._transaction(conn, [item], isolate=True)]
+            outcomes = [o for item in requests for o in self._transaction(conn, [item], isolate=True)]
         # One wake-up of the event loop for the whole batch, not one per request.
-        self._loop.call_soon_threadsafe(_settle_all, outcomes)
+        self._loop.call_soon_threadsafe(_settle_all, outcomes, [batch.timer for batch in batches])
 
     @staticmethod
-    def _transaction(conn: sqlite3.Connection, batch: list[Any], *, isolate: bool) -> list[Outcome]:
+    def _transaction(conn: sqlite3.Connection, batch: list[Request], *, isolate: bool) -> list[Outcome]:
         outcomes: list[Outcome] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
@@ -209,12 +255,24 @@ class SQLiteStore:
             outcomes = [(future, None, exc) for _, future in batch]
         return outcomes
 
-    async def _call(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    def _call(self, fn: Callable[[sqlite3.Connection], T]) -> asyncio.Future[T]:
+        """Queue `fn` for the writer thread; the future settles after its transaction commits."""
         if self._thread is None or self._loop is None:
             raise RuntimeError("store is not open")
         future: asyncio.Future[T] = self._loop.create_future()
-        self._requests.put((fn, future))
-        return await asyncio.wait_for(future, 30)
+        self._pending.append((fn, future))
+        if len(self._pending) == 1:
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        """Hand this loop turn's requests to the writer, with one timeout for all of them."""
+        assert self._loop is not None
+        if not self._pending:  # close() flushed them already
+            return
+        requests, self._pending = self._pending, []
+        timer = self._loop.call_later(CALL_TIMEOUT_SECONDS, _expire, requests)
+        self._requests.put(_Batch(requests, timer))
 
     # --- jobs ---
     async def ping(self) -> bool:
@@ -223,8 +281,8 @@ class SQLiteStore:
         except Exception:  # readiness reports an unreachable store as not ready
             return False
 
-    async def insert_job(self, job: Job, idempotency: IdempotencyRecord | None = None) -> None:
-        values = (job.job_id, *_row_values(job))
+    async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None:
+        values = row.columns()
 
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute(
@@ -249,7 +307,8 @@ class SQLiteStore:
         await self._call(insert)
 
     async def save_job(self, job: Job) -> None:
-        values = (*_row_values(job), job.job_id)
+        job_id, *rest = JobRow.of(job).columns()
+        values = (*rest, job_id)
         await self._call(
             lambda c: c.execute(
                 "UPDATE jobs SET video_id=?, status=?, priority=?, created_at=?, updated_at=?, finished_at=?, doc=?"
@@ -313,16 +372,30 @@ class SQLiteStore:
         return {status: count for status, count in rows}
 
 
+Request = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    requests: list[Request]
+    timer: asyncio.TimerHandle
 
 
 class _BatchFailed(Exception):
     """One request of a group commit failed; the batch is retried request by request."""
 
 
-def _settle_all(outcomes: list[Outcome]) -> None:
+def _settle_all(outcomes: list[Outcome], timers: list[asyncio.TimerHandle]) -> None:
+    for timer in timers:
+        timer.cancel()
     for future, result, error in outcomes:
         _settle(future, result, error)
+
+
+def _expire(requests: list[Request]) -> None:
+    for _, future in requests:
+        _settle(future, None, TimeoutError(f"the store did not answer within {CALL_TIMEOUT_SECONDS:.0f} s"))
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

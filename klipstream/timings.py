@@ -14,9 +14,11 @@ from collections import defaultdict, deque
 class StageTimings:
     def __init__(self, keep: int = 200) -> None:
         self._runs: dict[str, deque[tuple[float, float | None]]] = defaultdict(lambda: deque(maxlen=keep))
+        self.version = 0  # changes with every measurement, so estimates derived from them can be cached
 
     def add(self, stage: str, seconds: float, media_seconds: float | None) -> None:
         self._runs[stage].append((seconds, media_seconds))
+        self.version += 1
 
     def estimate(self, stage: str, media_seconds: float | None) -> float | None:
         runs = self._runs.get(stage)

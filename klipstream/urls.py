@@ -46,14 +46,15 @@ def check_url_syntax(url: str, *, allow_private: bool, what: str = "url") -> str
         raise InvalidVideoUrl(f"{what} is not a valid URL: {exc}.") from None
     if parts.scheme not in ("http", "https"):
         raise InvalidVideoUrl(f"{what} must use http or https, not {parts.scheme or 'no scheme'!r}.")
-    if not parts.hostname:
+    hostname = parts.hostname  # each of these properties parses the netloc again
+    if not hostname:
         raise InvalidVideoUrl(f"{what} has no host.")
-    if parts.username is not None or parts.password is not None:
+    if "@" in parts.netloc:
         raise InvalidVideoUrl(f"{what} must not carry credentials.")
     if port == 0:
         raise InvalidVideoUrl(f"{what} has an invalid port.")
     if not allow_private:
-        host = parts.hostname.rstrip(".").lower()
+        host = hostname.rstrip(".").lower()
         if host in _METADATA_HOSTS or host == "localhost" or host.endswith(".localhost"):
             raise InvalidVideoUrl(f"{what} points at a private or local address.", code="private_address")
         if _is_ip_literal(host) and not is_public_address(host):

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from klipstream.models import SubmitResponse
 from tests.scheduler_stages import Recorder, simple_pipeline
 from tests.test_api_basics import URL, wait_status
 
@@ -187,6 +188,33 @@ async def test_job_document_shape(client, recorder):
     assert doc["progress"]["stages_completed"] == doc["progress"]["total_stages"] == 5
 
 
+async def test_new_job_reads_back_as_it_was_answered(client):
+    """A new job is kept as the JSON it was stored as until something reads it; the first read
+    must show exactly what the 202 promised."""
+    payload = {
+        "url": URL,
+        "priority": "urgent",
+        "chat_url": "https://example.com/chat.json",
+        "callback_url": "https://example.com/hook",
+        "options": {"top_n": 3, "language": "en"},
+    }
+    await client.post("/api/v1/queue/pause")
+    resp = await client.post("/api/v1/analysis", json=payload)
+    assert resp.status == 202
+    answer = await resp.json()
+    SubmitResponse.model_validate(answer)  # the documented response model
+    assert answer["status"] == "queued" and answer["queue_position"] == 1 and answer["deduplicated"] is False
+    assert answer["progress"]["current_stage"] == "Queued" and answer["progress"]["total_stages"] == 5
+    doc = await (await client.get(f"/api/v1/analysis/{answer['job_id']}")).json()
+    for key in ("job_id", "video_id", "status", "progress", "status_url", "stream_url", "queue_position"):
+        assert doc[key] == answer[key], key
+    assert doc["created_at"].rstrip("Z") == answer["created_at"].rstrip("Z")
+    assert doc["priority"] == "urgent" and doc["chat_url"] == payload["chat_url"]
+    assert doc["callback_url"] == payload["callback_url"]
+    assert doc["options"]["top_n"] == 3 and doc["options"]["language"] == "en" and doc["options"]["force"] is False
+    assert [s["status"] for s in doc["stages"]] == ["pending"] * 5
+
+
 async def test_list_jobs_newest_first_with_cursor(client, recorder):
     ids = []
     for i in range(5):
@@ -275,9 +303,11 @@ async def test_api_keys_guard_job_routes_and_stream_token(make_client, make_sett
 async def test_metrics_are_prometheus_exposition(client, recorder):
     recorder.gate("download").set()
     job = await (await client.post("/api/v1/analysis", json={"url": URL})).json()
+    assert (await client.post("/api/v1/analysis", json={"url": URL})).status == 200  # a duplicate
     await wait_status(client, job["job_id"], {"completed"})
     text = await (await client.get("/metrics")).text()
     for name in (
+        'klipstream_jobs_submitted_total{priority="normal"} 1.0',
         'klipstream_jobs_finished_total{status="completed"} 1.0',
         "klipstream_queue_depth",
         "klipstream_running_jobs",

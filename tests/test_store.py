@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import pytest
 
+from klipstream import store as store_module
 from klipstream.models import Job, JobStatus
-from klipstream.store import IdempotencyRecord, SQLiteStore
+from klipstream.store import IdempotencyRecord, JobRow, SQLiteStore
 
 
 async def test_failed_request_in_a_batch_does_not_leak_or_sink_the_others(tmp_path: Path):
@@ -16,9 +18,8 @@ async def test_failed_request_in_a_batch_does_not_leak_or_sink_the_others(tmp_pa
     await store.open()
     jobs = [Job(job_id=f"job{i}", video_id=f"v{i}", url="https://example.com/a.mp4") for i in range(6)]
     record = IdempotencyRecord("same-key", "hash", "job0", "{}", 202)
-    results = await asyncio.gather(
-        *[store.insert_job(job, record if i < 2 else None) for i, job in enumerate(jobs)], return_exceptions=True
-    )
+    inserts = [store.insert_job(JobRow.of(job), record if i < 2 else None) for i, job in enumerate(jobs)]
+    results = await asyncio.gather(*inserts, return_exceptions=True)
     assert [type(r).__name__ for r in results] == ["NoneType", "IntegrityError"] + ["NoneType"] * 4
     assert sorted(j.job_id for j in await store.active_jobs()) == ["job0", "job2", "job3", "job4", "job5"]
     assert (await store.get_idempotency("same-key")).job_id == "job0"
@@ -30,7 +31,7 @@ async def test_state_survives_reopening(tmp_path: Path):
     store = SQLiteStore(path)
     await store.open()
     job = Job(job_id="a", video_id="v", url="https://example.com/a.mp4")
-    await store.insert_job(job)
+    await store.insert_job(JobRow.of(job))
     job.status = JobStatus.RUNNING
     job.warnings.append("chat unavailable")
     await store.save_job(job)
@@ -48,3 +49,32 @@ async def test_calls_after_close_are_refused(tmp_path: Path):
     await store.close()
     with pytest.raises(RuntimeError):
         await store.get_job("a")
+
+
+async def test_a_request_the_writer_does_not_answer_times_out(tmp_path: Path, monkeypatch):
+    """Every wait has a timeout: a stuck writer fails the waiting requests instead of hanging them."""
+    monkeypatch.setattr(store_module, "CALL_TIMEOUT_SECONDS", 0.2)
+    store = SQLiteStore(tmp_path / "jobs.sqlite3")
+    await store.open()
+    release = threading.Event()
+    stuck = store._call(lambda conn: release.wait(5))
+    with pytest.raises(TimeoutError, match="store did not answer"):
+        await asyncio.wait_for(stuck, 2)  # the guard of this test only; the store's own timer fires first
+    release.set()
+    assert await store.ping()  # the writer goes on once it is free again
+    await store.close()
+
+
+async def test_requests_made_just_before_close_are_written(tmp_path: Path):
+    path = tmp_path / "jobs.sqlite3"
+    store = SQLiteStore(path)
+    await store.open()
+    job = Job(job_id="late", video_id="v", url="https://example.com/a.mp4")
+    insert = asyncio.ensure_future(store.insert_job(JobRow.of(job)))
+    await asyncio.sleep(0)  # the insert is queued for this loop turn, not yet handed to the writer
+    await store.close()
+    await insert
+    again = SQLiteStore(path)
+    await again.open()
+    assert (await again.get_job("late")) == job
+    await again.close()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from klipstream.models import Priority
 from klipstream.queue import JobQueue, QueueFull
@@ -60,3 +62,32 @@ async def test_pause_holds_pop_until_resume():
     assert not waiter.done()
     queue.resume()
     assert await asyncio.wait_for(waiter, 1) == "a"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    jobs=st.lists(
+        st.tuples(st.sampled_from(list(Priority)), st.floats(min_value=0, max_value=100)), min_size=1, max_size=40
+    ),
+    removed=st.sets(st.integers(min_value=0, max_value=39)),
+)
+def test_position_is_the_place_in_the_pop_order(jobs, removed):
+    """Whatever the mix of levels and ageing credits, a job's reported place is where it pops."""
+    queue = JobQueue(maxsize=100, aging_seconds=10)
+    for i, (priority, waited) in enumerate(jobs):
+        queue.push(f"j{i}", priority, waited=waited)
+    for i in removed:
+        queue.remove(f"j{i}")
+    positions = {f"j{i}": queue.position(f"j{i}") for i in range(len(jobs)) if f"j{i}" in queue}
+    order = drain(queue)
+    assert positions == {job: place for place, job in enumerate(order, 1)}
+
+
+def test_oldest_age_and_counts_follow_removals():
+    queue = JobQueue(maxsize=10, aging_seconds=60)
+    assert queue.oldest_age() is None
+    queue.push("old", Priority.LOW, waited=30)
+    queue.push("new", Priority.URGENT)
+    assert 29 < queue.oldest_age() < 31
+    queue.remove("old")
+    assert queue.oldest_age() < 1 and queue.counts() == {"low": 0, "normal": 0, "high": 0, "urgent": 1}

@@ -10,7 +10,7 @@ generator never competes with the server. Measured:
   included, queue paused so no job runs, 64 connections;
 * the bare handler (bench/bare_server.py) for GET and for POST with the same bodies.
 
-Run: `python bench/bench_http.py [--seconds 10] [--connections 64]`.
+Run: `python bench/bench_http.py [--seconds 3] [--rounds 9] [--connections 64]`.
 """
 
 from __future__ import annotations
@@ -110,8 +110,10 @@ def median_ratio(runs: list[Run], baseline: list[Run]) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=int, default=5, help="per wrk run")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds; medians are reported")
+    # Many short rounds: this machine's speed drifts within seconds, and a ratio is only as good
+    # as the two runs behind it being measured under the same conditions.
+    parser.add_argument("--seconds", type=int, default=3, help="per wrk run")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds; medians are reported")
     parser.add_argument("--connections", type=int, default=64)
     args = parser.parse_args()
     seconds, conns = args.seconds, args.connections

@@ -16,7 +16,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic_core import to_json
 
@@ -55,8 +55,7 @@ class Subscription:
     new_jobs: bool
 
 
-@dataclass(frozen=True)
-class SubmitOutcome:
+class SubmitOutcome(NamedTuple):
     status: int  # 202 new, 200 deduplicated or idempotent replay
     body: str  # JSON, exactly what the client gets (and what an idempotent replay gets again)
     job_id: str

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, NamedTuple, Protocol, TypeVar
 
 from klipstream.models import Job, JobStatus
 
@@ -93,9 +93,11 @@ CREATE INDEX IF NOT EXISTS stage_runs_time ON stage_runs (stage, finished_at);
 """
 
 
-@dataclass(frozen=True, slots=True)
-class JobRow:
-    """A job as stored: the columns the store filters and sorts on, and the whole job as JSON."""
+class JobRow(NamedTuple):
+    """A job as stored: the columns the store filters and sorts on, and the whole job as JSON.
+
+    A tuple in the order of the `jobs` table's columns (after `seq`), so it binds as it is.
+    """
 
     job_id: str
     video_id: str
@@ -124,19 +126,6 @@ class JobRow:
         """The row of a job just submitted, from the plain data it was encoded from."""
         created = doc["created_at"].timestamp()
         return cls(doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded)
-
-    def columns(self) -> tuple[Any, ...]:
-        """The values in the order of the `jobs` table's columns after `seq`."""
-        return (
-            self.job_id,
-            self.video_id,
-            self.status,
-            self.priority,
-            self.created_at,
-            self.updated_at,
-            self.finished_at,
-            self.doc,
-        )
 
 
 class SQLiteStore:
@@ -282,13 +271,11 @@ class SQLiteStore:
             return False
 
     async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None:
-        values = row.columns()
-
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO jobs (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                values,
+                row,
             )
             if idempotency is not None:
                 conn.execute(
@@ -307,7 +294,7 @@ class SQLiteStore:
         await self._call(insert)
 
     async def save_job(self, job: Job) -> None:
-        job_id, *rest = JobRow.of(job).columns()
+        job_id, *rest = JobRow.of(job)
         values = (*rest, job_id)
         await self._call(
             lambda c: c.execute(

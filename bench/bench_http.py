@@ -120,7 +120,9 @@ def main() -> int:
     submit_lua, etag_lua = write_script(SUBMIT_LUA), write_script(ETAG_LUA)
     real = real_pipeline_available()
     runs: dict[str, list[Run]] = {}
-    nonce = str(time.time_ns() % 997)
+    # Video ids are <run tag><wrk thread><counter>; the tag is 3 digits of this run and 2 of the
+    # round (00 for the warm-up), so no two wrk runs can submit the same URL.
+    run_tag = f"{time.time_ns() % 1000:03d}"
     try:
         # Both servers stay up on core 0 and each measured run sits next to the bare run it is
         # compared with, so background load on this shared machine hits both alike.
@@ -141,18 +143,17 @@ def main() -> int:
                 ("status 304", svc, status_url, etag_lua, (etag,)),
             ]
             submitting: list[tuple[str, ServerProcess, str, Path | None, tuple[str, ...]]] = [
-                ("bare POST", bare, bare.base + "/bare", submit_lua, (nonce,)),
-                ("submit", svc, svc.base + "/api/v1/analysis", submit_lua, (nonce,)),
+                ("bare POST", bare, bare.base + "/bare", submit_lua, (f"{run_tag}00",)),
+                ("submit", svc, svc.base + "/api/v1/analysis", submit_lua, (f"{run_tag}00",)),
             ]
             for phase in (polling, submitting):
-                for name, _server, url, script, script_args in phase:  # warm-up, not counted
-                    warm_args = ("9" + script_args[0],) if name == "submit" else script_args
-                    run_wrk(url, connections=conns, seconds=1, threads=1, script=script, script_args=warm_args)
+                for _name, _server, url, script, script_args in phase:  # warm-up, not counted
+                    run_wrk(url, connections=conns, seconds=1, threads=1, script=script, script_args=script_args)
                 _, before = request("GET", svc.base + "/api/v1/queue/stats")
                 for round_no in range(args.rounds):
                     for name, server, url, script, script_args in phase:
                         if name == "submit":
-                            script_args = (f"{round_no + 1}{nonce}",)
+                            script_args = (f"{run_tag}{round_no + 1:02d}",)
                         runs.setdefault(name, []).append(measure(server, url, conns, seconds, script, script_args))
             time.sleep(0.5)
             _, after = request("GET", svc.base + "/api/v1/queue/stats")

@@ -18,6 +18,7 @@ model libraries are imported inside `serve` only.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import functools
 import os
 import signal
@@ -29,6 +30,12 @@ from typing import Any
 
 from klipstream.transcript_files import Segment, Word
 from klipstream.vad_chunks import SAMPLE_RATE, read_samples, speech_probabilities
+
+# Inference is throughput work and keeps every core busy; the server's event loop is latency work.
+# At nice 10 a worker gets about a tenth of the CPU weight of the loop's thread, so the scheduler
+# lets the loop run the moment it has something to do (loop lag spikes of 50-70 ms while two
+# workers ran at nice 0) and inference keeps all the CPU the loop does not use.
+WORKER_NICENESS = 10
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,8 @@ def serve(config: WorkerConfig, tasks: Connection, results: Connection) -> None:
     workers end, so SIGINT is ignored here. Model libraries never download at run time."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ["HF_HUB_OFFLINE"] = "1"
+    with contextlib.suppress(OSError):  # e.g. a sandbox that forbids it: run at normal priority
+        os.nice(WORKER_NICENESS)
     try:
         engine = Engine(config)
     except Exception as exc:

@@ -42,6 +42,10 @@ class JobQueue:
         self._seq = 0
         self._changed = asyncio.Event()
         self.paused = False
+        # Places already computed, valid while the queue is unchanged: jobs run for minutes, so
+        # most polls of a queued job find the queue as the previous poll left it.
+        self._version = 0
+        self._places: dict[str, tuple[int, int]] = {}
 
     def pause(self) -> None:
         """Stop handing out jobs; running ones are not affected."""
@@ -66,6 +70,7 @@ class JobQueue:
         entry = (time.monotonic() - max(0.0, waited), self._seq, job_id)
         self._lanes[priority].add(entry)
         self._entries[job_id] = (priority, entry)
+        self._version += 1
         self._changed.set()
         return self._place(priority, entry)
 
@@ -75,6 +80,7 @@ class JobQueue:
             return False
         priority, entry = found
         self._lanes[priority].remove(entry)
+        self._forget(job_id)
         return True
 
     def pop_nowait(self) -> str | None:
@@ -91,7 +97,12 @@ class JobQueue:
             return None
         _, _, job_id = self._lanes[best[2]].pop(0)
         del self._entries[job_id]
+        self._forget(job_id)
         return job_id
+
+    def _forget(self, job_id: str) -> None:
+        self._version += 1
+        self._places.pop(job_id, None)
 
     async def pop(self) -> str:
         while True:
@@ -105,7 +116,14 @@ class JobQueue:
         """1-based place in line as things stand (jobs queued later at a higher level, or an
         ageing credit, can still move it)."""
         found = self._entries.get(job_id)
-        return None if found is None else self._place(*found)
+        if found is None:
+            return None
+        known = self._places.get(job_id)
+        if known is not None and known[0] == self._version:
+            return known[1]
+        place = self._place(*found)
+        self._places[job_id] = (self._version, place)
+        return place
 
     def _place(self, priority: Priority, entry: Entry) -> int:
         """1 + the number of queued jobs that go first: in each lane, those that entered early

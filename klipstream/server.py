@@ -73,6 +73,7 @@ STATE = web.AppKey("state", dict)
 EXTRAS = web.AppKey("extras", dict)
 STAGES = web.AppKey("stages", list)
 STATUS_CACHE = web.AppKey("status_cache", dict)  # job id -> (version, encoded status, ETag)
+CORS = web.AppKey("cors", Callable)  # adds CORS headers to an unsent response
 
 
 # --- problem details ---
@@ -94,34 +95,54 @@ def validation_problem(exc: ValidationError) -> web.Response:
     return problem(422, "Invalid request", "Some fields are missing or invalid.", errors=fields)
 
 
-@web.middleware
-async def http_middleware(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]):
-    """CORS preflights, and one problem-details body for every error (never a traceback)."""
-    trace = request.headers.get("X-Cloud-Trace-Context")
-    token = trace_context.set(trace) if trace else None
-    try:
-        if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
-            return web.Response(status=204)
-        return await handler(request)
-    except web.HTTPException as exc:
-        if exc.status < 400:
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def http_middleware(settings: Settings) -> Callable[[web.Request, Handler], Awaitable[web.StreamResponse]]:
+    """CORS (preflights and headers), and one problem-details body for every error (never a
+    traceback). CORS is applied here rather than in an `on_response_prepare` signal, which cost
+    every response a signal dispatch; the event stream, prepared inside its handler, adds the
+    same headers itself."""
+    add_cors = cors_headers(settings)
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        trace = request.headers.get("X-Cloud-Trace-Context")
+        token = trace_context.set(trace) if trace else None
+        try:
+            if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
+                response: web.StreamResponse = web.Response(status=204)
+            else:
+                response = await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                add_cors(request, exc)
+                raise
+            response = _problem_from_http_exception(exc, settings)
+        except asyncio.CancelledError:
             raise
-        if exc.status == 413:
-            return problem(413, "Request body too large", f"The limit is {request.app[SETTINGS].max_body_bytes} bytes.")
-        keep = {k: v for k, v in exc.headers.items() if k.lower() in ("retry-after", "www-authenticate", "allow")}
-        return _problem_with_headers(exc.status, exc.reason, exc.text or exc.reason, keep)
-    except asyncio.CancelledError:
-        raise
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return problem(500, "Internal error", "The server failed to handle the request; it has been logged.")
-    finally:
-        if token is not None:
-            trace_context.reset(token)
+        except Exception:
+            log.exception("unhandled error on %s %s", request.method, request.path)
+            response = problem(500, "Internal error", "The server failed to handle the request; it has been logged.")
+        finally:
+            if token is not None:
+                trace_context.reset(token)
+        if not response.prepared:
+            add_cors(request, response)
+        return response
+
+    return middleware
 
 
-def cors_headers(settings: Settings) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
-    """Adds CORS headers as a response is prepared, so streamed responses (SSE) get them too."""
+def _problem_from_http_exception(exc: web.HTTPException, settings: Settings) -> web.Response:
+    if exc.status == 413:
+        return problem(413, "Request body too large", f"The limit is {settings.max_body_bytes} bytes.")
+    keep = {k: v for k, v in exc.headers.items() if k.lower() in ("retry-after", "www-authenticate", "allow")}
+    return _problem_with_headers(exc.status, exc.reason, exc.text or exc.reason, keep)
+
+
+def cors_headers(settings: Settings) -> Callable[[web.Request, web.StreamResponse], None]:
+    """The function that adds CORS headers to a response that is not yet sent."""
     origins = set(settings.cors_origins)
     wildcard = "*" in origins
     static = {
@@ -131,7 +152,7 @@ def cors_headers(settings: Settings) -> Callable[[web.Request, web.StreamRespons
         "Access-Control-Max-Age": "600",
     }
 
-    async def on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    def add(request: web.Request, response: web.StreamResponse) -> None:
         origin = request.headers.get("Origin")
         if not origin or not (wildcard or origin in origins):
             return
@@ -142,7 +163,7 @@ def cors_headers(settings: Settings) -> Callable[[web.Request, web.StreamRespons
             response.headers["Vary"] = "Origin"
         response.headers.update(static)
 
-    return on_prepare
+    return add
 
 
 # --- helpers ---
@@ -369,6 +390,7 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     # aiohttp-sse's response sets the event-stream headers and chunked coding; it is prepared
     # directly rather than through sse_response() to keep each open stream's footprint small.
     response = BroadcastStream(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    request.app[CORS](request, response)  # prepared here, so the middleware cannot add them later
     await response.prepare(request)
     topic = broadcaster.topic(job_id)
     topic.subscribers += 1
@@ -750,7 +772,7 @@ def create_app(
         stages = default_pipeline()
     app = web.Application(
         client_max_size=settings.max_body_bytes,
-        middlewares=[http_middleware],
+        middlewares=[http_middleware(settings)],
         handler_args={"max_field_size": 16384},
     )
     app[SETTINGS] = settings
@@ -773,7 +795,7 @@ def create_app(
             resources[route.path] = app.router.add_resource(route.path)
         resources[route.path].add_route(route.method, route.handler)
     app[EXTRAS]["openapi"] = openapi_document(routes, title="KlipStream Analysis", version=__version__)
-    app.on_response_prepare.append(cors_headers(settings))
+    app[CORS] = cors_headers(settings)
     app.cleanup_ctx.append(_runtime)
     app.on_shutdown.append(_on_shutdown)
     return app

@@ -344,6 +344,8 @@ async def test_cors_explicit_origins_allow_credentials(make_client, make_setting
     assert ok.headers["Access-Control-Allow-Credentials"] == "true"
     other = await client.get("/health", headers={"Origin": "https://evil.example"})
     assert "Access-Control-Allow-Origin" not in other.headers
+    missing = await client.get("/api/v1/analysis/nope", headers={"Origin": "https://app.example"})
+    assert missing.status == 404 and missing.headers["Access-Control-Allow-Origin"] == "https://app.example"
 
 
 async def test_cors_headers_reach_event_streams(client, recorder):

@@ -83,6 +83,19 @@ def test_position_is_the_place_in_the_pop_order(jobs, removed):
     assert positions == {job: place for place, job in enumerate(order, 1)}
 
 
+def test_places_follow_every_change_of_the_queue():
+    queue = JobQueue(maxsize=10, aging_seconds=3600)
+    queue.push("n1", Priority.NORMAL)
+    queue.push("n2", Priority.NORMAL)
+    assert queue.position("n2") == 2
+    queue.push("u1", Priority.URGENT)
+    assert queue.position("n2") == 3  # a later urgent job goes first
+    queue.remove("n1")
+    assert queue.position("n2") == 2
+    assert queue.pop_nowait() == "u1"
+    assert queue.position("n2") == 1 and queue.position("u1") is None
+
+
 def test_oldest_age_and_counts_follow_removals():
     queue = JobQueue(maxsize=10, aging_seconds=60)
     assert queue.oldest_age() is None

@@ -61,9 +61,8 @@ class JobQueue:
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._entries
 
-    def push(self, job_id: str, priority: Priority, *, waited: float = 0.0, force: bool = False) -> int:
-        """Add a job and return its place in line; `waited` credits time already spent queued
-        (kept across restarts)."""
+    def push(self, job_id: str, priority: Priority, *, waited: float = 0.0, force: bool = False) -> None:
+        """Add a job; `waited` credits time already spent queued (kept across restarts)."""
         if not force and len(self._entries) >= self.maxsize:
             raise QueueFull
         self._seq += 1
@@ -72,7 +71,11 @@ class JobQueue:
         self._entries[job_id] = (priority, entry)
         self._version += 1
         self._changed.set()
-        return self._place(priority, entry)
+
+    def place_for_new(self, priority: Priority) -> int:
+        """The place a job of `priority` queued now would take: behind everything of its own
+        level, and behind lower levels only as far as their ageing has carried them."""
+        return self._place(priority, (time.monotonic(), self._seq + 1, ""))
 
     def remove(self, job_id: str) -> bool:
         found = self._entries.pop(job_id, None)

@@ -211,7 +211,7 @@ class JobService:
         # Tracked before the await, so a concurrent duplicate sees it.
         self.unparsed[job_id] = encoded
         self.active_by_video.setdefault(video_id, job_id)
-        body = self._new_job_body(doc, position=len(self.queue) + 1)
+        body = self._new_job_body(doc, position=self.queue.place_for_new(request.priority))
         record = IdempotencyRecord(key, fingerprint, job_id, body, 202) if key else None
         try:
             await self.store.insert_job(JobRow.new(doc, encoded), record)
@@ -365,7 +365,8 @@ class JobService:
         self.recent.pop(job_id, None)
         self._track(job)
         await self.store.save_job(job)
-        job.queue_position = self.queue.push(job_id, job.priority)
+        self.queue.push(job_id, job.priority)
+        job.queue_position = self.queue.position(job_id)
         self._emit("queued", job)
         return job
 

@@ -215,6 +215,18 @@ async def test_new_job_reads_back_as_it_was_answered(client):
     assert [s["status"] for s in doc["stages"]] == ["pending"] * 5
 
 
+async def test_queue_position_of_a_new_job_counts_its_priority(client):
+    await client.post("/api/v1/queue/pause")
+    for video in ("1000001", "1000002"):
+        resp = await client.post("/api/v1/analysis", json={"url": f"https://www.twitch.tv/videos/{video}"})
+        assert resp.status == 202
+    urgent = await client.post("/api/v1/analysis", json={"url": URL, "priority": "urgent"})
+    answer = await urgent.json()
+    assert answer["queue_position"] == 1  # ahead of the two normal jobs, not behind them
+    status = await (await client.get(f"/api/v1/analysis/{answer['job_id']}/status")).json()
+    assert status["queue_position"] == 1
+
+
 async def test_list_jobs_newest_first_with_cursor(client, recorder):
     ids = []
     for i in range(5):

@@ -83,6 +83,18 @@ def test_position_is_the_place_in_the_pop_order(jobs, removed):
     assert positions == {job: place for place, job in enumerate(order, 1)}
 
 
+def test_place_for_a_new_job_counts_its_level():
+    queue = JobQueue(maxsize=10, aging_seconds=3600)
+    for i in range(3):
+        queue.push(f"n{i}", Priority.NORMAL)
+    queue.push("h", Priority.HIGH)
+    assert queue.place_for_new(Priority.URGENT) == 1
+    assert queue.place_for_new(Priority.HIGH) == 2
+    assert queue.place_for_new(Priority.LOW) == 5
+    queue.push("u", Priority.URGENT)
+    assert queue.position("u") == 1
+
+
 def test_places_follow_every_change_of_the_queue():
     queue = JobQueue(maxsize=10, aging_seconds=3600)
     queue.push("n1", Priority.NORMAL)

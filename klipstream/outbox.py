@@ -74,13 +74,9 @@ class NewDelivery:
 
 
 @dataclass(frozen=True)
-class Delivery:
-    id: str
-    job_id: str
-    url: str
-    event: str
-    body: str
-    created_at: float
+class Delivery(NewDelivery):
+    """A stored delivery that is due: what was queued, and how often it has been tried."""
+
     attempts: int
 
 

@@ -2,7 +2,7 @@
 
     python bench/bench_analysis.py [--duration 3600] [--messages 50000] [--unique 0.3]
 
-Generates a synthetic stream (klipstream.analysis.synthetic) with the requested chat volume, a
+Generates a synthetic stream (tests.synthetic) with the requested chat volume, a
 share of unique messages (real chat is not all copy-pasted emotes), writes the artifacts the
 earlier stages would write, then runs the chat_analysis, transcript_analysis and highlights stages
 exactly as the runner does (through a StageContext, work in threads), one after the other.
@@ -23,10 +23,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import aiohttp
 
-from klipstream.analysis import synthetic
 from klipstream.stages.chat_analysis import CHAT_ANALYSIS
 from klipstream.stages.highlights import HIGHLIGHTS
 from klipstream.stages.transcript_analysis import TRANSCRIPT_ANALYSIS
+from tests import synthetic
 from tests.stage_helpers import make_context
 
 

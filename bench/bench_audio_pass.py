@@ -1,4 +1,4 @@
-"""Speed and peak memory of the single audio pass (klipstream.audio_pass) on long synthetic VOD audio.
+"""Speed and peak memory of the single audio pass (klipstream.acquisition.audio_pass) on long synthetic VOD audio.
 
 Generates Twitch-like audio once (AAC, 48 kHz stereo, 128 kb/s, in MPEG-TS) into a cache folder,
 then runs the whole pass (decode, 16 kHz PCM, MP3, waveform, features) in a fresh child process
@@ -68,7 +68,7 @@ def synthetic_media(seconds: float) -> Path:
 
 def child(source: str) -> None:
     """Run one pass in this process, pinned to one core; print the measurements as JSON."""
-    from klipstream.audio_pass import AudioPassOutputs, playback_format, run_audio_pass
+    from klipstream.acquisition.audio_pass import AudioPassOutputs, playback_format, run_audio_pass
 
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[-1]})

@@ -11,16 +11,16 @@ Inputs (built once, then reused from CACHE):
 - media: the speech fixture looped with 3 s silences (bench_transcribe.make_pcm), encoded as a
   48 kHz stereo AAC .m4a, the shape of a Twitch audio-only rendition, so the audio stage does a
   realistic decode and resample;
-- chat: a TwitchDownloader-style JSON archive from klipstream.analysis.synthetic (a few thousand
+- chat: a TwitchDownloader-style JSON archive from tests.synthetic (a few thousand
   messages with planted surges, emote spam and bot bursts);
-- the 16 kHz PCM of that media, produced by klipstream.audio_pass.run_audio_pass, i.e. exactly the
+- the 16 kHz PCM of that media, produced by klipstream.acquisition.audio_pass.run_audio_pass, i.e. exactly the
   samples the job's audio stage hands to transcription.
 
 Bare run: `WhisperModel.transcribe(vad_filter=True, word_timestamps=True)` (bench_transcribe.bare_run)
 on that PCM, with the bundled tiny.en loaded beforehand, int8 on CPU, the CPU threads one pool
 worker gets (cores / KLIPSTREAM_TRANSCRIBE_WORKERS), beam 5 as the worker uses.
 
-Whole job: klipstream.local_run.analyze with Settings.from_env(), i.e. the real queue, runner and
+Whole job: klipstream.cli.local.analyze with Settings.from_env(), i.e. the real queue, runner and
 stages (download of a local file, chat from a local file, audio pass, transcription in the worker
 pool, chat analysis, transcript analysis, highlights). Two figures: the job's own wall time
 (started_at -> finished_at in the job JSON, which includes the pool's cold start because the pool
@@ -114,7 +114,7 @@ def decode_like_audio_stage(media: Path, directory: Path) -> Path:
     """The PCM the job's audio stage would hand to transcription (the same function, same file)."""
     import threading
 
-    from klipstream.audio_pass import AudioPassOutputs, playback_format, run_audio_pass
+    from klipstream.acquisition.audio_pass import AudioPassOutputs, playback_format, run_audio_pass
 
     fmt = playback_format()
     outputs = AudioPassOutputs(
@@ -132,7 +132,7 @@ def decode_like_audio_stage(media: Path, directory: Path) -> Path:
 
 
 def build_fixture(minutes: float) -> Fixture:
-    from klipstream.analysis.synthetic import generate
+    from tests.synthetic import generate
 
     seconds = minutes * 60
     directory = CACHE / f"{minutes:g}min"
@@ -161,7 +161,7 @@ def build_fixture(minutes: float) -> Fixture:
 def bare_model(settings: Settings) -> Any:
     from faster_whisper import WhisperModel
 
-    from klipstream.whisper_worker import resolve_model
+    from klipstream.transcription.worker import resolve_model
 
     threads = max(1, (os.cpu_count() or 1) // settings.transcribe_workers)  # what each pool worker gets
     return WhisperModel(
@@ -170,7 +170,7 @@ def bare_model(settings: Settings) -> Any:
 
 
 def compute_type(settings: Settings) -> str:
-    """What a CPU worker resolves `auto` to (klipstream.whisper_worker.Engine)."""
+    """What a CPU worker resolves `auto` to (klipstream.transcription.worker.Engine)."""
     return "int8" if settings.whisper_compute_type == "auto" else settings.whisper_compute_type
 
 
@@ -183,7 +183,7 @@ def process_tree_cpu() -> float:
 
 
 async def job_run(settings: Settings, fixture: Fixture, out_dir: Path) -> JobRun:
-    from klipstream.local_run import analyze
+    from klipstream.cli.local import analyze
 
     request = SubmitRequest(url=str(fixture.media), chat_url=str(fixture.chat), options=JobOptions(force=True))
     start, cpu = time.perf_counter(), process_tree_cpu()
@@ -199,7 +199,7 @@ async def job_run(settings: Settings, fixture: Fixture, out_dir: Path) -> JobRun
 
 async def pool_cold_start(settings: Settings) -> float:
     """Spawn + model load of the transcription pool, which the job pays because the pool starts on first use."""
-    from klipstream.transcriber import Transcriber
+    from klipstream.transcription.pool import Transcriber
 
     transcriber = Transcriber(settings)
     start = time.perf_counter()

@@ -31,9 +31,10 @@ from aiohttp import web
 
 from bench.bench_sse import SPEECH, serve_media
 from bench.common import machine_note, percentile, real_pipeline_available, table, verdict
+from klipstream.api.context import LAG
 from klipstream.config import Settings
 from klipstream.metrics import LoopLagMonitor, Metrics
-from klipstream.server import LAG, create_app
+from klipstream.server import create_app
 
 TERMINAL = ("completed", "failed", "cancelled")
 

@@ -34,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from klipstream.config import Settings  # noqa: E402
+from klipstream.jobs.stage import ProgressSink, StageContext  # noqa: E402
 from klipstream.models import Job, JobOptions, VideoInfo  # noqa: E402
-from klipstream.stage import ProgressSink, StageContext  # noqa: E402
 from klipstream.stages.transcribe import TRANSCRIBE  # noqa: E402
-from klipstream.transcriber import Transcriber  # noqa: E402
+from klipstream.transcription.pool import Transcriber  # noqa: E402
 
 FIXTURE = ROOT / "tests" / "fixtures" / "speech" / "speech.ogg"
 RATE = 16000
@@ -118,7 +118,7 @@ async def stage_run(transcriber: Transcriber, settings: Settings, pcm: Path, wor
         http=None,  # type: ignore[arg-type]  # the stage makes no HTTP calls
         inputs={"pcm": pcm},
         sink=NullSink(),
-        services={"transcriber": transcriber},
+        transcriber=transcriber,
     )
     pids = [os.getpid(), *transcriber.pids()]
     start, cpu = time.perf_counter(), sum(cpu_seconds(p) for p in pids)
@@ -141,7 +141,7 @@ async def warm(transcriber: Transcriber) -> None:
 async def compare(tmp: Path, seconds: float, rounds: int) -> list[tuple[str, str]]:
     from faster_whisper import WhisperModel
 
-    from klipstream.whisper_worker import resolve_model
+    from klipstream.transcription.worker import resolve_model
 
     pcm = make_pcm(tmp / "ten.pcm", seconds)
     settings = Settings.from_env({}, data_dir=tmp, transcribe_workers=1)

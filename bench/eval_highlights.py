@@ -17,12 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from klipstream.analysis import synthetic
 from klipstream.analysis.chat_scoring import load_chat_json
 from klipstream.analysis.highlights import Highlight
 from klipstream.analysis.pipeline import analyze_chat, build_timeline, find_highlights
 from klipstream.analysis.signals import AudioFeatures, load_transcript
 from klipstream.config import Settings
+from tests import synthetic
 
 TOLERANCE = 20.0
 

@@ -24,13 +24,14 @@ from typing import Any
 from aiohttp import web
 
 from klipstream import server
-from klipstream.broadcaster import Broadcaster, Event, Topic
+from klipstream.api.context import BROADCASTER
+from klipstream.api.openapi import Route
 from klipstream.config import Settings
 from klipstream.errors import NetworkError
+from klipstream.jobs.broadcaster import Broadcaster, Event, Topic
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.logs import configure_logging
 from klipstream.models import DisplayStage
-from klipstream.openapi import Route
-from klipstream.stage import Resource, Stage, StageContext
 
 BLOCK = 1 << 20
 
@@ -58,7 +59,7 @@ class TimedBroadcaster(Broadcaster):
 
 
 async def published(request: web.Request) -> web.Response:
-    topic = request.app[server.BROADCASTER].topics.get(request.match_info["job_id"])
+    topic = request.app[BROADCASTER].topics.get(request.match_info["job_id"])
     times = topic.published if isinstance(topic, TimedTopic) else {}
     return web.json_response(
         {"events": {str(k): v for k, v in times.items()}, "subscribers": topic.subscribers if topic else 0}
@@ -191,7 +192,7 @@ def instrumented_create_app(original: Any, pipeline: str) -> Any:
         if stages is None and pipeline == "bench":
             stages = bench_pipeline()
         app = original(settings, stages=stages, extra_routes=[*(extra_routes or []), PUBLISHED_ROUTE])
-        app[server.BROADCASTER] = TimedBroadcaster()
+        app[BROADCASTER] = TimedBroadcaster()
         return app
 
     return create_app

@@ -11,7 +11,7 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from klipstream.models import Job, Priority
+from klipstream.models import TERMINAL_STATUSES, Job, Priority
 
 log = logging.getLogger(__name__)
 LAG_WARN_SECONDS = 0.1
@@ -44,7 +44,7 @@ class Metrics:
         self._observed: set[tuple[str, str, int]] = set()
 
     def job_event(self, kind: str, job: Job) -> None:
-        if kind in ("completed", "failed", "cancelled"):
+        if kind in TERMINAL_STATUSES:
             self.jobs_finished.labels(kind).inc()
         if kind == "stage_changed":
             for state in job.stages:

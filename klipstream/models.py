@@ -42,7 +42,11 @@ class JobStatus(StrEnum):
 
     @property
     def terminal(self) -> bool:
-        return self in (JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED)
+        return self in TERMINAL_STATUSES
+
+
+# The statuses a job does not leave on its own; also the names of the terminal stream events.
+TERMINAL_STATUSES = frozenset({JobStatus.COMPLETED, JobStatus.FAILED, JobStatus.CANCELLED})
 
 
 class StageStatus(StrEnum):

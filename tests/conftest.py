@@ -11,8 +11,8 @@ import pytest
 from aiohttp.test_utils import TestClient
 
 from klipstream.config import Settings
+from klipstream.jobs.stage import Stage
 from klipstream.server import create_app
-from klipstream.stage import Stage
 
 # Chromium and other children must not inherit a proxy that points off this machine.
 for _name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):

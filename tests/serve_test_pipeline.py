@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 from klipstream.config import Settings
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.logs import configure_logging
 from klipstream.models import DisplayStage
 from klipstream.server import serve
-from klipstream.stage import Resource, Stage, StageContext
 
 STEPS = 10
 STEP_SECONDS = float(os.environ.get("TEST_STEP_SECONDS", "0.1"))

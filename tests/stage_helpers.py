@@ -8,9 +8,9 @@ from typing import Any
 import aiohttp
 
 from klipstream.config import Settings
+from klipstream.jobs.stage import ProgressSink, Stage, StageContext
 from klipstream.models import Job, JobOptions, VideoInfo
-from klipstream.stage import ProgressSink, Stage, StageContext
-from klipstream.urls import video_id_for
+from klipstream.network import video_id_for
 
 
 class RecordingSink(ProgressSink):
@@ -44,7 +44,7 @@ def make_context(
     chat_url: str | None = None,
     inputs: dict[str, Path] | None = None,
     options: dict[str, Any] | None = None,
-    services: dict[str, Any] | None = None,
+    transcriber: Any = None,
     video: VideoInfo | None = None,
     **settings: Any,
 ) -> tuple[StageContext, RecordingSink]:
@@ -68,6 +68,6 @@ def make_context(
         http=http,
         inputs=dict(inputs or {}),
         sink=sink,
-        services=services,
+        transcriber=transcriber,
     )
     return ctx, sink

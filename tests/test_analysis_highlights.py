@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from klipstream.analysis import synthetic
 from klipstream.analysis.baselines import centered_mean, poisson_surge, robust_relative, rolling_mean, rolling_quantile
 from klipstream.analysis.chat_scoring import load_chat_json
 from klipstream.analysis.highlights import (
@@ -22,6 +21,7 @@ from klipstream.analysis.highlights import (
 )
 from klipstream.analysis.pipeline import analyze_chat, build_timeline, find_highlights
 from klipstream.analysis.signals import AudioFeatures, SpeechSignals, attribute_back, lag_kernel, load_transcript
+from tests import synthetic
 
 
 # --- baselines ---

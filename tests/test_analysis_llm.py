@@ -12,9 +12,9 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from klipstream.analysis import synthetic
 from klipstream.analysis.llm_scorer import LLMScorer
 from klipstream.stages.transcript_analysis import TRANSCRIPT_ANALYSIS
+from tests import synthetic
 from tests.stage_helpers import make_context
 
 

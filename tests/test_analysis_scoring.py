@@ -187,7 +187,7 @@ def test_per_second_signals_roundtrip(tmp_path: Path) -> None:
 
 
 def test_synthetic_chat_json_is_twitchdownloader_shaped(tmp_path: Path) -> None:
-    from klipstream.analysis import synthetic
+    from tests import synthetic
 
     stream = synthetic.generate(seed=1, duration=300.0)
     paths = stream.write(tmp_path)

@@ -9,12 +9,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from klipstream.analysis import synthetic
 from klipstream.analysis.chat_scoring import CHAT_SENTIMENT_COLUMNS
 from klipstream.analysis.transcript_windows import SENTIMENT_COLUMNS
 from klipstream.stages.chat_analysis import CHAT_ANALYSIS
 from klipstream.stages.highlights import HIGHLIGHTS, TOP_HIGHLIGHTS_COLUMNS
 from klipstream.stages.transcript_analysis import TRANSCRIPT_ANALYSIS
+from tests import synthetic
 from tests.stage_helpers import make_context
 
 HIGHLIGHT_KEYS = {"rank", "start_time", "end_time", "score", "dominant_emotion", "contributions", "reason"}

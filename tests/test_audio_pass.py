@@ -13,7 +13,7 @@ import av
 import numpy as np
 import pytest
 
-from klipstream.audio_pass import (
+from klipstream.acquisition.audio_pass import (
     HOP_SAMPLES,
     AudioPassOutputs,
     FeatureFrames,

@@ -16,9 +16,10 @@ from urllib.parse import urlsplit
 import pytest
 from aiohttp import web
 
+from klipstream.api.context import BROADCASTER
+from klipstream.api.openapi import Route
 from klipstream.config import Settings
-from klipstream.openapi import Route
-from klipstream.server import BROADCASTER, create_app
+from klipstream.server import create_app
 from tests.chromium import CHROMIUM, CHROMIUM_ARGS, HAVE_CHROMIUM
 from tests.scheduler_stages import Recorder, simple_pipeline
 

@@ -15,13 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from klipstream.backoff import parse_retry_after
-from klipstream.chat_archive import ChatMessage, ChatVideo, Fragment, iter_csv
-from klipstream.errors import ExternalServiceError, InvalidVideoUrl, StageUnavailable
-from klipstream.models import VideoInfo
-from klipstream.stage import StageContext
-from klipstream.stages.chat import CHAT
-from klipstream.twitch_chat import (
+from klipstream.acquisition.chat_archive import ChatMessage, ChatVideo, Fragment, iter_csv
+from klipstream.acquisition.twitch_chat import (
     GqlClient,
     GqlConfig,
     RangeSpool,
@@ -29,6 +24,11 @@ from klipstream.twitch_chat import (
     split_ranges,
     write_merged,
 )
+from klipstream.errors import ExternalServiceError, InvalidVideoUrl, StageUnavailable
+from klipstream.jobs.stage import StageContext
+from klipstream.models import VideoInfo
+from klipstream.retry import parse_retry_after
+from klipstream.stages.chat import CHAT
 from tests.fake_twitch_gql import FakeChat, RunningFake, serve
 from tests.stage_helpers import RecordingSink, make_context
 

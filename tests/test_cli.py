@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from klipstream import cli, local_run
+from klipstream import cli
+from klipstream.cli import local as local_run
 from klipstream.errors import VideoUnavailable
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage, VideoInfo
 from klipstream.proc import run_process
-from klipstream.stage import Resource, Stage, StageContext
 
 ROOT = Path(__file__).resolve().parent.parent
 RATE = 8000
@@ -311,7 +312,7 @@ def test_ctrl_c_cancels_kills_children_and_removes_partial_files(tmp_path: Path)
     pid_file = tmp_path / "child.pid"
     driver = (
         "import sys; from pathlib import Path\n"
-        "from klipstream import local_run, cli\n"
+        "from klipstream import cli\nfrom klipstream.cli import local as local_run\n"
         "from tests.test_cli import demo_pipeline\n"
         f"local_run.default_stages = lambda: demo_pipeline(hold_pid_file=Path({str(pid_file)!r}))\n"
         f"sys.exit(cli.main(['analyze', {str(source)!r}, '--out', {str(out)!r}]))\n"

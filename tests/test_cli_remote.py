@@ -15,7 +15,9 @@ import pytest
 from aiohttp import web
 
 from klipstream import cli
+from klipstream.cli import remote
 from klipstream.server import create_app
+from klipstream.sse import SseParser
 from tests.scheduler_stages import Recorder, simple_pipeline
 from tests.test_cli import demo_pipeline, make_wav
 
@@ -177,7 +179,7 @@ async def test_watch_reconnects_with_last_event_id(aiohttp_server, capsys):
 
 
 def test_sse_parser_follows_the_wire_rules() -> None:
-    parser = cli.SseParser()
+    parser = SseParser()
     events = parser.feed(b': ping\r\nretry: 1500\r\nid: 7\r\nevent: progress\r\ndata: {"a":\r\ndata: 1}\r\n\r\n')
     assert [(e.event, e.data, e.id, e.retry) for e in events] == [("progress", '{"a":\n1}', "7", 1500)]
     assert parser.feed(b"data: plain") == []
@@ -187,6 +189,6 @@ def test_sse_parser_follows_the_wire_rules() -> None:
 
 def test_remote_server_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PORT", "9999")
-    assert cli.default_server() == "http://127.0.0.1:9999"
+    assert remote.default_server() == "http://127.0.0.1:9999"
     monkeypatch.setenv("KLIPSTREAM_SERVER", "https://ks.example")
-    assert cli.default_server() == "https://ks.example"
+    assert remote.default_server() == "https://ks.example"

@@ -16,8 +16,8 @@ import aiohttp
 import pytest
 
 from klipstream.config import Settings
-from klipstream.convex_mirror import ConvexMirror
 from klipstream.errors import ErrorType
+from klipstream.integrations.convex import ConvexMirror
 from klipstream.models import DisplayStage, Job, JobError, JobStatus, VideoInfo
 from tests.fake_convex import FUNCTIONS, FakeConvex
 

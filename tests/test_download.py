@@ -15,9 +15,9 @@ from yt_dlp.networking import Response
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import DownloadError, ExtractorError, GeoRestrictedError, UnsupportedError
 
-from klipstream import media_fetch
+from klipstream.acquisition import media as media_fetch
+from klipstream.acquisition.media import DownloadProgress, classify_ytdlp_error, parse_progress
 from klipstream.errors import InvalidVideoUrl, NetworkError, VideoNotFound, VideoTooLong, VideoUnavailable
-from klipstream.media_fetch import DownloadProgress, classify_ytdlp_error, parse_progress
 from klipstream.stages.download import DOWNLOAD, local_media_path, summarise
 from tests.media_fixtures import MediaServer, media_server, write_audio, write_av, write_hls, write_master
 from tests.stage_helpers import make_context

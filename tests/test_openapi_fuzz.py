@@ -19,8 +19,9 @@ from aiohttp import web
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 
+from klipstream.api.context import OPENAPI
 from klipstream.config import Settings
-from klipstream.server import EXTRAS, create_app
+from klipstream.server import create_app
 from tests.scheduler_stages import Recorder, simple_pipeline
 
 EXAMPLES_PER_OPERATION = 40
@@ -93,7 +94,7 @@ def generated_document() -> dict[str, Any]:
     `test_served_document_is_the_generated_one` ties it to what the server actually serves.
     """
     config = Settings.from_env({}, data_dir=Path("unused"))
-    return create_app(config, stages=simple_pipeline(Recorder()))[EXTRAS]["openapi"]
+    return create_app(config, stages=simple_pipeline(Recorder()))[OPENAPI]
 
 
 schema = schemathesis.openapi.from_dict(generated_document())

@@ -6,8 +6,8 @@ import asyncio
 from typing import Any
 
 from klipstream.errors import NetworkError, VideoNotFound
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
-from klipstream.stage import Resource, Stage, StageContext
 from tests.scheduler_stages import Recorder, blocking_stage, simple_pipeline, writing_stage
 from tests.test_api_basics import URL, wait_status
 

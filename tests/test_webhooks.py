@@ -20,9 +20,9 @@ import pytest
 from aiohttp import web
 
 from klipstream.config import ConfigError, Settings
+from klipstream.integrations.outbox import Outbox
+from klipstream.integrations.webhooks import PrivateAddressRefused, PublicOnlyResolver, WebhookDispatcher, secret_key
 from klipstream.models import Job, JobError, JobOptions, JobStatus
-from klipstream.outbox import Outbox
-from klipstream.webhooks import PrivateAddressRefused, PublicOnlyResolver, WebhookDispatcher, secret_key
 
 SECRET_A = "whsec_" + base64.b64encode(b"A" * 24).decode()
 SECRET_B = "whsec_" + base64.b64encode(os.urandom(32)).decode()

@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klipstream.analysis.lexicon import load_lexicon
 from klipstream.analysis.text_scoring import TextScore, intensity_cues
-from klipstream.backoff import parse_retry_after
+from klipstream.retry import parse_retry_after
 
 PROMPT_VERSION = "1"
 SYSTEM_PROMPT = (

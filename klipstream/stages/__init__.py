@@ -6,7 +6,7 @@ ETA's critical path; the runner starts each stage when its inputs exist.
 
 from __future__ import annotations
 
-from klipstream.stage import Stage
+from klipstream.jobs.stage import Stage
 
 
 def default_pipeline() -> list[Stage]:

@@ -1,12 +1,12 @@
-"""Stage `audio`: the one decode of the downloaded media (klipstream.audio_pass) in a worker thread."""
+"""Stage `audio`: the one decode of the downloaded media (klipstream.acquisition.audio_pass) in a worker thread."""
 
 from __future__ import annotations
 
 import asyncio
 
-from klipstream.audio_pass import AudioPassOutputs, PassCancelled, playback_format, run_audio_pass
+from klipstream.acquisition.audio_pass import AudioPassOutputs, PassCancelled, playback_format, run_audio_pass
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
-from klipstream.stage import Resource, Stage, StageContext
 
 
 async def run(ctx: StageContext) -> None:

@@ -30,12 +30,15 @@ from urllib.parse import unquote, urlsplit
 import aiohttp
 from yarl import URL
 
-from klipstream.backoff import parse_retry_after
-from klipstream.chat_archive import ChatVideo, ParsedArchive, invalid, parse_archive, too_large, write_artifacts
-from klipstream.errors import ExternalServiceError, InvalidVideoUrl, NetworkError, StageUnavailable
-from klipstream.models import DisplayStage
-from klipstream.stage import Resource, Stage, StageContext
-from klipstream.twitch_chat import (
+from klipstream.acquisition.chat_archive import (
+    ChatVideo,
+    ParsedArchive,
+    invalid,
+    parse_archive,
+    too_large,
+    write_artifacts,
+)
+from klipstream.acquisition.twitch_chat import (
     ChatFetch,
     GqlClient,
     GqlConfig,
@@ -44,7 +47,11 @@ from klipstream.twitch_chat import (
     split_ranges,
     write_merged,
 )
-from klipstream.urls import ensure_public_url, twitch_video_id
+from klipstream.errors import ExternalServiceError, InvalidVideoUrl, NetworkError, StageUnavailable
+from klipstream.jobs.stage import Resource, Stage, StageContext
+from klipstream.models import DisplayStage
+from klipstream.network import ensure_public_url, twitch_video_id
+from klipstream.retry import parse_retry_after
 
 MAX_REDIRECTS = 5
 _DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_connect=15, sock_read=60)

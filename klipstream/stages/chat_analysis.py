@@ -8,8 +8,8 @@ from __future__ import annotations
 from klipstream.analysis.chat_scoring import ChatFormatError, load_chat_json, write_chat_sentiment_csv
 from klipstream.analysis.pipeline import ChatAnalysis, analyze_chat
 from klipstream.errors import InternalError
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
-from klipstream.stage import Resource, Stage, StageContext
 
 
 async def run(ctx: StageContext) -> None:

@@ -2,7 +2,7 @@
 
 The job shows the title, channel and duration before any byte of media moves, and a VOD over the
 length limit fails before the download starts. The transfers themselves run in killable child
-processes (klipstream.media_fetch), audio and video concurrently.
+processes (klipstream.acquisition.media), audio and video concurrently.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ from urllib.parse import unquote, urlsplit
 
 import av
 
-from klipstream import media_fetch
+from klipstream.acquisition import media as media_fetch
+from klipstream.acquisition.media import DownloadProgress
 from klipstream.errors import InvalidVideoUrl, KlipstreamError, VideoNotFound, VideoTooLong
-from klipstream.media_fetch import DownloadProgress
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage, VideoInfo
-from klipstream.stage import Resource, Stage, StageContext
-from klipstream.urls import ensure_public_url
+from klipstream.network import ensure_public_url
 
 _REPORT_INTERVAL = 0.25  # seconds between progress reports from output lines
 _HEARTBEAT = 1.0  # the stage reports at least this often, even while a transfer stalls

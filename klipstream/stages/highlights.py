@@ -20,8 +20,8 @@ from klipstream.analysis.lexicon import EMOTIONS
 from klipstream.analysis.pipeline import analyze_chat, build_timeline, find_highlights
 from klipstream.analysis.signals import AudioFeatures, FeatureFormatError, Segment, load_transcript
 from klipstream.errors import InternalError
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
-from klipstream.stage import Resource, Stage, StageContext
 
 TOP_HIGHLIGHTS_COLUMNS = (
     "rank",

@@ -1,7 +1,7 @@
 """Stage: speech to text, with word timestamps, through the shared transcription pool.
 
-The stage only moves data: the pool (ctx.services["transcriber"], one klipstream.transcriber.Transcriber
-per process) does the work in worker processes, and klipstream.transcript_files writes the four
+The stage only moves data: the pool (ctx.transcriber, one klipstream.transcription.pool.Transcriber
+per process) does the work in worker processes, and klipstream.transcription.files writes the four
 artifacts. Cancelling the stage cancels the job's chunks in the pool (queued ones dropped, a busy
 worker killed and replaced).
 """
@@ -9,11 +9,10 @@ worker killed and replaced).
 from __future__ import annotations
 
 from klipstream.errors import InternalError
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
-from klipstream.stage import Resource, Stage, StageContext
-from klipstream.transcriber import Transcriber
-from klipstream.transcript_files import write_all
-from klipstream.vad_chunks import BYTES_PER_SAMPLE, SAMPLE_RATE
+from klipstream.transcription.files import write_all
+from klipstream.transcription.vad import BYTES_PER_SAMPLE, SAMPLE_RATE
 
 OUTPUTS = ("transcript_json", "words_csv", "paragraphs_csv", "segments_csv")
 
@@ -34,8 +33,8 @@ def _timeout(ctx: StageContext) -> float:
 
 
 async def run(ctx: StageContext) -> None:
-    transcriber = ctx.services.get("transcriber")
-    if not isinstance(transcriber, Transcriber):
+    transcriber = ctx.transcriber
+    if transcriber is None:
         raise InternalError("the transcription pool service is not configured")
 
     def on_progress(done: float, total: float, detail: str) -> None:

@@ -24,8 +24,8 @@ from klipstream.analysis.transcript_windows import (
     write_sentiment_json,
 )
 from klipstream.errors import InternalError
+from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
-from klipstream.stage import Resource, Stage, StageContext
 
 
 def _score_default(windows: list[Window], indices: list[int], ctx: StageContext) -> dict[int, tuple[TextScore, float]]:

@@ -30,12 +30,22 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
-from klipstream.backoff import parse_retry_after
 from klipstream.config import ConfigError
 from klipstream.errors import InvalidVideoUrl, KlipstreamError
-from klipstream.models import Job
-from klipstream.outbox import DELIVERED, FAILED, PENDING, STOPPED, Attempt, Delivery, NewDelivery, Outbox, dumps
-from klipstream.urls import ensure_public_url, is_public_address
+from klipstream.integrations.outbox import (
+    DELIVERED,
+    FAILED,
+    PENDING,
+    STOPPED,
+    Attempt,
+    Delivery,
+    NewDelivery,
+    Outbox,
+    dumps,
+)
+from klipstream.models import TERMINAL_STATUSES, Job
+from klipstream.network import ensure_public_url, is_public_address
+from klipstream.retry import parse_retry_after
 
 if TYPE_CHECKING:
     from klipstream.config import Settings
@@ -50,7 +60,6 @@ EVENTS = {
     "failed": "job.failed",
     "cancelled": "job.cancelled",
 }
-_TERMINAL = {"job.completed", "job.failed", "job.cancelled"}
 _MAX_RETRY_DELAY = 3600.0
 _POLL_SECONDS = 5.0  # upper bound on any idle wait of the delivery loop
 
@@ -169,7 +178,7 @@ class WebhookDispatcher:
                 if now - self._last_progress.get(job.job_id, 0.0) < self._settings.webhook_progress_seconds:
                     return
                 self._last_progress[job.job_id] = now
-            if event in _TERMINAL:
+            if kind in TERMINAL_STATUSES:
                 self._last_progress.pop(job.job_id, None)
             body = dumps({"type": event, "timestamp": _iso(datetime.now(UTC)), "data": job_summary(job)})
             self._incoming.append(

@@ -1,4 +1,4 @@
-"""Long-lived services beside the job service: the transcription pool, the Convex mirror and the
+"""Services beside the job service that report job changes outward: the Convex mirror and the
 webhook dispatcher. Each listens to job events; none can block or fail a job."""
 
 from __future__ import annotations
@@ -6,31 +6,29 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import aiohttp
 
 from klipstream.config import Settings
-from klipstream.convex_mirror import ConvexMirror
-from klipstream.outbox import Outbox
-from klipstream.service import JobService
-from klipstream.transcriber import Transcriber
-from klipstream.webhooks import WebhookDispatcher
+from klipstream.integrations.convex import ConvexMirror
+from klipstream.integrations.outbox import Outbox
+from klipstream.integrations.webhooks import WebhookDispatcher
+from klipstream.jobs.service import JobService
 
 log = logging.getLogger(__name__)
 
 
-async def start_integrations(
-    service: JobService,
-    settings: Settings,
-    http: aiohttp.ClientSession,
-    services: dict[str, Any],
-) -> list[Any]:
-    """Create and start the integrations; returns the objects to close, in order."""
+@dataclass
+class Integrations:
+    webhooks: WebhookDispatcher
+    convex: ConvexMirror | None = None
+    closers: list[Any] = field(default_factory=list)  # in start order; closed in reverse
+
+
+async def start_integrations(service: JobService, settings: Settings, http: aiohttp.ClientSession) -> Integrations:
     closers: list[Any] = []
-    transcriber = Transcriber(settings)  # starts its worker processes on first use
-    services["transcriber"] = transcriber
-    closers.append(transcriber)
     mirror = ConvexMirror(settings, http)
     if mirror.enabled:
         await mirror.start()
@@ -40,8 +38,7 @@ async def start_integrations(
     await dispatcher.start()
     service.listen(lambda kind, job: dispatcher.job_changed(job, kind), new_jobs=False)  # no job.queued event
     closers.append(dispatcher)
-    services["webhooks"] = dispatcher
-    return closers
+    return Integrations(dispatcher, mirror if mirror.enabled else None, closers)
 
 
 async def close_all(closers: list[Any], budget: float) -> None:

@@ -16,12 +16,14 @@ import aiohttp
 
 from klipstream.config import Settings
 from klipstream.integrations import close_all, start_integrations
-from klipstream.runner import RunnerDeps, resource_limits
-from klipstream.service import JobService, Subscription
-from klipstream.stage import Stage
-from klipstream.storage import Storage, create_storage
-from klipstream.store import SQLiteStore
-from klipstream.timings import StageTimings
+from klipstream.integrations.storage import Storage, create_storage
+from klipstream.integrations.webhooks import WebhookDispatcher
+from klipstream.jobs.runner import RunnerDeps, resource_limits
+from klipstream.jobs.service import JobService, Subscription
+from klipstream.jobs.stage import Stage
+from klipstream.jobs.store.sqlite import SQLiteStore
+from klipstream.jobs.timings import StageTimings
+from klipstream.transcription.pool import Transcriber
 
 
 @dataclass
@@ -29,7 +31,8 @@ class Runtime:
     service: JobService
     http: aiohttp.ClientSession
     storage: Storage
-    services: dict[str, Any]
+    transcriber: Transcriber
+    webhooks: WebhookDispatcher
 
 
 @contextlib.asynccontextmanager
@@ -47,7 +50,7 @@ async def job_runtime(
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60))
     storage = create_storage(settings, http)
-    services: dict[str, Any] = {}
+    transcriber = Transcriber(settings)  # starts its worker processes on first use
     deps = RunnerDeps(
         settings=settings,
         store=SQLiteStore(settings.database_path),
@@ -56,15 +59,16 @@ async def job_runtime(
         timings=StageTimings(),
         listener=lambda kind, job: None,
         limits=resource_limits(settings),
-        services=services,
+        transcriber=transcriber,
     )
     service = JobService(deps, stages, stream_url=stream_url)
     service.subscriptions.extend(subscriptions or [])
-    closers: list[Any] = []
+    closers: list[Any] = [transcriber]
     try:
-        closers = await start_integrations(service, settings, http, services)
+        integrations = await start_integrations(service, settings, http)
+        closers += integrations.closers
         await service.start()
-        yield Runtime(service, http, storage, services)
+        yield Runtime(service, http, storage, transcriber, integrations.webhooks)
     finally:
         deadline = service.shutdown_deadline or time.monotonic() + settings.shutdown_seconds
         if service.started and not service.shutting_down:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 from convex.values import convex_to_json
 
-from klipstream.models import Job
+from klipstream.models import TERMINAL_STATUSES, Job
 
 if TYPE_CHECKING:
     from klipstream.config import Settings
@@ -36,8 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 KINDS = ("queued", "started", "stage_changed", "progress", "completed", "failed", "cancelled")
-_ALWAYS_SENT = {"queued", "started", "stage_changed", "completed", "failed", "cancelled"}
-_TERMINAL = {"completed", "failed", "cancelled"}
+_ALWAYS_SENT = {"queued", "started", "stage_changed", *TERMINAL_STATUSES}
 MIN_INTERVAL = 1.0  # seconds between progress-only updates of one job
 _MAX_QUEUED_PER_JOB = 32  # stage changes waiting while Convex is down; a job has only a handful
 _REQUEST_TIMEOUT = 10.0

@@ -31,9 +31,17 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from klipstream.backoff import full_jitter, parse_retry_after
-from klipstream.chat_archive import Badge, ChatMessage, ChatVideo, CsvSink, Fragment, artifact_files, encode_comment
+from klipstream.acquisition.chat_archive import (
+    Badge,
+    ChatMessage,
+    ChatVideo,
+    CsvSink,
+    Fragment,
+    artifact_files,
+    encode_comment,
+)
 from klipstream.errors import ExternalServiceError, KlipstreamError, NetworkError, StageUnavailable
+from klipstream.retry import full_jitter, parse_retry_after
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)

@@ -34,9 +34,9 @@ from gcloud.aio.storage.blob import Blob
 from gcloud.aio.storage.storage import init_api_root
 
 from klipstream.artifacts import ARTIFACTS, ArtifactSpec, StorageKind
-from klipstream.backoff import full_jitter, parse_retry_after
 from klipstream.config import ConfigError
 from klipstream.errors import InternalError, StorageError
+from klipstream.retry import full_jitter, parse_retry_after
 
 if TYPE_CHECKING:
     from klipstream.config import Settings

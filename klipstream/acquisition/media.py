@@ -1,7 +1,7 @@
 """yt-dlp behind a few small functions: metadata, address checks, the download child and its errors.
 
 Metadata comes from yt-dlp's Python API in a worker thread (cheap, and the job shows the title at
-once). The download runs in a child process (`python -m klipstream.media_fetch ...` with yt-dlp's
+once). The download runs in a child process (`python -m klipstream.acquisition.media ...` with yt-dlp's
 own command-line options) because a Python thread cannot be killed: cancelling a job must stop a
 multi-gigabyte transfer within two seconds. The child downloads from the info JSON the metadata
 step produced, so the URLs that were checked are the URLs that are fetched.
@@ -37,8 +37,8 @@ from klipstream.errors import (
     VideoUnavailable,
 )
 from klipstream.models import VideoInfo
+from klipstream.network import ensure_public_url, is_public_address
 from klipstream.proc import ProcessFailed, run_process
-from klipstream.urls import ensure_public_url, is_public_address
 
 PROGRESS_PREFIX = "KSPROGRESS"
 FILE_PREFIX = "KSFILE"
@@ -410,7 +410,7 @@ def download_args(
     info_json: Path, output_stem: Path, format_spec: str, *, fragments: int, public_only: bool
 ) -> list[str]:
     """The child's command line: our wrapper, then plain yt-dlp options."""
-    args = [sys.executable, "-m", "klipstream.media_fetch"]
+    args = [sys.executable, "-m", "klipstream.acquisition.media"]
     if public_only:
         args.append("--public-only")
     return [

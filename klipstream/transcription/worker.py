@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from klipstream.transcript_files import Segment, Word
-from klipstream.vad_chunks import SAMPLE_RATE, read_samples, speech_probabilities
+from klipstream.transcription.files import Segment, Word
+from klipstream.transcription.vad import SAMPLE_RATE, read_samples, speech_probabilities
 
 # Inference is throughput work and keeps every core busy; the server's event loop is latency work.
 # At nice 10 a worker gets about a tenth of the CPU weight of the loop's thread, so the scheduler

@@ -20,12 +20,12 @@ from typing import Any, NamedTuple
 
 from pydantic_core import to_json
 
+from klipstream.jobs.runner import CancelReason, JobListener, JobRun, RunnerDeps, compute_progress, initial_stage_states
+from klipstream.jobs.stage import Resource, Stage
+from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore
 from klipstream.models import Job, JobStatus, StageStatus, SubmitRequest, SubmitResponse, utcnow
+from klipstream.network import video_id_for
 from klipstream.queue import JobQueue, QueueFull, WorkerPool
-from klipstream.runner import CancelReason, JobListener, JobRun, RunnerDeps, compute_progress, initial_stage_states
-from klipstream.stage import Resource, Stage
-from klipstream.store import IdempotencyRecord, JobRow, JobStore
-from klipstream.urls import video_id_for
 
 log = logging.getLogger(__name__)
 RECENT_JOBS = 500  # finished jobs kept in memory for polling; older ones are read from the store
@@ -388,7 +388,7 @@ class JobService:
     def _warm_up(self) -> None:
         """Start the transcription workers when a job starts, so loading the model overlaps the
         download and decode instead of delaying the transcription stage."""
-        transcriber = self.deps.services.get("transcriber")
+        transcriber = self.deps.transcriber
         if transcriber is not None and any(s.resource is Resource.TRANSCRIPTION for s in self.stages):
             task = asyncio.create_task(transcriber.start())
             task.add_done_callback(_log_warm_up_failure)

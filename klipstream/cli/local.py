@@ -1,4 +1,4 @@
-"""One job run in this process, without HTTP: what `klipstream analyze` drives.
+"""`klipstream analyze`: one job run in this process, without HTTP.
 
 It builds the same objects the server builds at start-up (store, storage, runner dependencies,
 integrations, `JobService`) so a local run goes through exactly the server's queue, runner,
@@ -9,23 +9,27 @@ nothing is mirrored to Convex.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import json
 import os
 import shutil
+import signal
 import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from klipstream.cli.common import EXIT_INTERRUPTED, EXIT_JOB_FAILED, EXIT_OK, EXIT_USAGE, CliError
 from klipstream.config import Settings
-from klipstream.models import Job, SubmitRequest
-from klipstream.runtime import job_runtime
-from klipstream.service import JobService
-from klipstream.stage import Stage
+from klipstream.jobs.runtime import job_runtime
+from klipstream.jobs.service import JobService
+from klipstream.jobs.stage import Stage
+from klipstream.models import TERMINAL_STATUSES, Job, SubmitRequest
 
-TERMINAL_KINDS = frozenset({"completed", "failed", "cancelled"})
 CANCEL_WAIT_SECONDS = 15.0  # the runner stops stages within ~2 s; this bounds a misbehaving one
 WATCH_INTERVAL = 0.1  # how often the progress callback sees the job (the runner emits far more often)
 
@@ -38,7 +42,7 @@ def default_stages() -> list[Stage]:
 
 @contextlib.asynccontextmanager
 async def job_service(settings: Settings, stages: list[Stage]) -> AsyncIterator[JobService]:
-    """The server's job machinery (klipstream.runtime), started and torn down around a block."""
+    """The server's job machinery (klipstream.jobs.runtime), started and torn down around a block."""
     async with job_runtime(settings, stages) as runtime:
         yield runtime.service
 
@@ -66,7 +70,7 @@ async def run_job(
     job_id: str | None = None
 
     def on_event(kind: str, job: Job) -> None:
-        if job.job_id == job_id and kind in TERMINAL_KINDS:
+        if job.job_id == job_id and kind in TERMINAL_STATUSES:
             done.set()
 
     service.listen(on_event, new_jobs=False)  # it waits for the terminal event only
@@ -165,3 +169,124 @@ def _collect(settings: Settings, job: Job, out_dir: Path) -> dict[str, Path]:
         os.replace(source, dest)
         files[key] = dest
     return files
+
+
+# --- the `analyze` command ---
+def _source(value: str, what: str) -> str:
+    """URLs pass through; anything else must be an existing file, sent as an absolute path."""
+    if "://" in value:
+        return value
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise CliError(f"{what} {value!r} is neither a URL nor an existing file", EXIT_USAGE)
+    return str(path.resolve())
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from klipstream.errors import InvalidVideoUrl
+    from klipstream.models import JobOptions, SubmitRequest
+    from klipstream.network import validate_urls, video_id_for
+
+    overrides: dict[str, Any] = {"log_format": "text"}
+    if args.model:
+        overrides["whisper_model"] = args.model
+    base = Settings.from_env(**overrides)
+    options: dict[str, Any] = {"force": True, "include_video": args.video}
+    if args.top is not None:
+        options["top_n"] = args.top
+    if args.language:
+        options["language"] = args.language
+    try:
+        request = SubmitRequest(
+            url=_source(args.source, "source"),
+            chat_url=_source(args.chat, "--chat") if args.chat else None,
+            priority=args.priority,
+            options=JobOptions(**options),
+        )
+        from klipstream.cli.local import local_settings
+
+        validate_urls(request, local_settings(base, base.data_dir))
+    except InvalidVideoUrl as exc:
+        raise CliError(exc.message, EXIT_USAGE) from None
+    except ValueError as exc:  # pydantic's ValidationError
+        raise CliError(_pydantic_message(exc), EXIT_USAGE) from None
+    out_dir = args.out or Path(f"klipstream-{video_id_for(request.url)}")
+    err = Console(stderr=True)
+    _configure_cli_logging(err, args.verbose)
+    show_progress = not args.json or err.is_terminal
+    return asyncio.run(_analyze(base, request, out_dir, args.json, show_progress, err))
+
+
+def _pydantic_message(exc: Exception) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        first = errors()[0]
+        field_name = ".".join(str(p) for p in first["loc"])
+        return f"invalid {field_name}: {first['msg']}"
+    return str(exc)
+
+
+def _configure_cli_logging(console: Any, verbose: bool) -> None:
+    """Log lines go above the live bars (through rich), and only errors unless --verbose."""
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=console, show_path=False, rich_tracebacks=False, markup=False)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if verbose else logging.ERROR)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+async def _analyze(base: Settings, request: Any, out_dir: Path, as_json: bool, show_progress: bool, err: Any) -> int:
+    from rich.console import Console
+
+    from klipstream.cli.local import analyze
+    from klipstream.cli.progress import JobBoard, print_summary
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        if not stop.is_set():
+            err.print("[yellow]Cancelling the job…[/yellow]")
+        stop.set()
+
+    with contextlib.suppress(NotImplementedError):  # no signal handlers on Windows' proactor loop
+        loop.add_signal_handler(signal.SIGINT, interrupt)
+        loop.add_signal_handler(signal.SIGTERM, interrupt)
+    board = JobBoard(err) if show_progress else None
+    watch: Callable[[Any], None] | None = None
+    if board is not None:
+        board_ref = board
+
+        def watch(job: Any) -> None:
+            board_ref.update_job(job.model_dump(mode="json", include={"status", "progress", "stages", "video"}))
+
+    try:
+        with board if board is not None else contextlib.nullcontext():
+            result = await analyze(base, request, out_dir, stop=stop, watch=watch)
+    finally:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.remove_signal_handler(signal.SIGINT)
+            loop.remove_signal_handler(signal.SIGTERM)
+    job = result.job.model_dump(mode="json")
+    job["results"] = {key: str(path.resolve()) for key, path in result.files.items()}
+    if as_json:
+        print(json.dumps(job, indent=2))
+    else:
+        files = {key: _display_path(path) for key, path in result.files.items()}
+        print_summary(Console(), job, files, f"Artifacts in {_display_path(out_dir)}")
+    if result.interrupted:
+        err.print("Cancelled; partial files were removed.")
+        return EXIT_INTERRUPTED
+    return EXIT_OK if job["status"] == "completed" else EXIT_JOB_FAILED
+
+
+def _display_path(path: Path) -> str:
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd()))
+    return str(path)

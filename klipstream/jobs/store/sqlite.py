@@ -1,7 +1,6 @@
-"""The durable job store.
+"""The embedded job store: SQLite.
 
-`JobStore` is the small interface the rest of the service uses, so a PostgreSQL backend (several
-instances sharing one queue) can replace SQLite later. `SQLiteStore` keeps one connection in one
+`SQLiteStore` keeps one connection in one
 writer thread and commits whatever requests arrived together in one transaction (group commit):
 a burst of submissions costs one commit, and the event loop never waits on the disk. WAL mode
 with synchronous=NORMAL survives `kill -9` of the process (every commit is in the WAL file before
@@ -22,40 +21,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, Protocol, TypeVar
+from typing import Any, TypeVar
 
-from klipstream.models import Job, JobStatus
+from klipstream.jobs.store import ACTIVE, IdempotencyRecord, JobRow
+from klipstream.models import Job
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 CHECKPOINT_SECONDS = 2.0
 CALL_TIMEOUT_SECONDS = 30.0  # a request the writer has not answered by then fails with TimeoutError
 MAX_BATCH = 512  # requests per transaction
-ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
-
-
-@dataclass(frozen=True)
-class IdempotencyRecord:
-    key: str
-    body_hash: str
-    job_id: str
-    response: str  # the first answer's JSON body
-    status: int
-
-
-class JobStore(Protocol):
-    async def open(self) -> None: ...
-    async def close(self) -> None: ...
-    async def ping(self) -> bool: ...
-    async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None: ...
-    async def save_job(self, job: Job) -> None: ...
-    async def get_job(self, job_id: str) -> Job | None: ...
-    async def list_jobs(self, status: str | None, limit: int, before_seq: int | None) -> list[tuple[int, Job]]: ...
-    async def active_jobs(self) -> list[Job]: ...
-    async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
-    async def record_stage_run(self, stage: str, seconds: float, media_seconds: float | None) -> None: ...
-    async def stage_runs(self, since: float) -> list[tuple[str, float, float | None]]: ...
-    async def terminal_counts(self, since: float) -> dict[str, int]: ...
 
 
 _SCHEMA = """
@@ -91,41 +66,6 @@ CREATE TABLE IF NOT EXISTS stage_runs (
 );
 CREATE INDEX IF NOT EXISTS stage_runs_time ON stage_runs (stage, finished_at);
 """
-
-
-class JobRow(NamedTuple):
-    """A job as stored: the columns the store filters and sorts on, and the whole job as JSON.
-
-    A tuple in the order of the `jobs` table's columns (after `seq`), so it binds as it is.
-    """
-
-    job_id: str
-    video_id: str
-    status: str
-    priority: str
-    created_at: float
-    updated_at: float
-    finished_at: float | None
-    doc: str
-
-    @classmethod
-    def of(cls, job: Job) -> JobRow:
-        return cls(
-            job.job_id,
-            job.video_id,
-            job.status.value,
-            job.priority.value,
-            job.created_at.timestamp(),
-            job.updated_at.timestamp(),
-            job.finished_at.timestamp() if job.finished_at else None,
-            job.model_dump_json(exclude_defaults=True),  # a quarter of the bytes; defaults return on read
-        )
-
-    @classmethod
-    def new(cls, doc: dict[str, Any], encoded: str) -> JobRow:
-        """The row of a job just submitted, from the plain data it was encoded from."""
-        created = doc["created_at"].timestamp()
-        return cls(doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded)
 
 
 class SQLiteStore:

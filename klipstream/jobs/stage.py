@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     import aiohttp
 
     from klipstream.config import Settings
+    from klipstream.transcription.pool import Transcriber
 
 T = TypeVar("T")
 
@@ -78,7 +79,7 @@ class StageContext:
         http: aiohttp.ClientSession,
         inputs: dict[str, Path],
         sink: ProgressSink,
-        services: dict[str, Any] | None = None,
+        transcriber: Transcriber | None = None,
     ) -> None:
         self.job = job
         self.stage = stage
@@ -87,7 +88,7 @@ class StageContext:
         self.http = http
         self.inputs = inputs
         self.sink = sink
-        self.services = services or {}
+        self.transcriber = transcriber  # the shared transcription pool (klipstream.transcription)
         self.outputs: dict[str, Path] = {}
         self.cancelled = threading.Event()  # set when the stage is cancelled; threads poll it
         self.started = time.monotonic()

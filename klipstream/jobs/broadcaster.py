@@ -15,7 +15,9 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-TERMINAL_EVENTS = frozenset({"completed", "failed", "cancelled"})
+from klipstream.models import TERMINAL_STATUSES
+from klipstream.sse import HEARTBEAT_CHUNK, frame, http_chunk
+
 PROGRESS_SECONDS_PER_SUBSCRIBER = 0.0002
 
 
@@ -29,22 +31,12 @@ class Event:
 
     @property
     def terminal(self) -> bool:
-        return self.type in TERMINAL_EVENTS
+        return self.type in TERMINAL_STATUSES
 
-
-def sse_frame(event_id: int, type_: str, data: str, retry_ms: int | None = None) -> bytes:
-    """One event in text/event-stream framing; `data` must be a single line (compact JSON is)."""
-    retry = f"retry: {retry_ms}\r\n" if retry_ms is not None else ""
-    return f"id: {event_id}\r\nevent: {type_}\r\n{retry}data: {data}\r\n\r\n".encode()
-
-
-def http_chunk(payload: bytes) -> bytes:
-    """`payload` in HTTP/1.1 chunked transfer coding (event streams are always chunked)."""
-    return b"%x\r\n%s\r\n" % (len(payload), payload)
-
-
-HEARTBEAT_FRAME = b": ping\r\n\r\n"  # CRLF like aiohttp-sse, so every frame has one line ending
-HEARTBEAT_CHUNK = http_chunk(HEARTBEAT_FRAME)
+    @property
+    def final(self) -> bool:
+        """The last event a stream carries: the job's end, or the server's request to reconnect."""
+        return self.terminal or self.type == "reconnect"
 
 
 class Sink:
@@ -70,7 +62,7 @@ class Sink:
             return
         self.transport.write(event.chunk)
         self.cursor = event.id
-        if event.terminal or event.type == "reconnect":
+        if event.final:
             self.notify()
 
     def beat(self) -> None:
@@ -109,8 +101,8 @@ class Topic:
 
     def append(self, type_: str, data: str) -> Event:
         self.last_id += 1
-        frame = sse_frame(self.last_id, type_, data)
-        event = Event(self.last_id, type_, data, frame, http_chunk(frame))
+        encoded = frame(self.last_id, type_, data)
+        event = Event(self.last_id, type_, data, encoded, http_chunk(encoded))
         self.events.append(event)
         if event.terminal:
             self.terminal = True

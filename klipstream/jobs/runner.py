@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from klipstream.artifacts import spec
-from klipstream.backoff import full_jitter
 from klipstream.errors import KlipstreamError, StageUnavailable, StorageError, classify
+from klipstream.jobs.stage import ProgressSink, Resource, Stage, StageContext
 from klipstream.models import (
     DisplayStage,
     Job,
@@ -32,15 +32,16 @@ from klipstream.models import (
     VideoInfo,
     utcnow,
 )
-from klipstream.stage import ProgressSink, Resource, Stage, StageContext
+from klipstream.retry import full_jitter
 
 if TYPE_CHECKING:
     import aiohttp
 
     from klipstream.config import Settings
-    from klipstream.storage import Storage
-    from klipstream.store import JobStore
-    from klipstream.timings import StageTimings
+    from klipstream.integrations.storage import Storage
+    from klipstream.jobs.store import JobStore
+    from klipstream.jobs.timings import StageTimings
+    from klipstream.transcription.pool import Transcriber
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class CancelReason:
 
 @dataclass
 class RunnerDeps:
-    """What every job run shares: settings, the store, limits, and long-lived services."""
+    """What every job run shares: settings, the store, limits, and the transcription pool."""
 
     settings: Settings
     store: JobStore
@@ -64,7 +65,7 @@ class RunnerDeps:
     timings: StageTimings
     listener: JobListener
     limits: dict[Resource, asyncio.Semaphore] = field(default_factory=dict)
-    services: dict[str, Any] = field(default_factory=dict)
+    transcriber: Transcriber | None = None  # None in pipelines without a transcription stage
 
 
 def resource_limits(settings: Settings) -> dict[Resource, asyncio.Semaphore]:
@@ -276,7 +277,7 @@ class JobRun(ProgressSink):
                 http=self.deps.http,
                 inputs={k: self.available[k] for k in (*stage.needs, *stage.uses) if k in self.available},
                 sink=self,
-                services=self.deps.services,
+                transcriber=self.deps.transcriber,
             )
             state.status = StageStatus.RUNNING
             state.progress = 0.0

@@ -12,9 +12,14 @@ import hashlib
 import ipaddress
 import re
 import socket
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from klipstream.errors import InvalidVideoUrl
+
+if TYPE_CHECKING:
+    from klipstream.config import Settings
+    from klipstream.models import SubmitRequest
 
 MAX_URL_LENGTH = 2048
 _TWITCH_HOSTS = {"twitch.tv", "www.twitch.tv", "m.twitch.tv", "player.twitch.tv", "clips.twitch.tv"}
@@ -120,3 +125,18 @@ def video_id_for(url: str) -> str:
     if not parts.scheme:  # a local file path
         normalised = url.strip()
     return "u" + hashlib.sha256(normalised.encode()).hexdigest()[:15]
+
+
+def validate_urls(body: SubmitRequest, settings: Settings) -> None:
+    """Syntax and literal addresses only: no DNS in the request path (fetchers check again)."""
+    allow_private = settings.allow_private_urls
+    url = body.url.strip()
+    is_local = settings.allow_local_files and (url.startswith("/") or url.startswith("file://"))
+    if not is_local:
+        check_url_syntax(url, allow_private=allow_private, what="url")
+    if body.chat_url:
+        chat_local = settings.allow_local_files and body.chat_url.startswith("/")
+        if not chat_local:
+            check_url_syntax(body.chat_url, allow_private=allow_private, what="chat_url")
+    if body.callback_url:
+        check_url_syntax(body.callback_url, allow_private=allow_private, what="callback_url")

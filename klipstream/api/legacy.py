@@ -14,11 +14,15 @@ from typing import Any
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from klipstream.api.auth import require_admin, require_api_key
+from klipstream.api.context import BROADCASTER, RUNTIME, SERVICE, SETTINGS
+from klipstream.api.openapi import Route
+from klipstream.api.problems import retry_later
 from klipstream.errors import ErrorType, InvalidVideoUrl
+from klipstream.jobs.service import ShuttingDown
 from klipstream.models import Job, Problem, SubmitRequest
-from klipstream.openapi import Route
+from klipstream.network import validate_urls
 from klipstream.queue import QueueFull
-from klipstream.service import ShuttingDown
 
 ACQUISITION_STAGES = ("download", "chat", "audio")
 CLIENT_ERRORS = {
@@ -63,10 +67,8 @@ def legacy_json(result: LegacyResult, status: int) -> web.Response:
 
 
 async def run_pipeline(request: web.Request) -> web.Response:
-    from klipstream.server import SERVICE, SETTINGS, problem, require_api_key, validate_urls
-
-    require_api_key(request)
     settings = request.app[SETTINGS]
+    require_api_key(request, settings)
     try:
         body = LegacyRequest.model_validate_json(await request.read())
         submit = SubmitRequest(url=body.url)
@@ -87,16 +89,14 @@ async def run_pipeline(request: web.Request) -> web.Response:
     try:
         outcome = await service.submit(submit)
     except QueueFull:
-        return problem(429, "Queue full", "Too many jobs are waiting; retry later.")
+        return retry_later(429, "Queue full", "Too many jobs are waiting; retry later.", 30)
     except ShuttingDown:
-        return problem(503, "Shutting down", "Retry shortly.")
+        return retry_later(503, "Shutting down", "Retry shortly.", 5)
     job = await wait_for_end(request.app, outcome.job_id, settings.legacy_wait_seconds)
     return answer(job)
 
 
 async def wait_for_end(app: web.Application, job_id: str, limit: float) -> Job:
-    from klipstream.server import BROADCASTER, SERVICE
-
     service = app[SERVICE]
     topic = app[BROADCASTER].topic(job_id)
     deadline = time.monotonic() + limit
@@ -158,19 +158,15 @@ def answer(job: Job) -> web.Response:
 
 
 async def list_files(request: web.Request) -> web.Response:
-    from klipstream.server import STATE, require_admin
-
-    require_admin(request)
+    require_admin(request, request.app[SETTINGS])
     video_id = request.query.get("video_id")
-    objects = await request.app[STATE]["storage"].list_objects(video_id)
+    objects = await request.app[RUNTIME].storage.list_objects(video_id)
     return web.json_response({"files": [{"uri": o.uri, "url": o.url, "size": o.size} for o in objects]})
 
 
 async def list_output_files(request: web.Request) -> web.Response:
-    from klipstream.server import STATE, require_admin
-
-    require_admin(request)
-    objects = await request.app[STATE]["storage"].list_objects(request.query.get("video_id"))
+    require_admin(request, request.app[SETTINGS])
+    objects = await request.app[RUNTIME].storage.list_objects(request.query.get("video_id"))
     grouped: dict[str, list[dict[str, Any]]] = {}
     for obj in objects:
         video = obj.uri.rstrip("/").rsplit("/", 2)[-2]
@@ -186,7 +182,7 @@ LEGACY_RESPONSES: dict[int, type[BaseModel] | str | None] = {
     502: LegacyResult,
     504: LegacyResult,
 }
-LEGACY_ROUTES = [
+ROUTES = [
     Route(
         "POST",
         "/",

@@ -75,3 +75,19 @@ class StreamTokens:
     def _sign(self, payload: str) -> str:
         digest = hmac.new(self._key, payload.encode(), hashlib.sha256).digest()
         return base64.urlsafe_b64encode(digest[:18]).decode().rstrip("=")
+
+
+def require_api_key(request: web.Request, settings: Settings) -> None:
+    if not api_key_ok(request, settings):
+        raise web.HTTPUnauthorized(
+            reason="Unauthorized", text="Send Authorization: Bearer <api key>.", headers={"WWW-Authenticate": "Bearer"}
+        )
+
+
+def require_admin(request: web.Request, settings: Settings) -> None:
+    if not admin_ok(request, settings):
+        raise web.HTTPUnauthorized(
+            reason="Unauthorized",
+            text="Admin routes need Authorization: Bearer <admin token>.",
+            headers={"WWW-Authenticate": "Bearer"},
+        )

@@ -18,6 +18,8 @@ from rich.progress import BarColumn, Progress, ProgressColumn, Task, TaskID, Tas
 from rich.table import Column, Table
 from rich.text import Text
 
+from klipstream.models import TERMINAL_STATUSES
+
 ICONS = {
     "pending": ("·", "dim"),
     "running": ("▶", "cyan"),
@@ -28,7 +30,6 @@ ICONS = {
     "cancelled": ("■", "magenta"),
     "queued": ("·", "dim"),
 }
-TERMINAL = frozenset({"completed", "failed", "cancelled"})
 
 
 def hms(seconds: float | None) -> str:
@@ -72,7 +73,7 @@ class EtaColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
         status = task.fields.get("status")
         if task.fields.get("overall"):
-            if status in TERMINAL:
+            if status in TERMINAL_STATUSES:
                 return Text("")
             return Text(f"ETA {hms(task.fields.get('eta'))}", style="progress.remaining")
         if status != "running":
@@ -160,7 +161,7 @@ class JobBoard:
 
     def on_event(self, event: str, data: Mapping[str, Any]) -> None:
         """One SSE event from the job stream."""
-        if event in ("snapshot", "stage", *TERMINAL):
+        if event in ("snapshot", "stage", *TERMINAL_STATUSES):
             self.update_job(data)
         elif event == "progress":
             self.update_stages(data.get("stages") or [])

@@ -1,0 +1,73 @@
+"""The durable job store: the interface the service uses, and the rows it stores.
+
+`JobStore` is what the job service and the runner call; `SQLiteStore` (klipstream.jobs.store.sqlite)
+is the embedded backend.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol
+
+from klipstream.models import Job, JobStatus
+
+ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+
+
+@dataclass(frozen=True)
+class IdempotencyRecord:
+    key: str
+    body_hash: str
+    job_id: str
+    response: str  # the first answer's JSON body
+    status: int
+
+
+class JobStore(Protocol):
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def ping(self) -> bool: ...
+    async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None: ...
+    async def save_job(self, job: Job) -> None: ...
+    async def get_job(self, job_id: str) -> Job | None: ...
+    async def list_jobs(self, status: str | None, limit: int, before_seq: int | None) -> list[tuple[int, Job]]: ...
+    async def active_jobs(self) -> list[Job]: ...
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None: ...
+    async def record_stage_run(self, stage: str, seconds: float, media_seconds: float | None) -> None: ...
+    async def stage_runs(self, since: float) -> list[tuple[str, float, float | None]]: ...
+    async def terminal_counts(self, since: float) -> dict[str, int]: ...
+
+
+class JobRow(NamedTuple):
+    """A job as stored: the columns the store filters and sorts on, and the whole job as JSON.
+
+    A tuple in the order of the `jobs` table's columns (after `seq`), so it binds as it is.
+    """
+
+    job_id: str
+    video_id: str
+    status: str
+    priority: str
+    created_at: float
+    updated_at: float
+    finished_at: float | None
+    doc: str
+
+    @classmethod
+    def of(cls, job: Job) -> JobRow:
+        return cls(
+            job.job_id,
+            job.video_id,
+            job.status.value,
+            job.priority.value,
+            job.created_at.timestamp(),
+            job.updated_at.timestamp(),
+            job.finished_at.timestamp() if job.finished_at else None,
+            job.model_dump_json(exclude_defaults=True),  # a quarter of the bytes; defaults return on read
+        )
+
+    @classmethod
+    def new(cls, doc: dict[str, Any], encoded: str) -> JobRow:
+        """The row of a job just submitted, from the plain data it was encoded from."""
+        created = doc["created_at"].timestamp()
+        return cls(doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded)

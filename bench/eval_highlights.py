@@ -17,11 +17,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from klipstream.analysis.chat_scoring import load_chat_json
+from klipstream.acquisition.chat_archive import read_chat_json
 from klipstream.analysis.highlights import Highlight
 from klipstream.analysis.pipeline import analyze_chat, build_timeline, find_highlights
-from klipstream.analysis.signals import AudioFeatures, load_transcript
+from klipstream.analysis.signals import AudioFeatures
 from klipstream.config import Settings
+from klipstream.transcript import load_segments
 from tests import synthetic
 
 TOLERANCE = 20.0
@@ -36,8 +37,8 @@ def evaluate(seed: int, duration: float, top: int, **kwargs: object) -> dict[str
     with tempfile.TemporaryDirectory() as tmp:
         files = stream.write(Path(tmp))
         features = AudioFeatures.load(files["features"])
-        segments = load_transcript(files["transcript_json"])
-        chat = analyze_chat(load_chat_json(files["chat_json"]), features.duration_seconds, Settings().bot_accounts)
+        segments = load_segments(files["transcript_json"])
+        chat = analyze_chat(read_chat_json(files["chat_json"]), features.duration_seconds, Settings().bot_accounts)
     timeline = build_timeline(features, segments, chat.signals)
     highlights = find_highlights(timeline, top, segments, chat.messages)
     found = {m.kind: any(overlaps(h, m) for h in highlights) for m in stream.moments}

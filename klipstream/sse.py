@@ -6,7 +6,9 @@ the format (the WHATWG rules: `field: value` lines, `:` comments, a blank line d
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 MAX_EVENT_BYTES = 16 * 1024 * 1024  # a whole job document with highlights fits many times over
 
@@ -37,6 +39,9 @@ class SseEvent:
     data: str
     id: str | None = None
     retry: int | None = None
+
+    def json(self) -> Any:
+        return json.loads(self.data)
 
 
 @dataclass

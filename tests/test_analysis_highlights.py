@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from klipstream.acquisition.chat_archive import read_chat_json
 from klipstream.analysis.baselines import centered_mean, poisson_surge, robust_relative, rolling_mean, rolling_quantile
-from klipstream.analysis.chat_scoring import load_chat_json
 from klipstream.analysis.highlights import (
     Candidate,
     clip_extent,
@@ -20,7 +20,8 @@ from klipstream.analysis.highlights import (
     snap_to_pauses,
 )
 from klipstream.analysis.pipeline import analyze_chat, build_timeline, find_highlights
-from klipstream.analysis.signals import AudioFeatures, SpeechSignals, attribute_back, lag_kernel, load_transcript
+from klipstream.analysis.signals import AudioFeatures, SpeechSignals, attribute_back, lag_kernel
+from klipstream.transcript import load_segments
 from tests import synthetic
 
 
@@ -154,9 +155,9 @@ def test_synthetic_recall(seed: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         files = stream.write(Path(tmp))
         features = AudioFeatures.load(files["features"])
-        segments = load_transcript(files["transcript_json"])
+        segments = load_segments(files["transcript_json"])
         chat = analyze_chat(
-            load_chat_json(files["chat_json"]), features.duration_seconds, ("nightbot", "streamelements")
+            read_chat_json(files["chat_json"]), features.duration_seconds, ("nightbot", "streamelements")
         )
     highlights = find_highlights(build_timeline(features, segments, chat.signals), 10, segments, chat.messages)
 

@@ -8,19 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from klipstream.acquisition.chat_archive import parse_archive
 from klipstream.analysis.chat_scoring import (
     CHAT_SENTIMENT_COLUMNS,
-    ChatFormatError,
-    ChatMessage,
     ChatSignals,
     filter_messages,
-    load_chat_csv,
-    parse_chat_json,
     write_chat_sentiment_csv,
 )
 from klipstream.analysis.lexicon import EMOTIONS, LexiconError, load_lexicon, parse_lexicon
 from klipstream.analysis.pipeline import analyze_chat
 from klipstream.analysis.text_scoring import NO_TEXT, TextScorer
+from klipstream.chat import ChatMessage
 
 HEADER = "token,kind,sentiment,excitement,funny,happiness,anger,sadness,neutral\n"
 
@@ -121,34 +119,22 @@ def _comment(t: float, user: str, body: str, emote: bool = False) -> dict:
     }
 
 
-def test_parse_and_filter_chat() -> None:
+def test_filter_keeps_short_reactions_and_counts_emote_fragments() -> None:
     doc = {
         "comments": [
             _comment(12.5, "alice", "KEKW", emote=True),
             _comment(3.0, "nightbot", "Follow the channel"),
             _comment(4.0, "bob", "!uptime"),
             _comment(5.0, "carol", "gg"),
-            {"content_offset_seconds": "bad"},
             _comment(7.0, "dave", "F"),
         ]
     }
-    messages = parse_chat_json(doc)
+    messages = parse_archive(json.dumps(doc).encode(), max_bytes=1 << 20).messages
     assert [m.time for m in messages] == [3.0, 4.0, 5.0, 7.0, 12.5]
-    assert messages[-1].fragment_emotes == 1
+    assert messages[-1].emote_fragments == 1 and messages[0].emote_fragments == 0
     kept, stats = filter_messages(messages, ("Nightbot",))
     assert [m.text for m in kept] == ["gg", "F", "KEKW"]  # short reactions are signals
     assert (stats.kept, stats.bot_messages, stats.commands) == (3, 1, 1)
-    with pytest.raises(ChatFormatError):
-        parse_chat_json({"messages": []})
-
-
-def test_chat_csv(tmp_path: Path) -> None:
-    path = tmp_path / "chat.csv"
-    path.write_text("time,username,message\n2.5,Alice,hello\n1.0,bob,KEKW\n", encoding="utf-8")
-    assert [(m.time, m.user) for m in load_chat_csv(path)] == [(1.0, "bob"), (2.5, "alice")]
-    (tmp_path / "bad.csv").write_text("a,b\n1,2\n")
-    with pytest.raises(ChatFormatError):
-        load_chat_csv(tmp_path / "bad.csv")
 
 
 def test_windows_are_anchored_at_zero_and_csv_shape(tmp_path: Path) -> None:

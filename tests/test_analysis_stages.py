@@ -145,11 +145,16 @@ def test_stage_declarations() -> None:
 def test_worker_threads_stop_when_cancelled(stream: synthetic.SyntheticStream) -> None:
     import threading
 
+    from klipstream.acquisition.chat_archive import parse_archive
     from klipstream.analysis.cancel import Cancelled
-    from klipstream.analysis.chat_scoring import parse_chat_json
     from klipstream.analysis.pipeline import analyze_chat
 
     cancelled = threading.Event()
     cancelled.set()
     with pytest.raises(Cancelled):
-        analyze_chat(parse_chat_json(stream.chat), stream.duration, (), cancelled=cancelled)
+        analyze_chat(
+            parse_archive(json.dumps(stream.chat).encode(), max_bytes=1 << 30).messages,
+            stream.duration,
+            (),
+            cancelled=cancelled,
+        )

@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from klipstream.acquisition.chat_archive import ChatMessage, ChatVideo, Fragment, iter_csv
+from klipstream.acquisition.chat_archive import ChatVideo, iter_csv
 from klipstream.acquisition.twitch_chat import (
     GqlClient,
     GqlConfig,
@@ -24,6 +24,7 @@ from klipstream.acquisition.twitch_chat import (
     split_ranges,
     write_merged,
 )
+from klipstream.chat import ChatMessage, Fragment
 from klipstream.errors import ExternalServiceError, InvalidVideoUrl, StageUnavailable
 from klipstream.jobs.stage import StageContext
 from klipstream.models import VideoInfo
@@ -253,7 +254,7 @@ def test_spool_merge_keeps_awkward_text_exact_and_sorts_a_disordered_range(tmp_p
     offsets = [0.0, 2.0, 1.0, 3.0, 4.0]  # range 0 arrives out of order; range 1 is in order
     spools = [RangeSpool(tmp_path, i, "v") for i in range(2)]
     for i, (body, offset) in enumerate(zip(bodies, offsets, strict=True)):
-        message = ChatMessage(str(i), offset, "", "login", 'D"n', body, (Fragment(body),))
+        message = ChatMessage(offset, "login", body, display_name='D"n', id=str(i), fragments=(Fragment(body),))
         spools[0 if i < 3 else 1].add(message, None)
     assert [s.ordered for s in spools] == [False, True]
     write_merged(spools, tmp_path / "v_chat.json", tmp_path / "v_chat.csv", ChatVideo("v"), len(bodies))

@@ -29,10 +29,8 @@ import pytest
 from klipstream.config import Settings
 from klipstream.errors import ProcessingTimeout, TranscriptionError
 from klipstream.stages.transcribe import TRANSCRIBE
+from klipstream.transcript import Segment, Transcript, Word
 from klipstream.transcription.files import (
-    Segment,
-    Transcript,
-    Word,
     in_window,
     paragraphs,
     window_bounds,

@@ -1,6 +1,6 @@
-"""Chat messages as plain data, the archive formats users supply, and the two chat artifacts.
+"""The chat archive formats users supply, and the two chat artifacts.
 
-Twitch replay (klipstream/twitch_chat.py) and user-supplied archives (TwitchDownloader JSON or a
+Twitch replay (klipstream.acquisition.twitch_chat) and user-supplied archives (TwitchDownloader JSON or a
 `time,username,message` CSV) both become `ChatMessage`s, so there is one writer for
 `{id}_chat.json` / `{id}_chat.csv` and later stages never care where the chat came from.
 
@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from klipstream.chat import Badge, ChatMessage, Fragment
 from klipstream.errors import InvalidVideoUrl
 
 # Error code for every "this is not a usable chat archive" failure, so clients can branch on it.
@@ -35,36 +36,6 @@ _ACTION = (
 )
 CSV_HEADER = ("time", "username", "message")
 _HMS = re.compile(r"^(?:(\d+):)?(\d{1,2}):(\d{1,2}(?:\.\d+)?)$")
-
-
-@dataclass(frozen=True, slots=True)
-class Fragment:
-    text: str
-    emote_id: str | None = None  # Twitch emote id when this fragment is an emote
-
-
-@dataclass(frozen=True, slots=True)
-class Badge:
-    set_id: str
-    version: str
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    id: str
-    offset: float  # seconds from the start of the VOD
-    user_id: str
-    login: str
-    display_name: str
-    body: str
-    fragments: tuple[Fragment, ...] = ()
-    badges: tuple[Badge, ...] = ()
-    color: str | None = None
-    created_at: str | None = None
-
-    @property
-    def username(self) -> str:
-        return self.display_name or self.login
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,13 +193,14 @@ def _json_comment(index: int, item: Any) -> ChatMessage:
         raise invalid(f"{where}.commenter must be an object.")
     commenter = commenter or {}
     badges = message.get("user_badges")
+    display_name = (_str(commenter.get("display_name")) or "").strip()
     return ChatMessage(
+        time=offset,
+        user=(_str(commenter.get("name")) or display_name).lower(),
+        text=body,
+        display_name=display_name,
         id=_str(item.get("_id")) or f"archive-{index}",
-        offset=offset,
         user_id=_str(commenter.get("_id")) or "",
-        login=_str(commenter.get("name")) or "",
-        display_name=(_str(commenter.get("display_name")) or "").strip(),
-        body=body,
         fragments=fragments or ((Fragment(body),) if body else ()),
         badges=tuple(
             Badge(_str(b.get("_id")) or "", _str(b.get("version")) or "")
@@ -282,12 +254,11 @@ def _parse_csv(text: str) -> ParsedArchive:
             body = row[m_col]
             messages.append(
                 ChatMessage(
-                    id=f"csv-{len(messages)}",
-                    offset=offset,
-                    user_id="",
-                    login=name.lower(),
+                    time=offset,
+                    user=name.lower(),
+                    text=body,
                     display_name=name,
-                    body=body,
+                    id=f"csv-{len(messages)}",
                     fragments=(Fragment(body),) if body else (),
                 )
             )
@@ -311,7 +282,7 @@ def _csv_time(raw: str) -> float | None:
 
 
 def _by_offset(message: ChatMessage) -> float:
-    return message.offset
+    return message.time
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,10 +305,10 @@ def td_comment(message: ChatMessage, video_id: str, channel_id: str | None) -> d
         "channel_id": channel_id,
         "content_type": "video",
         "content_id": video_id,
-        "content_offset_seconds": int(message.offset) if message.offset.is_integer() else message.offset,
-        "commenter": {"display_name": message.display_name, "_id": message.user_id, "name": message.login},
+        "content_offset_seconds": int(message.time) if message.time.is_integer() else message.time,
+        "commenter": {"display_name": message.display_name, "_id": message.user_id, "name": message.user},
         "message": {
-            "body": message.body,
+            "body": message.text,
             "fragments": [
                 {"text": f.text, "emoticon": {"emoticon_id": f.emote_id} if f.emote_id else None}
                 for f in message.fragments
@@ -353,7 +324,7 @@ def encode_comment(message: ChatMessage, video_id: str, channel_id: str | None) 
 
 
 def csv_row(message: ChatMessage) -> tuple[str, str, str]:
-    return (format_seconds(message.offset), message.username, message.body)
+    return (format_seconds(message.time), message.username, message.text)
 
 
 def json_header(video: ChatVideo, *, source: str, count: int) -> str:
@@ -454,3 +425,10 @@ def iter_csv(path: Path) -> Iterator[tuple[float, str, str]]:
         for row in rows:
             if len(row) >= 3:
                 yield float(row[0]), row[1], row[2]
+
+
+def read_chat_json(path: Path) -> list[ChatMessage]:
+    """The messages of a chat JSON artifact, in time order (InvalidVideoUrl if it is not one)."""
+    with open(path, "rb") as stream:
+        data = stream.read()
+    return parse_archive(data, max_bytes=max(1, len(data))).messages

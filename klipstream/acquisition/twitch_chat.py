@@ -31,15 +31,8 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from klipstream.acquisition.chat_archive import (
-    Badge,
-    ChatMessage,
-    ChatVideo,
-    CsvSink,
-    Fragment,
-    artifact_files,
-    encode_comment,
-)
+from klipstream.acquisition.chat_archive import ChatVideo, CsvSink, artifact_files, encode_comment
+from klipstream.chat import Badge, ChatMessage, Fragment
 from klipstream.errors import ExternalServiceError, KlipstreamError, NetworkError, StageUnavailable
 from klipstream.retry import full_jitter, parse_retry_after
 
@@ -161,13 +154,14 @@ def node_to_message(node: Any) -> ChatMessage | None:
     )
     # A deleted account leaves commenter null; the message still counts as chat activity.
     commenter = _obj(node.get("commenter"))
+    display_name = (_s(commenter.get("displayName")) or "").strip()
     return ChatMessage(
+        time=float(offset),
+        user=(_s(commenter.get("login")) or display_name).lower(),
+        text="".join(f.text for f in fragments),
+        display_name=display_name,
         id=comment_id,
-        offset=float(offset),
         user_id=_s(commenter.get("id")) or "",
-        login=_s(commenter.get("login")) or "",
-        display_name=(_s(commenter.get("displayName")) or "").strip(),
-        body="".join(f.text for f in fragments),
         fragments=tuple(fragments),
         badges=badges,
         color=_s(message.get("userColor")),
@@ -383,9 +377,9 @@ class RangeSpool:
         self.last_offset = -1.0
 
     def add(self, message: ChatMessage, channel_id: str | None) -> None:
-        if message.offset < self.last_offset:
+        if message.time < self.last_offset:
             self.ordered = False
-        self.last_offset = max(self.last_offset, message.offset)
+        self.last_offset = max(self.last_offset, message.time)
         self._json.write(encode_comment(message, self.video_id, channel_id))
         self._json.write("\n")
         self._csv.row(message)
@@ -474,12 +468,12 @@ class ChatFetch:
                 self.channel_id = page.channel_id
             passed_end = False
             for message in page.messages:
-                if message.offset < rng.start:
+                if message.time < rng.start:
                     continue  # Twitch's first page may start a little before the requested offset
-                if message.offset >= rng.end:
+                if message.time >= rng.end:
                     passed_end = True
                     break
-                state.reached = max(state.reached, message.offset)
+                state.reached = max(state.reached, message.time)
                 if message.id in self.seen:
                     continue
                 self.seen.add(message.id)

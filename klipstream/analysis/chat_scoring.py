@@ -1,4 +1,4 @@
-"""Chat analytics: parse chat, drop bots and commands, score messages, aggregate on a time grid.
+"""Chat analytics: drop bots and commands, score messages, aggregate on a time grid.
 
 Grids are anchored at 0 s (the VOD start), never at the first message, so windows line up with the
 transcript and the audio. Two grids come out of here: 1 s per-second sums (the fine signal the
@@ -8,7 +8,6 @@ highlight fusion reads) and 30 s windows (the `{id}_chat_sentiment.csv` table pe
 from __future__ import annotations
 
 import csv
-import json
 import math
 import threading
 from collections.abc import Iterable, Sequence
@@ -22,6 +21,7 @@ from klipstream.analysis.baselines import poisson_surge, rolling_quantile
 from klipstream.analysis.cancel import check
 from klipstream.analysis.lexicon import EMOTIONS
 from klipstream.analysis.text_scoring import TextScorer
+from klipstream.chat import ChatMessage
 
 CHAT_SENTIMENT_COLUMNS = (
     "start_time",
@@ -38,82 +38,11 @@ CHAT_SENTIMENT_COLUMNS = (
 )
 
 
-class ChatFormatError(ValueError):
-    """The chat file does not have the TwitchDownloader / CSV shape."""
-
-
-@dataclass(frozen=True, slots=True)
-class ChatMessage:
-    time: float  # seconds from VOD start
-    user: str  # login (lower case) when known, else display name
-    text: str
-    fragment_emotes: int = 0  # Twitch-marked emote fragments, including emotes the lexicon lacks
-
-
 @dataclass(frozen=True, slots=True)
 class FilterStats:
     kept: int
     bot_messages: int
     commands: int
-
-
-def parse_chat_json(data: Any) -> list[ChatMessage]:
-    """Messages of a TwitchDownloader-shaped chat document, in time order.
-
-    Comments without a usable time are skipped (they cannot be placed on the timeline); a document
-    without a `comments` list is a ChatFormatError.
-    """
-    comments = data.get("comments") if isinstance(data, dict) else None
-    if not isinstance(comments, list):
-        raise ChatFormatError("chat JSON has no 'comments' list")
-    out: list[ChatMessage] = []
-    for comment in comments:
-        if not isinstance(comment, dict):
-            continue
-        try:
-            offset = float(comment["content_offset_seconds"])
-        except (KeyError, TypeError, ValueError):
-            continue
-        if not math.isfinite(offset) or offset < 0:
-            continue
-        commenter = comment.get("commenter") or {}
-        user = str(commenter.get("name") or commenter.get("display_name") or "").lower()
-        message = comment.get("message") or {}
-        fragments = message.get("fragments") or []
-        body = message.get("body")
-        if not isinstance(body, str):
-            body = "".join(str(f.get("text") or "") for f in fragments if isinstance(f, dict))
-        emotes = sum(1 for f in fragments if isinstance(f, dict) and f.get("emoticon"))
-        out.append(ChatMessage(offset, user, body, emotes))
-    out.sort(key=lambda m: m.time)
-    return out
-
-
-def load_chat_json(path: Path) -> list[ChatMessage]:
-    try:
-        with open(path, "rb") as f:
-            data = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ChatFormatError(f"chat JSON is not valid JSON: {exc}") from None
-    return parse_chat_json(data)
-
-
-def load_chat_csv(path: Path) -> list[ChatMessage]:
-    """Messages of a `time,username,message` CSV, in time order."""
-    out: list[ChatMessage] = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {"time", "username", "message"} <= set(reader.fieldnames):
-            raise ChatFormatError("chat CSV needs the columns time,username,message")
-        for row in reader:
-            try:
-                t = float(row["time"])
-            except (TypeError, ValueError):
-                continue
-            if math.isfinite(t) and t >= 0:
-                out.append(ChatMessage(t, (row["username"] or "").lower(), row["message"] or ""))
-    out.sort(key=lambda m: m.time)
-    return out
 
 
 def filter_messages(
@@ -162,7 +91,7 @@ def score_messages(
             check(cancelled)
         s = scorer.score(m.text)
         table[i] = (s.sentiment, s.highlight, s.excitement, s.funny, s.happiness, s.anger, s.sadness, s.neutral)
-        emotes[i] = max(s.emote_count, m.fragment_emotes)
+        emotes[i] = max(s.emote_count, m.emote_fragments)
         users[i] = user_ids.setdefault(m.user, len(user_ids))
     times = np.fromiter((m.time for m in messages), dtype=np.float64, count=n)
     return ChatScores(times, users, table[:, 0].copy(), table[:, 1].copy(), table[:, 2:].copy(), emotes)

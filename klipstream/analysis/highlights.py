@@ -24,9 +24,10 @@ from typing import Any
 import numpy as np
 
 from klipstream.analysis.baselines import centered_mean
-from klipstream.analysis.chat_scoring import ChatMessage
 from klipstream.analysis.lexicon import EMOTIONS, load_lexicon
-from klipstream.analysis.signals import ChatSignalSet, Segment, SpeechSignals
+from klipstream.analysis.signals import ChatSignalSet, SpeechSignals
+from klipstream.chat import ChatMessage
+from klipstream.transcript import Segment
 
 WEIGHTS: dict[str, float] = {
     "loudness": 0.15,
@@ -164,7 +165,7 @@ def non_max_suppression(candidates: Sequence[Candidate], min_separation: float, 
 
 def speech_pauses(segments: Sequence[Segment], min_gap: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
     """(word starts, word ends) of all words in time order; pauses are the gaps between them."""
-    words = sorted((w[0], w[1]) for seg in segments for w in seg.words if w[1] >= w[0])
+    words = sorted((w.start, w.end) for seg in segments for w in seg.words if w.end >= w.start)
     if not words:
         return np.array([]), np.array([])
     arr = np.array(words, dtype=np.float64)
@@ -333,7 +334,13 @@ def _dominant_emotion(emotions: np.ndarray, a: int, b: int) -> str:
 
 
 def _excerpt(segments: Sequence[Segment], start: float, end: float, limit: int = 280) -> str:
-    words = [w[2] for seg in segments if seg.end > start and seg.start < end for w in seg.words if start <= w[0] < end]
+    words = [
+        w.word.strip()
+        for seg in segments
+        if seg.end > start and seg.start < end
+        for w in seg.words
+        if start <= w.start < end
+    ]
     if not words:
         words = [seg.text for seg in segments if seg.end > start and seg.start < end]
     text = " ".join(w for w in words if w).strip()

@@ -23,13 +23,13 @@ from klipstream.analysis.chat_scoring import (
 from klipstream.analysis.highlights import Highlight, Timeline, detect, fuse
 from klipstream.analysis.signals import (
     AudioFeatures,
-    Segment,
     chat_signals,
     flux_signal,
     loudness_signal,
     speech_signal,
 )
 from klipstream.analysis.text_scoring import TextScorer
+from klipstream.transcript import Segment
 
 
 @dataclass

@@ -14,7 +14,6 @@ scaling is documented on the function that makes it; no signal is on another sca
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 import warnings
@@ -31,6 +30,7 @@ from klipstream.analysis.cancel import check
 from klipstream.analysis.chat_scoring import ChatSignals
 from klipstream.analysis.lexicon import EMOTIONS
 from klipstream.analysis.text_scoring import TextScorer
+from klipstream.transcript import Segment
 
 BASELINE_SECONDS = 300  # trailing window of every rolling baseline
 CHAT_MIN_LAG = 2  # chat reacts 2-20 s after what it reacts to
@@ -106,29 +106,6 @@ def flux_signal(features: AudioFeatures) -> np.ndarray:
         return np.zeros(features.seconds)
     flux = np.log1p(np.maximum(features.per_second(features.flux), 0.0))
     return robust_relative(centered_mean(np.nan_to_num(flux, nan=0.0), 3), BASELINE_SECONDS, floor=0.05)
-
-
-@dataclass(frozen=True, slots=True)
-class Segment:
-    start: float
-    end: float
-    text: str
-    words: tuple[tuple[float, float, str], ...]  # (start, end, word)
-
-
-def load_transcript(path: Path) -> list[Segment]:
-    """Segments of a transcript JSON; a transcript of silence is an empty list."""
-    with open(path, encoding="utf-8") as f:
-        data = json.load(f)
-    out = []
-    for seg in data.get("segments") or []:
-        try:
-            words = tuple((float(w["start"]), float(w["end"]), str(w["word"]).strip()) for w in seg.get("words") or [])
-            out.append(Segment(float(seg["start"]), float(seg["end"]), str(seg.get("text") or "").strip(), words))
-        except (KeyError, TypeError, ValueError):
-            continue
-    out.sort(key=lambda s: s.start)
-    return out
 
 
 @dataclass

@@ -11,7 +11,6 @@ import csv
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +18,7 @@ import numpy as np
 
 from klipstream.analysis.signals import AudioFeatures, loudness_signal
 from klipstream.analysis.text_scoring import TextScore
+from klipstream.transcript import Window
 
 SENTIMENT_COLUMNS = (
     "start_time",
@@ -41,37 +41,6 @@ SENTIMENT_COLUMNS = (
 
 NO_SPEECH_MODEL = "no-speech"
 """`model` of windows without words: nothing was scored; emotions say "nothing present"."""
-
-
-class SegmentsFormatError(ValueError):
-    """The segments CSV lacks the columns the transcription stage writes."""
-
-
-@dataclass(frozen=True, slots=True)
-class Window:
-    start: float
-    end: float
-    word_count: int
-    speech_rate: float
-    text: str
-
-
-def load_segments_csv(path: Path) -> list[Window]:
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        needed = {"start_time", "end_time", "word_count", "speech_rate", "text"}
-        if not reader.fieldnames or not needed <= set(reader.fieldnames):
-            raise SegmentsFormatError(f"segments CSV needs the columns {sorted(needed)}")
-        out = []
-        for row in reader:
-            try:
-                start, end = float(row["start_time"]), float(row["end_time"])
-                words = int(float(row["word_count"] or 0))
-                rate = float(row["speech_rate"] or 0.0)
-            except ValueError:
-                raise SegmentsFormatError(f"segments CSV line {reader.line_num} has a non-numeric field") from None
-            out.append(Window(start, end, words, rate, (row["text"] or "").strip()))
-    return out
 
 
 def intensities(features: AudioFeatures, windows: Sequence[Window]) -> tuple[np.ndarray, np.ndarray]:

@@ -5,9 +5,10 @@ Needs only the chat, so it runs while the audio is still being transcribed.
 
 from __future__ import annotations
 
-from klipstream.analysis.chat_scoring import ChatFormatError, load_chat_json, write_chat_sentiment_csv
+from klipstream.acquisition.chat_archive import read_chat_json
+from klipstream.analysis.chat_scoring import write_chat_sentiment_csv
 from klipstream.analysis.pipeline import ChatAnalysis, analyze_chat
-from klipstream.errors import InternalError
+from klipstream.errors import InternalError, InvalidVideoUrl
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
 
@@ -15,8 +16,8 @@ from klipstream.models import DisplayStage
 async def run(ctx: StageContext) -> None:
     ctx.progress(0.0, "reading chat")
     try:
-        messages = await ctx.to_thread(load_chat_json, ctx.input("chat_json"))
-    except ChatFormatError as exc:
+        messages = await ctx.to_thread(read_chat_json, ctx.input("chat_json"))
+    except InvalidVideoUrl as exc:
         raise InternalError(f"The chat artifact is malformed: {exc}.") from None
     duration = ctx.video.duration_seconds if ctx.video and ctx.video.duration_seconds else 0.0
     ctx.progress(0.2, f"scoring {len(messages)} chat messages")

@@ -9,19 +9,21 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from klipstream.analysis.chat_scoring import ChatFormatError, ChatMessage, ChatSignals, filter_messages, load_chat_json
+from klipstream.acquisition.chat_archive import read_chat_json
+from klipstream.analysis.chat_scoring import ChatSignals, filter_messages
 from klipstream.analysis.highlights import Highlight, Timeline
 from klipstream.analysis.lexicon import EMOTIONS
 from klipstream.analysis.pipeline import analyze_chat, build_timeline, find_highlights
-from klipstream.analysis.signals import AudioFeatures, FeatureFormatError, Segment, load_transcript
-from klipstream.errors import InternalError
+from klipstream.analysis.signals import AudioFeatures, FeatureFormatError
+from klipstream.chat import ChatMessage
+from klipstream.errors import InternalError, InvalidVideoUrl
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
+from klipstream.transcript import Segment, load_segments
 
 TOP_HIGHLIGHTS_COLUMNS = (
     "rank",
@@ -42,33 +44,6 @@ INTEGRATED_GRID_SECONDS = 5
 def timestamp(seconds: float) -> str:
     s = round(seconds)
     return f"{s // 3600:02d}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def chat_from_sentiment_csv(path: Path, seconds: int) -> ChatSignals:
-    """Per-second chat sums rebuilt from the 30 s chat table, spreading each window evenly.
-
-    Only used when neither the per-second signals nor the chat itself are available: the
-    resolution is the table's, the numbers are the measured ones.
-    """
-    n = max(1, seconds)
-    count, hsum, ssum = np.zeros(n), np.zeros(n), np.zeros(n)
-    emo = np.zeros((len(EMOTIONS), n))
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            try:
-                a, b = int(float(row["start_time"])), min(n, math.ceil(float(row["end_time"])))
-                c = float(row["message_count"] or 0)
-            except (KeyError, ValueError):
-                continue
-            if b <= a or c <= 0 or a >= n:
-                continue
-            per = c / (b - a)
-            count[a:b] += per
-            hsum[a:b] += per * float(row.get("avg_highlight") or 0)
-            ssum[a:b] += per * float(row.get("avg_sentiment") or 0)
-            for k, name in enumerate(EMOTIONS):
-                emo[k, a:b] += per * float(row.get(f"avg_{name}") or 0)
-    return ChatSignals(count, count.copy(), np.zeros(n), ssum, hsum, emo)
 
 
 def integrated_table(timeline: Timeline, video_id: str) -> dict[str, Any]:
@@ -126,9 +101,8 @@ def top_rows(highlights: list[Highlight]) -> list[dict[str, Any]]:
 
 def _analyse(ctx: StageContext, top_n: int) -> tuple[Timeline, list[Highlight]]:
     features = AudioFeatures.load(ctx.input("features"))
-    seconds = features.seconds
     transcript = ctx.optional_input("transcript_json")
-    segments: list[Segment] = load_transcript(transcript) if transcript else []
+    segments: list[Segment] = load_segments(transcript) if transcript else []
     sentiment_rows = None
     sentiment = ctx.optional_input("sentiment_json")
     if sentiment:
@@ -142,10 +116,8 @@ def _analyse(ctx: StageContext, top_n: int) -> tuple[Timeline, list[Highlight]]:
         chat_signals = ChatSignals.load(signals_path)
         messages = chat_signals.messages
     elif chat_json:
-        messages, _ = filter_messages(load_chat_json(chat_json), ctx.settings.bot_accounts)
+        messages, _ = filter_messages(read_chat_json(chat_json), ctx.settings.bot_accounts)
         chat_signals = analyze_chat(messages, features.duration_seconds, (), cancelled=ctx.cancelled).signals
-    elif ctx.optional_input("chat_sentiment_csv"):
-        chat_signals = chat_from_sentiment_csv(ctx.input("chat_sentiment_csv"), seconds)
     timeline = build_timeline(features, segments, chat_signals, sentiment_rows=sentiment_rows, cancelled=ctx.cancelled)
     return timeline, find_highlights(timeline, top_n, segments, messages)
 
@@ -171,7 +143,7 @@ async def run(ctx: StageContext) -> None:
     ctx.progress(0.0, "fusing audio, speech and chat")
     try:
         timeline, highlights = await ctx.to_thread(_analyse, ctx, top_n)
-    except (FeatureFormatError, ChatFormatError) as exc:
+    except (FeatureFormatError, InvalidVideoUrl) as exc:
         raise InternalError(f"An input of the highlight detection is malformed: {exc}.") from None
     ctx.progress(0.8, "writing highlights")
     await ctx.to_thread(_write, ctx, timeline, highlights)
@@ -193,7 +165,7 @@ HIGHLIGHTS = Stage(
     display=DisplayStage.FINDING_HIGHLIGHTS,
     run=run,
     needs=("features",),
-    uses=("transcript_json", "sentiment_json", "chat_json", "chat_sentiment_csv", "chat_signals"),
+    uses=("transcript_json", "sentiment_json", "chat_json", "chat_signals"),
     provides=("integrated_json", "highlights_json", "top_highlights_csv"),
     weight=1.0,
     resource=Resource.CPU,

@@ -15,17 +15,15 @@ from klipstream.analysis.signals import AudioFeatures, FeatureFormatError
 from klipstream.analysis.text_scoring import DEFAULT_MODEL, NO_TEXT, TextScore, TextScorer
 from klipstream.analysis.transcript_windows import (
     NO_SPEECH_MODEL,
-    SegmentsFormatError,
-    Window,
     build_rows,
     intensities,
-    load_segments_csv,
     write_sentiment_csv,
     write_sentiment_json,
 )
 from klipstream.errors import InternalError
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
+from klipstream.transcript import TranscriptFormatError, Window, load_windows
 
 
 def _score_default(windows: list[Window], indices: list[int], ctx: StageContext) -> dict[int, tuple[TextScore, float]]:
@@ -41,9 +39,9 @@ def _score_default(windows: list[Window], indices: list[int], ctx: StageContext)
 async def run(ctx: StageContext) -> None:
     ctx.progress(0.0, "reading transcript windows")
     try:
-        windows = await ctx.to_thread(load_segments_csv, ctx.input("segments_csv"))
+        windows = await ctx.to_thread(load_windows, ctx.input("segments_csv"))
         features = await ctx.to_thread(AudioFeatures.load, ctx.input("features"))
-    except (SegmentsFormatError, FeatureFormatError) as exc:
+    except (TranscriptFormatError, FeatureFormatError) as exc:
         raise InternalError(f"An input of the transcript analysis is malformed: {exc}.") from None
     n = len(windows)
     scores: list[TextScore] = [NO_TEXT] * n

@@ -1,8 +1,4 @@
-"""Transcript data types and the four files the frontend and the analysis stages read.
-
-The types mirror faster-whisper's own Word and Segment but are plain NamedTuples of this package,
-so the server process can hold and pickle them without importing faster_whisper (the model only
-ever lives in worker processes). All times are seconds from the start of the VOD.
+"""The four transcript files the frontend and the analysis stages read (types: klipstream.transcript).
 
 Files (names come from klipstream/artifacts.py; the columns are the ones the existing frontend reads):
 - transcript JSON: `{language, duration, model, segments: [{id, start, end, text, words: [...]}]}`
@@ -25,56 +21,14 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
+
+from klipstream.transcript import Paragraph, Transcript, Window, Word
 
 PARAGRAPH_PAUSE = 0.8  # seconds of silence that start a new paragraph
 PARAGRAPH_MAX = 20.0  # seconds after which a paragraph is closed at the next word
 WINDOW_SECONDS = 60.0
 HOP_SECONDS = 30.0
-
-
-class Word(NamedTuple):
-    start: float
-    end: float
-    word: str  # as the model spells it, usually with a leading space
-    probability: float
-
-
-class Segment(NamedTuple):
-    id: int
-    start: float
-    end: float
-    text: str
-    words: tuple[Word, ...]
-
-
-@dataclass(frozen=True)
-class Transcript:
-    language: str | None  # None when nothing was spoken and no language was requested
-    duration: float  # seconds of audio, speech or not
-    model: str
-    segments: list[Segment]
-
-    def words(self) -> Iterator[Word]:
-        for segment in self.segments:
-            yield from segment.words
-
-
-class Paragraph(NamedTuple):
-    start: float
-    end: float
-    text: str
-
-
-class Window(NamedTuple):
-    window_id: int
-    start: float
-    end: float
-    word_count: int
-    speech_rate: float  # words per minute
-    text: str
 
 
 def _t(seconds: float) -> float:

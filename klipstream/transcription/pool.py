@@ -47,7 +47,7 @@ import numpy as np
 
 from klipstream.config import Settings
 from klipstream.errors import InternalError, KlipstreamError, ProcessingTimeout, TranscriptionError
-from klipstream.transcription.files import Segment, Transcript
+from klipstream.transcript import Segment, Transcript
 from klipstream.transcription.vad import BLOCK_SECONDS, SAMPLE_RATE, Chunk, plan_chunks, sample_count, vad_blocks
 from klipstream.transcription.worker import ChunkResult, ChunkTask, EngineInfo, VadTask, WorkerConfig, serve
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from klipstream.transcription.files import Segment, Word
+from klipstream.transcript import Segment, Word
 from klipstream.transcription.vad import SAMPLE_RATE, read_samples, speech_probabilities
 
 # Inference is throughput work and keeps every core busy; the server's event loop is latency work.

@@ -20,7 +20,6 @@ from klipstream.acquisition.twitch_chat import (
     GqlClient,
     GqlConfig,
     RangeSpool,
-    RetryPolicy,
     split_ranges,
     write_merged,
 )
@@ -28,7 +27,7 @@ from klipstream.chat import ChatMessage, Fragment
 from klipstream.errors import ExternalServiceError, InvalidVideoUrl, StageUnavailable
 from klipstream.jobs.stage import StageContext
 from klipstream.models import VideoInfo
-from klipstream.retry import parse_retry_after
+from klipstream.retry import RetryPolicy, parse_retry_after
 from klipstream.stages.chat import CHAT
 from tests.fake_twitch_gql import FakeChat, RunningFake, serve
 from tests.stage_helpers import RecordingSink, make_context
@@ -49,6 +48,9 @@ async def run_twitch(
     ctx, sink = make_context(CHAT, workdir, http, url=kwargs.pop("url", VOD), **kwargs)
     await CHAT.run(ctx)
     return ctx, sink
+
+
+THREE_TRIES = RetryPolicy(attempts=3, base_seconds=0.25, cap_seconds=8.0)
 
 
 def read_json(ctx: StageContext) -> dict[str, Any]:
@@ -191,7 +193,11 @@ async def test_twitch_refusals_are_unavailable(
 async def test_persistent_failures_become_a_retryable_classified_error(http: aiohttp.ClientSession) -> None:
     chat = FakeChat(comments=100, duration=600, fail_500=1000)
     async with serve(chat) as fake:
-        client = GqlClient(http, GqlConfig(fake.url, chat.client_id, chat.comments_hash), RetryPolicy(attempts=3))
+        client = GqlClient(
+            http,
+            GqlConfig(fake.url, chat.client_id, chat.comments_hash),
+            RetryPolicy(attempts=3, base_seconds=0.25, cap_seconds=8.0),
+        )
         with pytest.raises(ExternalServiceError, match="HTTP 500") as info:
             await client.comments("123456789", offset=0)
     assert info.value.retryable and info.value.code == "twitch_chat_failed"
@@ -203,7 +209,7 @@ async def test_unreachable_endpoint_is_a_network_error(http: aiohttp.ClientSessi
 
     async with serve(FakeChat(comments=1)) as fake:
         dead = fake.url  # the server is gone once the block exits
-    client = GqlClient(http, GqlConfig(dead, "x", "y"), RetryPolicy(attempts=2, base_seconds=0.01))
+    client = GqlClient(http, GqlConfig(dead, "x", "y"), RetryPolicy(attempts=2, base_seconds=0.01, cap_seconds=0.01))
     with pytest.raises(NetworkError):
         await client.comments("123456789", offset=0)
 

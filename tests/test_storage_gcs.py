@@ -28,7 +28,8 @@ from aiohttp import web
 from klipstream.artifacts import spec
 from klipstream.config import Settings
 from klipstream.errors import StorageError
-from klipstream.integrations.storage import GcsStorage, RetryPolicy, StoredObject, create_storage
+from klipstream.integrations.storage import GcsStorage, StoredObject, create_storage
+from klipstream.retry import RetryPolicy
 
 VIDEO = "2400000001"
 BUCKETS = ("klipstream-vods-raw", "klipstream-transcripts", "klipstream-chatlogs", "klipstream-analysis", "one")

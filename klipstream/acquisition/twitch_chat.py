@@ -22,10 +22,9 @@ import asyncio
 import contextlib
 import json
 import math
-import random
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -34,7 +33,7 @@ import aiohttp
 from klipstream.acquisition.chat_archive import ChatVideo, CsvSink, artifact_files, encode_comment
 from klipstream.chat import Badge, ChatMessage, Fragment
 from klipstream.errors import ExternalServiceError, KlipstreamError, NetworkError, StageUnavailable
-from klipstream.retry import full_jitter, parse_retry_after
+from klipstream.retry import RetryPolicy, parse_retry_after
 
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
@@ -65,15 +64,9 @@ class GqlConfig:
     comments_hash: str
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 8  # per request, the first one included
-    base_seconds: float = 0.25  # backoff before attempt n+1 is uniform(0, min(cap, base * 2**n))
-    cap_seconds: float = 8.0
-    max_retry_after: float = 60.0  # a Retry-After above this is clamped, not obeyed blindly
-    timeout: aiohttp.ClientTimeout = field(
-        default_factory=lambda: aiohttp.ClientTimeout(total=30, sock_connect=10, sock_read=20)
-    )
+GQL_RETRY = RetryPolicy(attempts=8, base_seconds=0.25, cap_seconds=8.0)
+VIDEO_RETRY = RetryPolicy(attempts=3, base_seconds=0.25, cap_seconds=8.0)  # the length is optional
+GQL_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10, sock_read=20)
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,7 +197,7 @@ class GqlClient:
     def __init__(self, session: aiohttp.ClientSession, config: GqlConfig, policy: RetryPolicy | None = None) -> None:
         self.session = session
         self.config = config
-        self.policy = policy or RetryPolicy()
+        self.policy = policy or GQL_RETRY
         self.requests = 0
         self.retries = 0
 
@@ -212,7 +205,7 @@ class GqlClient:
         self.requests += 1
         headers = {"Client-Id": self.config.client_id, "Accept": "application/json"}
         async with self.session.post(
-            self.config.url, json=[operation], headers=headers, timeout=self.policy.timeout, allow_redirects=False
+            self.config.url, json=[operation], headers=headers, timeout=GQL_TIMEOUT, allow_redirects=False
         ) as response:
             status = response.status
             if status == 429 or status == 408 or status >= 500:
@@ -245,23 +238,20 @@ class GqlClient:
         """Run `attempt` until it succeeds, refuses, or the policy's attempts are spent."""
         policy = policy or self.policy
         last: _Transient | None = None
-        for n in range(policy.attempts):
+        failures = 0
+        while True:
             try:
                 return await attempt()
             except _Transient as exc:
                 last = exc
             except (aiohttp.ClientError, TimeoutError) as exc:
                 last = _Transient(type(exc).__name__, network=True)
-            if n + 1 == policy.attempts:
+            failures += 1
+            if policy.exhausted(failures):
                 break
             self.retries += 1
-            if last.retry_after is not None:
-                delay = min(last.retry_after, policy.max_retry_after) + random.uniform(0, 0.1)
-            else:
-                delay = full_jitter(n, policy.base_seconds, policy.cap_seconds)
-            await asyncio.sleep(delay)
-        assert last is not None
-        message = f"Twitch chat replay failed {policy.attempts} times while fetching {what} (last: {last.what})."
+            await asyncio.sleep(policy.delay(failures, last.retry_after))
+        message = f"Twitch chat replay failed {failures} times while fetching {what} (last: {last.what})."
         if last.network:
             raise NetworkError(message, code="twitch_chat_unreachable")
         raise ExternalServiceError(message, code="twitch_chat_failed", retry_after=last.retry_after)
@@ -280,7 +270,11 @@ class GqlClient:
             return payload, _errors(payload)
 
         try:
-            payload, messages = await self.retrying(attempt, "the video length", RetryPolicy(attempts=3))
+            payload, messages = await self.retrying(
+                attempt,
+                "the video length",
+                RetryPolicy(attempts=3, base_seconds=GQL_RETRY.base_seconds, cap_seconds=GQL_RETRY.cap_seconds),
+            )
         except (ChatRefused, ExternalServiceError, NetworkError):
             return None  # the comments query decides whether chat is available at all
         data = payload.get("data")

@@ -20,7 +20,6 @@ import asyncio
 import hashlib
 import json
 import os
-import random
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -33,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klipstream.analysis.lexicon import load_lexicon
 from klipstream.analysis.text_scoring import TextScore, intensity_cues
-from klipstream.retry import parse_retry_after
+from klipstream.retry import RetryPolicy, parse_retry_after
 
 PROMPT_VERSION = "1"
 SYSTEM_PROMPT = (
@@ -128,8 +127,7 @@ class LLMScorer:
         self.http = http
         self.api_key = api_key
         self.batch_size = max(1, batch_size)
-        self.max_attempts = max(1, max_attempts)
-        self.retry_base = retry_base_seconds
+        self.retry = RetryPolicy(max(1, max_attempts), retry_base_seconds, 30.0, max_retry_after=30.0)
         self.timeout = aiohttp.ClientTimeout(total=timeout_seconds)
         self.cache_dir = cache_dir
         self._semaphore = asyncio.Semaphore(max(1, concurrency))
@@ -170,7 +168,8 @@ class LLMScorer:
     async def _run_batch(self, texts: list[str]) -> list[LLMOutcome]:
         started = time.monotonic()
         reason = "unknown error"
-        for attempt in range(self.max_attempts):
+        failures = 0
+        while True:
             try:
                 async with self._semaphore:
                     items = await self._request(texts)
@@ -186,11 +185,10 @@ class LLMScorer:
                 break
             except _Retryable as exc:
                 reason = exc.reason
-                if attempt + 1 < self.max_attempts:
-                    delay = self.retry_base * 2**attempt * (1.0 + random.random())
-                    if exc.retry_after is not None:
-                        delay = max(delay, min(exc.retry_after, 30.0))
-                    await asyncio.sleep(delay)
+                failures += 1
+                if self.retry.exhausted(failures):
+                    break
+                await asyncio.sleep(self.retry.delay(failures, exc.retry_after))
         share = (time.monotonic() - started) / len(texts)
         return [LLMOutcome(None, reason, share) for _ in texts]
 

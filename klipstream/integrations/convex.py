@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ import aiohttp
 from convex.values import convex_to_json
 
 from klipstream.models import TERMINAL_STATUSES, Job
+from klipstream.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from klipstream.config import Settings
@@ -40,7 +40,7 @@ _ALWAYS_SENT = {"queued", "started", "stage_changed", *TERMINAL_STATUSES}
 MIN_INTERVAL = 1.0  # seconds between progress-only updates of one job
 _MAX_QUEUED_PER_JOB = 32  # stage changes waiting while Convex is down; a job has only a handful
 _REQUEST_TIMEOUT = 10.0
-_BACKOFF_CAP = 30.0
+CONVEX_RETRY = RetryPolicy(None, 0.5, 30.0)  # until sent, or the process closes
 
 # Artifact key -> the Convex URL fields it fills (current snake_case name, older camelCase name).
 URL_FIELDS: dict[str, tuple[str, ...]] = {
@@ -231,7 +231,7 @@ class ConvexMirror:
 
     async def _deliver(self, state: _JobState, call: tuple[str, dict[str, Any]]) -> bool:
         """Send one call, retrying transient failures until it succeeds or the process is closing."""
-        attempt = 0
+        failures = 0
         while True:
             if call is not state.latest and not (state.queued and state.queued[0] is call):
                 return False  # a newer state replaced this progress update while we were retrying
@@ -244,12 +244,12 @@ class ConvexMirror:
                 log.error("convex: %s refused: %s", call[0], exc)
                 return False
             except Exception as exc:
-                delay = random.uniform(0.5, 1.0) * min(_BACKOFF_CAP, 0.5 * 2**attempt)
-                attempt += 1
+                failures += 1
+                delay = CONVEX_RETRY.delay(failures)
                 if time.monotonic() + delay > self._deadline:
                     log.warning("convex: giving up on %s at shutdown (%s)", call[0], exc)
                     return False
-                log.warning("convex: %s failed (%s); retry %d in %.1f s", call[0], exc, attempt, delay)
+                log.warning("convex: %s failed (%s); retry %d in %.1f s", call[0], exc, failures, delay)
                 await asyncio.sleep(delay)
 
     async def mutation(self, path: str, args: dict[str, Any]) -> Any:

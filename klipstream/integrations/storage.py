@@ -36,7 +36,7 @@ from gcloud.aio.storage.storage import init_api_root
 from klipstream.artifacts import ARTIFACTS, ArtifactSpec, StorageKind
 from klipstream.config import ConfigError
 from klipstream.errors import InternalError, StorageError
-from klipstream.retry import full_jitter, parse_retry_after
+from klipstream.retry import RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
     from klipstream.config import Settings
@@ -154,18 +154,7 @@ class LocalStorage:
 # Google Cloud Storage
 
 
-@dataclass(frozen=True)
-class RetryPolicy:
-    attempts: int = 6  # tries per request before the upload fails
-    base_seconds: float = 0.5
-    cap_seconds: float = 30.0
-
-    def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Full jitter: spreads the retries of many parallel uploads instead of synchronising them."""
-        backoff = full_jitter(attempt, self.base_seconds, self.cap_seconds)
-        if retry_after is not None:
-            return min(max(retry_after, backoff), self.cap_seconds * 4)
-        return backoff
+GCS_RETRY = RetryPolicy(attempts=6, base_seconds=0.5, cap_seconds=30.0, max_retry_after=120.0)
 
 
 class _Transient(Exception):
@@ -261,7 +250,7 @@ class GcsStorage:
             raise ValueError("chunk_size must be a multiple of 256 KiB")
         self._settings = settings
         self._session = session
-        self._retry = retry or RetryPolicy()
+        self._retry = retry or GCS_RETRY
         self._chunk_size = chunk_size
         self._threshold = resumable_threshold
         self._limit = asyncio.Semaphore(settings.upload_concurrency)
@@ -305,17 +294,18 @@ class GcsStorage:
         return {"Authorization": f"Bearer {token}"}
 
     async def _retrying(self, what: str, op: Callable[[], Awaitable[T]]) -> T:
-        for attempt in range(self._retry.attempts):
+        failures = 0
+        while True:
             try:
                 return await op()
             except Exception as exc:
-                if not _is_transient(exc) or attempt == self._retry.attempts - 1:
+                failures += 1
+                if not _is_transient(exc) or self._retry.exhausted(failures):
                     raise _storage_error(what, exc) from exc
                 retry_after = exc.retry_after if isinstance(exc, _Transient) else None
-                delay = self._retry.delay(attempt, retry_after)
-                log.warning("gcs: %s failed (%s); retry %d in %.1fs", what, exc, attempt + 1, delay)
+                delay = self._retry.delay(failures, retry_after)
+                log.warning("gcs: %s failed (%s); retry %d in %.1fs", what, exc, failures, delay)
                 await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
 
     async def put(self, video_id: str, artifact: ArtifactSpec, path: Path) -> StoredObject:
         bucket, name = self.location(video_id, artifact, path)
@@ -429,10 +419,10 @@ class GcsStorage:
             except (_SessionGone, StorageError):
                 raise
             except Exception as exc:
-                if not _is_transient(exc) or failures >= self._retry.attempts - 1:
+                failures += 1
+                if not _is_transient(exc) or self._retry.exhausted(failures):
                     raise _storage_error(what, exc) from exc
                 delay = self._retry.delay(failures, exc.retry_after if isinstance(exc, _Transient) else None)
-                failures += 1
                 log.warning("gcs: chunk at %d of %s failed (%s); resuming in %.1fs", offset, what, exc, delay)
                 await asyncio.sleep(delay)
                 # Ask where the server stands: it may have persisted part of the failed chunk.

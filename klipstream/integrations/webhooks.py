@@ -20,7 +20,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import random
 import socket
 import time
 import uuid
@@ -45,7 +44,7 @@ from klipstream.integrations.outbox import (
 )
 from klipstream.models import TERMINAL_STATUSES, Job
 from klipstream.network import ensure_public_url, is_public_address
-from klipstream.retry import parse_retry_after
+from klipstream.retry import RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
     from klipstream.config import Settings
@@ -60,7 +59,6 @@ EVENTS = {
     "failed": "job.failed",
     "cancelled": "job.cancelled",
 }
-_MAX_RETRY_DELAY = 3600.0
 _POLL_SECONDS = 5.0  # upper bound on any idle wait of the delivery loop
 
 
@@ -162,6 +160,8 @@ class WebhookDispatcher:
         self._session: aiohttp.ClientSession | None = None
         self._closing = False
         self._limit = asyncio.Semaphore(settings.webhook_concurrency)
+        # Attempts are bounded by age (webhook_max_age_seconds), not by count.
+        self._retry = RetryPolicy(None, settings.webhook_retry_base_seconds, 3600.0, max_retry_after=3600.0)
 
     # --- recording ---------------------------------------------------------------------------
 
@@ -302,11 +302,7 @@ class WebhookDispatcher:
             self._wake.set()
 
     def _next_attempt(self, delivery: Delivery, now: float, retry_after: float | None) -> float | None:
-        number = delivery.attempts + 1
-        base = self._settings.webhook_retry_base_seconds
-        backoff = min(_MAX_RETRY_DELAY, base * 2 ** (number - 1)) * random.uniform(0.5, 1.0)
-        delay = retry_after if retry_after is not None else backoff
-        at = now + delay
+        at = now + self._retry.delay(delivery.attempts + 1, retry_after)
         if at > delivery.created_at + self._settings.webhook_max_age_seconds:
             return None
         return at

@@ -32,7 +32,7 @@ from klipstream.models import (
     VideoInfo,
     utcnow,
 )
-from klipstream.retry import full_jitter
+from klipstream.retry import RetryPolicy
 
 if TYPE_CHECKING:
     import aiohttp
@@ -114,6 +114,10 @@ class JobRun(ProgressSink):
         self.tasks: dict[str, asyncio.Task[None]] = {}
         self.publishing: set[asyncio.Task[None]] = set()
         self.cancel_reason: str | None = None
+        # Where a stage's retry is decided: retryable errors only, KLIPSTREAM_STAGE_RETRIES times.
+        self.retry = RetryPolicy(
+            self.settings.stage_retries + 1, self.settings.retry_base_seconds, 300.0, max_retry_after=300.0
+        )
         self._stage_started: dict[str, float] = {}
         self._last_persist = 0.0
         self._persisting: asyncio.Task[None] | None = None
@@ -255,11 +259,11 @@ class JobRun(ProgressSink):
                 if not isinstance(exc, KlipstreamError):
                     log.exception("stage %s raised", stage.name, extra={"job_id": self.job.job_id, "stage": stage.name})
                 state.error = job_error(error, stage.name)
-                if not error.retryable or attempt > self.settings.stage_retries:
+                if not error.retryable or self.retry.exhausted(attempt):
                     state.status = StageStatus.FAILED
                     state.finished_at = utcnow()
                     raise StageFailed(stage.name, error) from exc
-                delay = error.retry_after or full_jitter(attempt - 1, self.settings.retry_base_seconds, 300.0)
+                delay = self.retry.delay(attempt, error.retry_after)
                 state.status = StageStatus.PENDING
                 state.message = f"retrying in {delay:.1f} s after: {error.message}"
                 await self._save()

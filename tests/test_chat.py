@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from klipstream.acquisition.chat_archive import ChatVideo, iter_csv
+from klipstream.acquisition.chat_archive import ChatVideo
 from klipstream.acquisition.twitch_chat import (
     GqlClient,
     GqlConfig,
@@ -48,6 +48,14 @@ async def run_twitch(
     ctx, sink = make_context(CHAT, workdir, http, url=kwargs.pop("url", VOD), **kwargs)
     await CHAT.run(ctx)
     return ctx, sink
+
+
+def iter_csv(path: Path) -> list[tuple[float, str, str]]:
+    """A chat CSV artifact read back as (seconds, username, message)."""
+    with open(path, encoding="utf-8", newline="") as stream:
+        rows = csv.reader(stream)
+        next(rows, None)
+        return [(float(r[0]), r[1], r[2]) for r in rows if len(r) >= 3]
 
 
 THREE_TRIES = RetryPolicy(attempts=3, base_seconds=0.25, cap_seconds=8.0)

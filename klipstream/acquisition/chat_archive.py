@@ -417,16 +417,6 @@ def _open_text(path: Path) -> TextIO:
     return open(path, "w", encoding="utf-8", newline="", buffering=1 << 20)
 
 
-def iter_csv(path: Path) -> Iterator[tuple[float, str, str]]:
-    """Read back a chat CSV artifact as (seconds, username, message): what later stages consume."""
-    with open(path, encoding="utf-8", newline="") as stream:
-        rows = csv.reader(stream)
-        next(rows, None)
-        for row in rows:
-            if len(row) >= 3:
-                yield float(row[0]), row[1], row[2]
-
-
 def read_chat_json(path: Path) -> list[ChatMessage]:
     """The messages of a chat JSON artifact, in time order (InvalidVideoUrl if it is not one)."""
     with open(path, "rb") as stream:

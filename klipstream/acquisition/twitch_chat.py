@@ -270,11 +270,7 @@ class GqlClient:
             return payload, _errors(payload)
 
         try:
-            payload, messages = await self.retrying(
-                attempt,
-                "the video length",
-                RetryPolicy(attempts=3, base_seconds=GQL_RETRY.base_seconds, cap_seconds=GQL_RETRY.cap_seconds),
-            )
+            payload, messages = await self.retrying(attempt, "the video length", VIDEO_RETRY)
         except (ChatRefused, ExternalServiceError, NetworkError):
             return None  # the comments query decides whether chat is available at all
         data = payload.get("data")

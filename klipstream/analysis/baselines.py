@@ -53,21 +53,6 @@ def rolling_quantile(
     return out[0] if isinstance(q, (int, float)) else out
 
 
-def rolling_mean(x: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over the previous `window` samples; the start uses the first full window."""
-    x = np.asarray(x, dtype=np.float64)
-    n = len(x)
-    if n == 0:
-        return x.copy()
-    window = max(1, min(int(window), n))
-    csum = np.concatenate(([0.0], np.cumsum(x)))
-    means = (csum[window:] - csum[:-window]) / window  # means[i] covers x[i : i + window]
-    out = np.empty(n)
-    out[window - 1 :] = means
-    out[: window - 1] = means[0]
-    return out
-
-
 def centered_mean(x: np.ndarray, width: int) -> np.ndarray:
     """Moving average over `width` samples centred on each sample (edges average what exists)."""
     x = np.asarray(x, dtype=np.float64)

@@ -35,7 +35,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = ("queued", "started", "stage_changed", "progress", "completed", "failed", "cancelled")
 _ALWAYS_SENT = {"queued", "started", "stage_changed", *TERMINAL_STATUSES}
 MIN_INTERVAL = 1.0  # seconds between progress-only updates of one job
 _MAX_QUEUED_PER_JOB = 32  # stage changes waiting while Convex is down; a job has only a handful

@@ -42,10 +42,9 @@ class Event:
 class Sink:
     """One subscriber's socket, written to by the publisher while the subscriber keeps up.
 
-    Waking one task per subscriber for every event was most of a fan-out's cost; now the publisher
-    writes each event's shared chunk straight to every caught-up socket, and a subscriber's own
-    task runs only when it needs attention: it fell behind (or its buffer filled), or the stream
-    ended.
+    The publisher writes each event's shared chunk straight to every caught-up socket, so an event
+    wakes no task per subscriber; a subscriber's own task runs only when it needs attention: it
+    fell behind (or its buffer filled), or the stream ended.
     """
 
     __slots__ = ("_attention", "busy", "cursor", "transport")

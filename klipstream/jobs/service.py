@@ -20,7 +20,8 @@ from typing import Any, NamedTuple
 
 from pydantic_core import to_json
 
-from klipstream.jobs.runner import CancelReason, JobListener, JobRun, RunnerDeps, compute_progress, initial_stage_states
+from klipstream.jobs.progress import compute_progress, initial_stage_states
+from klipstream.jobs.runner import CancelReason, JobListener, JobRun, RunnerDeps
 from klipstream.jobs.stage import Resource, Stage
 from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore
 from klipstream.models import Job, JobStatus, StageStatus, SubmitRequest, SubmitResponse, utcnow
@@ -61,7 +62,7 @@ class SubmitOutcome(NamedTuple):
     job_id: str
 
 
-_ID_RANDOM = random.Random(os.urandom(32))  # seeded once: a getrandom() call per job was measurable
+_ID_RANDOM = random.Random(os.urandom(32))  # seeded once, not a getrandom() call per job
 
 
 def new_job_id() -> str:
@@ -100,7 +101,7 @@ class JobService:
         self.active: dict[str, Job] = {}
         # New jobs as the JSON they were stored as, until something needs them as a `Job` (a
         # status poll, a cancel, a worker): most are first touched by the worker that runs them,
-        # and parsing every submission during its request cost more than storing it.
+        # so a submission never pays for building the model.
         self.unparsed: dict[str, str] = {}
         self.recent: OrderedDict[str, Job] = OrderedDict()
         self.active_by_video: dict[str, str] = {}
@@ -228,9 +229,8 @@ class JobService:
     def _new_job_doc(self, request: SubmitRequest, video_id: str) -> dict[str, Any]:
         """A new job as plain data, in the shape of `Job`.
 
-        It is encoded once (pydantic-core) for the store and the response; building the `Job`
-        model field by field and dumping it twice cost three times as much, and submission is the
-        hot path.
+        It is encoded once (pydantic-core) for both the store and the response: submission is the
+        hot path, and the `Job` model is built only when something reads the job.
         """
         job_id = new_job_id()
         now = utcnow()

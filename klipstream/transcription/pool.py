@@ -155,7 +155,7 @@ class Transcriber:
         job = _Job(next(self._ids))
         total_samples = sample_count(pcm_path)
         total = total_samples / SAMPLE_RATE
-        report = on_progress or (lambda done, tot, detail: None)
+        report = on_progress or (lambda *_: None)
         try:
             probs = await self._find_speech(job, pcm_path, total_samples, report)
             chunks = await asyncio.to_thread(plan_chunks, probs, total_samples, self.chunk_seconds)

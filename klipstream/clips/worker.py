@@ -1,0 +1,319 @@
+"""The clips child process: `python -m klipstream.clips.worker PLAN.json`.
+
+Everything the clips stage produces is made here, outside the server process: PyAV cuts (which a
+thread could not abandon), ffmpeg runs for the vertical versions (grandchildren in the same
+process group, so one kill stops them all), captions, thumbnails and edit lists. The stage writes
+the plan, reads progress, warning and error lines from stdout, and records the files the manifest
+lists. Lines are `KSPROGRESS {json}`, `KSWARN text`, `KSERROR {json}`.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+import time
+from collections import deque
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PROGRESS_PREFIX = "KSPROGRESS"
+WARN_PREFIX = "KSWARN"
+ERROR_PREFIX = "KSERROR"
+
+# Relative cost of each step per second of clip, for one progress fraction across all of them
+# (measured by bench/bench_clips.py on 720p: a vertical second costs ~10x a cut second).
+CUT_WEIGHT = 0.1
+VERTICAL_WEIGHT = 1.0
+THUMBNAIL_WEIGHT = 0.05  # per thumbnail, in clip-seconds
+
+
+@dataclass
+class ClipTask:
+    index: int  # artifact number (the highlight's rank)
+    rank: int
+    start: float  # VOD seconds
+    end: float
+    peak: float
+    name: str  # shown in edit lists
+    clip: str  # file names inside the plan's directory
+    thumbnail: str
+    vertical: str | None = None
+    srt: str | None = None
+    vtt: str | None = None
+
+
+@dataclass
+class VerticalPlan:
+    width: int
+    height: int
+    fill: str
+    facecam: dict[str, float] | None = None
+    captions: bool = True
+
+
+@dataclass
+class Plan:
+    video: str
+    directory: str
+    height: int
+    codec: str
+    preset: str
+    crf: int
+    manifest: str
+    otio: str
+    edl: str
+    fcpxml: str
+    source_name: str
+    captions_srt: str | None = None
+    captions_vtt: str | None = None
+    transcript: str | None = None
+    vertical: VerticalPlan | None = None
+    ffmpeg: str = "ffmpeg"
+    clips: list[ClipTask] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Plan:
+        data = json.loads(text)
+        data["clips"] = [ClipTask(**c) for c in data.get("clips") or []]
+        if data.get("vertical"):
+            data["vertical"] = VerticalPlan(**data["vertical"])
+        return cls(**data)
+
+
+class WorkFailed(Exception):
+    """A classified failure, sent to the stage as a KSERROR line."""
+
+    def __init__(self, error_type: str, message: str, code: str, action: str | None = None) -> None:
+        super().__init__(message)
+        self.error_type, self.message, self.code, self.action = error_type, message, code, action
+
+
+def _emit(prefix: str, payload: str) -> None:
+    sys.stdout.write(f"{prefix} {payload}\n")
+    sys.stdout.flush()
+
+
+class _Progress:
+    def __init__(self, total: float) -> None:
+        self.total = max(total, 1e-9)
+        self.done = 0.0
+        self.last = 0.0
+
+    def add(self, amount: float, detail: str, *, force: bool = False) -> None:
+        self.done += amount
+        self.report(detail, force=force)
+
+    def report(self, detail: str, extra: float = 0.0, *, force: bool = False) -> None:
+        now = time.monotonic()
+        if not force and now - self.last < 0.2:
+            return
+        self.last = now
+        fraction = min(1.0, (self.done + extra) / self.total)
+        _emit(PROGRESS_PREFIX, json.dumps({"fraction": round(fraction, 4), "detail": detail}))
+
+
+def run(plan: Plan) -> dict[str, Any]:
+    from klipstream.clips import captions as cap
+    from klipstream.clips.cut import CutError, cut_clip, probe, thumbnail
+    from klipstream.clips.editlists import EditClip, timeline, write_all
+    from klipstream.clips.encoding import VideoEncoding
+    from klipstream.transcript import load_segments
+
+    directory = Path(plan.directory)
+    video = Path(plan.video)
+    encoding = VideoEncoding(plan.codec, plan.preset, plan.crf)
+    try:
+        source = probe(video)
+    except CutError as exc:
+        raise WorkFailed("video_unavailable", f"The video rendition cannot be read: {exc}", "video_unreadable") from None
+    segments = load_segments(Path(plan.transcript)) if plan.transcript else []
+    words = cap.all_words(segments)
+
+    total = sum(
+        (t.end - t.start) * (CUT_WEIGHT + (VERTICAL_WEIGHT if t.vertical else 0.0)) + THUMBNAIL_WEIGHT
+        for t in plan.clips
+    )
+    progress = _Progress(total)
+    progress.report("starting", force=True)
+
+    if plan.transcript and not words:
+        _emit(WARN_PREFIX, "Nothing was said in the video, so the clips have no captions.")
+    if words and plan.captions_srt and plan.captions_vtt:
+        cues = cap.build_cues(words)
+        (directory / plan.captions_srt).write_text(cap.srt(cues), encoding="utf-8")
+        (directory / plan.captions_vtt).write_text(cap.webvtt(cues), encoding="utf-8")
+
+    entries = []
+    for n, task in enumerate(plan.clips, 1):
+        label = f"clip {n} of {len(plan.clips)}"
+        started = time.monotonic()
+        try:
+            result = cut_clip(video, directory / task.clip, task.start, task.end, height=plan.height, encoding=encoding)
+        except CutError as exc:
+            raise WorkFailed("video_unavailable", str(exc), "clip_failed") from None
+        cut_seconds = time.monotonic() - started
+        progress.add((task.end - task.start) * CUT_WEIGHT, f"{label}: cut")
+        peak = min(max(task.peak, result.first_pts), result.first_pts + result.duration - 1e-3)
+        try:
+            thumb_at = thumbnail(video, directory / task.thumbnail, peak, height=plan.height)
+        except CutError as exc:
+            raise WorkFailed("video_unavailable", str(exc), "thumbnail_failed") from None
+        progress.add(THUMBNAIL_WEIGHT, f"{label}: thumbnail")
+
+        clip_words = cap.words_between(segments, result.first_pts, result.first_pts + result.duration)
+        files: dict[str, str] = {"clip": task.clip, "thumbnail": task.thumbnail}
+        if clip_words and task.srt and task.vtt:
+            cues = cap.build_cues(clip_words)
+            (directory / task.srt).write_text(cap.srt(cues), encoding="utf-8")
+            (directory / task.vtt).write_text(cap.webvtt(cues), encoding="utf-8")
+            files.update(srt=task.srt, vtt=task.vtt)
+        vertical_seconds = None
+        if task.vertical and plan.vertical is not None:
+            started = time.monotonic()
+            _vertical(plan, task, source, clip_words, encoding, progress, label, result.duration)
+            vertical_seconds = time.monotonic() - started
+            files["vertical"] = task.vertical
+        entries.append(
+            {
+                "index": task.index,
+                "rank": task.rank,
+                "start_time": round(result.first_pts, 3),
+                "end_time": round(result.first_pts + result.duration, 3),
+                "requested": [task.start, task.end],
+                "peak_time": task.peak,
+                "thumbnail_time": round(thumb_at, 3),
+                "duration": round(result.duration, 3),
+                "frames": result.frames,
+                "method": result.method,
+                "encoded_frames": result.encoded_frames,
+                "words": len(clip_words),
+                "files": files,
+                "seconds": {"cut": round(cut_seconds, 3), "vertical": vertical_seconds and round(vertical_seconds, 3)},
+            }
+        )
+
+    edit = timeline(
+        [EditClip(t.rank, e["start_time"], e["end_time"], t.peak, t.name) for t, e in zip(plan.clips, entries, strict=True)],
+        source_name=plan.source_name,
+        source_url=plan.source_name,
+        duration=source.duration or max((t.end for t in plan.clips), default=0.0),
+        fps=source.fps,
+    )
+    write_all(edit, directory / plan.otio, directory / plan.edl, directory / plan.fcpxml)
+    manifest = {
+        "source": {**source.to_dict(), "file": plan.source_name},
+        "encoder": {"codec": plan.codec, "preset": plan.preset, "crf": plan.crf},
+        "height": plan.height,
+        "vertical": asdict(plan.vertical) if plan.vertical else None,
+        "captions": {"srt": plan.captions_srt, "vtt": plan.captions_vtt} if words else None,
+        "edit_lists": {"otio": plan.otio, "edl": plan.edl, "fcpxml": plan.fcpxml},
+        "clips": entries,
+    }
+    (directory / plan.manifest).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    progress.report("done", force=True)
+    return manifest
+
+
+def _vertical(
+    plan: Plan,
+    task: ClipTask,
+    source: Any,
+    clip_words: list[Any],
+    encoding: Any,
+    progress: _Progress,
+    label: str,
+    duration: float,
+) -> None:
+    from klipstream.clips import captions as cap
+    from klipstream.clips.vertical import Box, Fill, Layout, ffmpeg_args
+
+    assert plan.vertical is not None and task.vertical is not None
+    directory = Path(plan.directory)
+    layout = Layout(
+        plan.vertical.width,
+        plan.vertical.height,
+        Fill(plan.vertical.fill),
+        Box(**plan.vertical.facecam) if plan.vertical.facecam else None,
+    )
+    ass_name = None
+    if plan.vertical.captions and clip_words:
+        ass_name = f".{Path(task.vertical).stem}.ass"
+        cues = cap.build_cues(clip_words, cap.VERTICAL)
+        (directory / ass_name).write_text(cap.ass(cues, layout.width, layout.height), encoding="utf-8")
+    width, height = _clip_size(directory / task.clip, source)
+    args = ffmpeg_args(plan.ffmpeg, task.clip, task.vertical, layout, width, height, ass_name, encoding)
+    weight = duration * VERTICAL_WEIGHT
+    tail: deque[str] = deque(maxlen=20)
+    try:
+        proc = subprocess.Popen(
+            args, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
+        )
+    except FileNotFoundError:
+        raise WorkFailed(
+            "internal_error",
+            f"{plan.ffmpeg} was not found; vertical clips need the ffmpeg program.",
+            "ffmpeg_missing",
+            "Install ffmpeg (Debian: apt-get install ffmpeg) or turn vertical clips off.",
+        ) from None
+    assert proc.stdout is not None and proc.stderr is not None
+    done_seconds = 0.0
+    for line in proc.stdout:
+        if line.startswith("out_time_us="):
+            try:
+                done_seconds = max(0.0, int(line.split("=", 1)[1]) / 1e6)
+            except ValueError:
+                continue
+            progress.report(f"{label}: vertical {done_seconds:.0f}/{duration:.0f} s", min(1.0, done_seconds / max(duration, 1e-3)) * weight)
+    tail.extend(proc.stderr.read().splitlines())
+    code = proc.wait()
+    if ass_name:
+        (directory / ass_name).unlink(missing_ok=True)
+    if code != 0:
+        text = " | ".join(line for line in tail if line.strip())[-400:]
+        if encoding.codec == "h264_nvenc":
+            raise WorkFailed(
+                "internal_error",
+                f"The NVENC encoder could not be used: {text}",
+                "encoder_unavailable",
+                "Set KLIPSTREAM_CLIP_ENCODER=libx264 (or auto), or run on a machine with an NVIDIA GPU and driver.",
+            )
+        raise WorkFailed("internal_error", f"ffmpeg failed on the vertical version (exit {code}): {text}", "ffmpeg_failed")
+    progress.add(weight, f"{label}: vertical")
+
+
+def _clip_size(path: Path, source: Any) -> tuple[int, int]:
+    import av
+
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return stream.codec_context.width, stream.codec_context.height
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m klipstream.clips.worker PLAN.json", file=sys.stderr)
+        return 2
+    try:
+        plan = Plan.from_json(Path(argv[0]).read_text(encoding="utf-8"))
+        run(plan)
+    except WorkFailed as exc:
+        _emit(ERROR_PREFIX, json.dumps({"type": exc.error_type, "message": exc.message, "code": exc.code, "action": exc.action}))
+        return 1
+    except OSError as exc:
+        kind = "insufficient_resources" if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT) else "internal_error"
+        _emit(ERROR_PREFIX, json.dumps({"type": kind, "message": f"Writing the clips failed: {exc}", "code": "clips_io"}))
+        return 1
+    except MemoryError:
+        _emit(ERROR_PREFIX, json.dumps({"type": "insufficient_resources", "message": "Out of memory while making clips.", "code": "clips_memory"}))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -107,6 +107,17 @@ class Settings:
     max_video_seconds: float = _env("KLIPSTREAM_MAX_VIDEO_SECONDS", _positive_float, default=12 * 3600.0)
     video_height: int = _env("KLIPSTREAM_VIDEO_HEIGHT", _positive_int, default=480)
     download_fragments: int = _env("KLIPSTREAM_DOWNLOAD_FRAGMENTS", _positive_int, default=8)
+    # --- clips (options.clips) ---
+    clip_height: int = _env("KLIPSTREAM_CLIP_HEIGHT", _positive_int, default=720)  # or the source's if lower
+    vertical_height: int = _env("KLIPSTREAM_VERTICAL_HEIGHT", _positive_int, default=1920)  # width: 9/16 of it
+    clip_encoder: str = _env("KLIPSTREAM_CLIP_ENCODER", _choice("auto", "libx264", "h264_nvenc"), default="auto")
+    clip_preset: str = _env(
+        "KLIPSTREAM_CLIP_PRESET",
+        _choice("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"),
+        default="veryfast",
+    )
+    clip_crf: int = _env("KLIPSTREAM_CLIP_CRF", _non_negative_int, default=21)
+    ffmpeg_path: str = _env("KLIPSTREAM_FFMPEG", default="ffmpeg")  # the ffmpeg program of the vertical versions
     # --- chat ---
     twitch_gql_url: str = _env("KLIPSTREAM_TWITCH_GQL_URL", default="https://gql.twitch.tv/gql")
     twitch_client_id: str = _env("KLIPSTREAM_TWITCH_CLIENT_ID", default="kd1unb4b3q4t58fwlpcbzcbnm76a8fp")
@@ -171,6 +182,12 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.clip_crf > 51:
+            raise ConfigError(f"KLIPSTREAM_CLIP_CRF={self.clip_crf}: must be 0-51")
+        if not 144 <= self.clip_height <= 2160:
+            raise ConfigError(f"KLIPSTREAM_CLIP_HEIGHT={self.clip_height}: must be 144-2160")
+        if not 320 <= self.vertical_height <= 3840:
+            raise ConfigError(f"KLIPSTREAM_VERTICAL_HEIGHT={self.vertical_height}: must be 320-3840")
         if self.llm_base_url and not self.llm_model:
             raise ConfigError("KLIPSTREAM_LLM_BASE_URL is set but KLIPSTREAM_LLM_MODEL is empty")
 

@@ -295,7 +295,7 @@ def write_counter_video(
         rate = 48_000
         signal = beeps(seconds, rate) if audio else np.zeros(0, np.float32)
         chunk = rate // fps
-        for i in range(int(round(seconds * fps))):
+        for i in range(round(seconds * fps)):
             frame = av.VideoFrame.from_ndarray(counter_frame(i, width, height), format="rgb24")
             frame.pts = i
             for packet in video.encode(frame):

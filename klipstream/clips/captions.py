@@ -194,9 +194,7 @@ def ass(cues: Sequence[Cue], width: int, height: int, *, margin_v: int | None = 
             end = cue.words[i + 1].start if i + 1 < len(cue.words) else cue.end
             if end <= start:
                 continue
-            events.append(
-                f"Dialogue: 0,{_ass_clock(start)},{_ass_clock(end)},Caption,,0,0,0,,{_highlighted(cue, i)}"
-            )
+            events.append(f"Dialogue: 0,{_ass_clock(start)},{_ass_clock(end)},Caption,,0,0,0,,{_highlighted(cue, i)}")
     return header + "\n" + "\n".join(events) + "\n"
 
 

@@ -153,8 +153,9 @@ def _scan_keyframes(container: av.container.InputContainer, start: float, end: f
     """Keyframe times (s) from the last one at or before `start` to the first after `end`.
 
     Also whether an open GOP was seen, the seek target that reaches that first keyframe, and the
-    clip's first frame: the one starting nearest to `start`. Demuxing only: no frame is decoded. Seeking in MPEG-TS (no index) can land on a keyframe
-    after the target, so earlier targets are tried until the first keyframe is early enough.
+    clip's first frame: the one starting nearest to `start`. Demuxing only: no frame is decoded.
+    Seeking in MPEG-TS (no index) can land on a keyframe after the target, so earlier targets are
+    tried until the first keyframe is early enough.
     """
     video = container.streams.video[0]
     tb = video.time_base
@@ -597,5 +598,3 @@ class _BitReader:
         for _ in range(zeros):
             value = (value << 1) | self.bit()
         return value - 1
-
-

@@ -64,7 +64,9 @@ def gpu_present(environ: Mapping[str, str] | None = None) -> bool:
     env = os.environ if environ is None else environ
     if env.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
         return False
-    return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidiactl")
+    if os.path.exists("/dev/nvidia0"):
+        return True
+    return shutil.which("nvidia-smi") is not None and os.path.exists("/dev/nvidiactl")
 
 
 def choose(encoder: str, preset: str, crf: int, *, gpu: bool | None = None) -> VideoEncoding:

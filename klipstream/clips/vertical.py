@@ -42,7 +42,7 @@ class Layout:
 
 
 def even(value: float) -> int:
-    return max(2, int(round(value / 2)) * 2)
+    return max(2, round(value / 2) * 2)
 
 
 def vertical_size(height: int) -> tuple[int, int]:

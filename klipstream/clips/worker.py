@@ -131,7 +131,9 @@ def run(plan: Plan) -> dict[str, Any]:
     try:
         source = probe(video)
     except CutError as exc:
-        raise WorkFailed("video_unavailable", f"The video rendition cannot be read: {exc}", "video_unreadable") from None
+        raise WorkFailed(
+            "video_unavailable", f"The video rendition cannot be read: {exc}", "video_unreadable"
+        ) from None
     segments = load_segments(Path(plan.transcript)) if plan.transcript else []
     words = cap.all_words(segments)
 
@@ -199,7 +201,10 @@ def run(plan: Plan) -> dict[str, Any]:
         )
 
     edit = timeline(
-        [EditClip(t.rank, e["start_time"], e["end_time"], t.peak, t.name) for t, e in zip(plan.clips, entries, strict=True)],
+        [
+            EditClip(t.rank, e["start_time"], e["end_time"], t.peak, t.name)
+            for t, e in zip(plan.clips, entries, strict=True)
+        ],
         source_name=plan.source_name,
         source_url=plan.source_name,
         duration=source.duration or max((t.end for t in plan.clips), default=0.0),
@@ -269,7 +274,10 @@ def _vertical(
                 done_seconds = max(0.0, int(line.split("=", 1)[1]) / 1e6)
             except ValueError:
                 continue
-            progress.report(f"{label}: vertical {done_seconds:.0f}/{duration:.0f} s", min(1.0, done_seconds / max(duration, 1e-3)) * weight)
+            progress.report(
+                f"{label}: vertical {done_seconds:.0f}/{duration:.0f} s",
+                min(1.0, done_seconds / max(duration, 1e-3)) * weight,
+            )
     tail.extend(proc.stderr.read().splitlines())
     code = proc.wait()
     if ass_name:
@@ -283,7 +291,9 @@ def _vertical(
                 "encoder_unavailable",
                 "Set KLIPSTREAM_CLIP_ENCODER=libx264 (or auto), or run on a machine with an NVIDIA GPU and driver.",
             )
-        raise WorkFailed("internal_error", f"ffmpeg failed on the vertical version (exit {code}): {text}", "ffmpeg_failed")
+        raise WorkFailed(
+            "internal_error", f"ffmpeg failed on the vertical version (exit {code}): {text}", "ffmpeg_failed"
+        )
     progress.add(weight, f"{label}: vertical")
 
 
@@ -303,14 +313,28 @@ def main(argv: list[str]) -> int:
         plan = Plan.from_json(Path(argv[0]).read_text(encoding="utf-8"))
         run(plan)
     except WorkFailed as exc:
-        _emit(ERROR_PREFIX, json.dumps({"type": exc.error_type, "message": exc.message, "code": exc.code, "action": exc.action}))
+        _emit(
+            ERROR_PREFIX,
+            json.dumps({"type": exc.error_type, "message": exc.message, "code": exc.code, "action": exc.action}),
+        )
         return 1
     except OSError as exc:
         kind = "insufficient_resources" if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT) else "internal_error"
-        _emit(ERROR_PREFIX, json.dumps({"type": kind, "message": f"Writing the clips failed: {exc}", "code": "clips_io"}))
+        _emit(
+            ERROR_PREFIX, json.dumps({"type": kind, "message": f"Writing the clips failed: {exc}", "code": "clips_io"})
+        )
         return 1
     except MemoryError:
-        _emit(ERROR_PREFIX, json.dumps({"type": "insufficient_resources", "message": "Out of memory while making clips.", "code": "clips_memory"}))
+        _emit(
+            ERROR_PREFIX,
+            json.dumps(
+                {
+                    "type": "insufficient_resources",
+                    "message": "Out of memory while making clips.",
+                    "code": "clips_memory",
+                }
+            ),
+        )
         return 1
     return 0
 

@@ -206,6 +206,13 @@ class JobRun(ProgressSink):
                 state = self.job.stage(stage.name)
                 if state.status is not StageStatus.PENDING or stage.name in self.tasks:
                     continue
+                if stage.wanted is not None and not stage.wanted(self.job.options):
+                    state.status = StageStatus.SKIPPED
+                    state.message = "not requested for this job"
+                    state.finished_at = utcnow()
+                    self._emit("stage_changed")
+                    changed = True
+                    continue
                 readiness = self._readiness(stage)
                 if readiness == "skip":
                     state.status = StageStatus.SKIPPED

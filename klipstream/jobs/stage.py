@@ -48,6 +48,7 @@ class Stage:
     weight: float = 1.0  # share of the job's progress bar
     resource: Resource = Resource.CPU
     timeout: Callable[[StageContext], float] | None = None  # seconds; None: the global stage timeout
+    wanted: Callable[[JobOptions], bool] | None = None  # opt-in stages: skipped unless the job asks for them
 
 
 class ProgressSink:

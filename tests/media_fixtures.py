@@ -237,7 +237,7 @@ def beep_onsets(samples: np.ndarray, rate: int) -> list[float]:
     block = rate // 1000
     n = samples.size // block
     loud = np.abs(samples[: n * block]).reshape(n, block).max(axis=1) > 0.1
-    onsets, quiet = [], 300
+    onsets, quiet = [], 0  # a beep cut at the very start is not an onset
     for i, on in enumerate(loud):
         if on and quiet >= 300:
             # refine inside the block: the first sample above the threshold

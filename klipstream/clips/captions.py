@@ -137,7 +137,8 @@ def _clock(seconds: float, sep: str) -> str:
 def srt(cues: Sequence[Cue]) -> str:
     blocks = []
     for i, cue in enumerate(cues, 1):
-        lines = [line.replace("-->", "->") for line in cue.lines]
+        # SRT has no escapes and players read <...> as formatting tags: show brackets as look-alikes
+        lines = [line.replace("-->", "->").replace("<", "‹").replace(">", "›") for line in cue.lines]
         blocks.append(f"{i}\n{_clock(cue.start, ',')} --> {_clock(cue.end, ',')}\n" + "\n".join(lines) + "\n")
     return "\n".join(blocks)
 

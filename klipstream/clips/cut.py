@@ -42,6 +42,17 @@ class CutError(Exception):
     """The source cannot be cut (no video, unreadable, or the span is outside it)."""
 
 
+class EncoderUnavailable(CutError):
+    """The configured encoder cannot be opened here (e.g. NVENC without an NVIDIA GPU)."""
+
+
+def _open(encoder: av.CodecContext) -> None:
+    try:
+        encoder.open()
+    except av.error.FFmpegError as exc:
+        raise EncoderUnavailable(f"The {encoder.name} encoder cannot be opened: {exc}") from None
+
+
 @dataclass(frozen=True)
 class SourceInfo:
     width: int
@@ -327,6 +338,7 @@ class _ClipWriter:
         stream.width, stream.height, stream.pix_fmt = self.width, self.height, "yuv420p"
         stream.time_base = self.vtb
         stream.codec_context.options = dict(self.encoding.options(full=True))
+        _open(stream.codec_context)
         return stream
 
     def _annexb_filter(self) -> Any:
@@ -349,7 +361,7 @@ class _ClipWriter:
         encoder.options = options
         if global_header:
             encoder.flags |= av.codec.context.Flags.global_header
-        encoder.open()
+        _open(encoder)
         return encoder
 
     def _audio_stream(self) -> tuple[av.stream.Stream | None, av.CodecContext | None]:
@@ -513,7 +525,7 @@ def thumbnail(src: Path, dest: Path, at: float, *, height: int) -> float:
         with av.open(str(src)) as container:
             source = _probe_open(container)
             target = source.origin + at
-            _seek(container, target)
+            _seek(container, _scan_keyframes(container, target, target, source.frame_seconds).seek_to)
             chosen: av.VideoFrame | None = None
             for frame in container.decode(video=0):
                 if frame.time is None:

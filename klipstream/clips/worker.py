@@ -86,6 +86,9 @@ class Plan:
         return cls(**data)
 
 
+_ENCODER_ACTION = "Set KLIPSTREAM_CLIP_ENCODER=libx264 (or auto), or run on a machine with an NVIDIA GPU and driver."
+
+
 class WorkFailed(Exception):
     """A classified failure, sent to the stage as a KSERROR line."""
 
@@ -120,7 +123,7 @@ class _Progress:
 
 def run(plan: Plan) -> dict[str, Any]:
     from klipstream.clips import captions as cap
-    from klipstream.clips.cut import CutError, cut_clip, probe, thumbnail
+    from klipstream.clips.cut import CutError, EncoderUnavailable, cut_clip, probe, thumbnail
     from klipstream.clips.editlists import EditClip, timeline, write_all
     from klipstream.clips.encoding import VideoEncoding
     from klipstream.transcript import load_segments
@@ -157,6 +160,8 @@ def run(plan: Plan) -> dict[str, Any]:
         started = time.monotonic()
         try:
             result = cut_clip(video, directory / task.clip, task.start, task.end, height=plan.height, encoding=encoding)
+        except EncoderUnavailable as exc:
+            raise WorkFailed("internal_error", str(exc), "encoder_unavailable", _ENCODER_ACTION) from None
         except CutError as exc:
             raise WorkFailed("video_unavailable", str(exc), "clip_failed") from None
         cut_seconds = time.monotonic() - started
@@ -289,7 +294,7 @@ def _vertical(
                 "internal_error",
                 f"The NVENC encoder could not be used: {text}",
                 "encoder_unavailable",
-                "Set KLIPSTREAM_CLIP_ENCODER=libx264 (or auto), or run on a machine with an NVIDIA GPU and driver.",
+                _ENCODER_ACTION,
             )
         raise WorkFailed(
             "internal_error", f"ffmpeg failed on the vertical version (exit {code}): {text}", "ffmpeg_failed"

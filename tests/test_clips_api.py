@@ -97,7 +97,7 @@ def _seconds(clock: str) -> float:
 async def fetch(client: Any, url: str, dest: Path) -> Path:
     resp = await client.get(url)
     assert resp.status == 200, url
-    dest.write_bytes(await resp.read())
+    await asyncio.to_thread(dest.write_bytes, await resp.read())
     return dest
 
 

@@ -16,8 +16,8 @@ PAGE_HEADERS = {
     "Cache-Control": "no-cache",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
-    # Same-origin only, except https: media and fetches so Cloud Storage artifact URLs still load.
-    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+    # Same-origin only, except https: media, images and fetches so Cloud Storage artifact URLs still load.
+    "Content-Security-Policy": "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data: https:; "
     "media-src 'self' https:; connect-src 'self' https:; object-src 'none'; base-uri 'none'; "
     "form-action 'self'; frame-ancestors 'none'",
 }

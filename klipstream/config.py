@@ -68,6 +68,9 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+_X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
 def _env(name: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:
     """A dataclass field read from `name`; parse() turns the raw string into the value."""
     return field(metadata={"env": name, "parse": parse}, **kwargs)
@@ -111,11 +114,8 @@ class Settings:
     clip_height: int = _env("KLIPSTREAM_CLIP_HEIGHT", _positive_int, default=720)  # or the source's if lower
     vertical_height: int = _env("KLIPSTREAM_VERTICAL_HEIGHT", _positive_int, default=1920)  # width: 9/16 of it
     clip_encoder: str = _env("KLIPSTREAM_CLIP_ENCODER", _choice("auto", "libx264", "h264_nvenc"), default="auto")
-    clip_preset: str = _env(
-        "KLIPSTREAM_CLIP_PRESET",
-        _choice("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"),
-        default="veryfast",
-    )
+    clip_preset: str = _env("KLIPSTREAM_CLIP_PRESET", _choice(*_X264_PRESETS), default="veryfast")
+    vertical_preset: str = _env("KLIPSTREAM_VERTICAL_PRESET", _choice(*_X264_PRESETS), default="superfast")
     clip_crf: int = _env("KLIPSTREAM_CLIP_CRF", _non_negative_int, default=21)
     ffmpeg_path: str = _env("KLIPSTREAM_FFMPEG", default="ffmpeg")  # the ffmpeg program of the vertical versions
     # --- chat ---

@@ -278,6 +278,7 @@ def write_counter_video(
     gop: int = 30,
     bframes: int = 2,
     audio: bool = True,
+    audio_codec: str = "aac",
 ) -> Path:
     """H.264 (closed GOPs of `gop` frames, B-frames like a streaming encoder) plus AAC beeps.
 
@@ -291,7 +292,7 @@ def write_counter_video(
             "preset": "ultrafast" if bframes == 0 else "superfast",
             "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}:open-gop=0",
         }
-        audio_stream = out.add_stream("aac", rate=48_000, layout="stereo") if audio else None
+        audio_stream = out.add_stream(audio_codec, rate=48_000, layout="stereo") if audio else None
         rate = 48_000
         signal = beeps(seconds, rate) if audio else np.zeros(0, np.float32)
         chunk = rate // fps
@@ -303,7 +304,12 @@ def write_counter_video(
             if audio_stream is not None:
                 part = signal[i * chunk : (i + 1) * chunk]
                 if part.size:
-                    aframe = av.AudioFrame.from_ndarray(np.stack([part, part]), format="fltp", layout="stereo")
+                    planes = np.stack([part, part])
+                    if audio_codec == "mp2":  # MP2 takes interleaved 16-bit samples
+                        pcm = (planes.T.reshape(1, -1) * 32767).astype(np.int16)
+                        aframe = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+                    else:
+                        aframe = av.AudioFrame.from_ndarray(planes, format="fltp", layout="stereo")
                     aframe.sample_rate = rate
                     aframe.pts = i * chunk
                     for packet in audio_stream.encode(aframe):

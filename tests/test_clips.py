@@ -69,6 +69,15 @@ def test_smart_cut_of_an_mp4_source(mp4_source: Path, tmp_path: Path) -> None:
     _assert_exact(tmp_path / "clip.mp4", mp4_source, 1.4, 8.8)
 
 
+def test_mp2_audio_is_reencoded_to_aac_in_sync(tmp_path: Path) -> None:
+    """MPEG-TS with MP2 audio (broadcast captures): MP4 wants AAC, so the sound is re-encoded."""
+    source = write_counter_video(tmp_path / "mp2.ts", 8.0, audio_codec="mp2")
+    cut_clip(source, tmp_path / "clip.mp4", 1.3, 6.6, height=720, encoding=X264)
+    with av.open(str(tmp_path / "clip.mp4")) as clip:
+        assert clip.streams.audio[0].codec_context.name == "aac"
+    _assert_exact(tmp_path / "clip.mp4", source, 1.3, 6.6)
+
+
 def test_scaled_clip_is_reencoded_frame_accurately(ts_source: Path, tmp_path: Path) -> None:
     result = cut_clip(ts_source, tmp_path / "clip.mp4", 4.2, 9.1, height=120, encoding=X264)
     assert result.method == "reencode"

@@ -172,6 +172,7 @@ def _scan_keyframes(container: av.container.InputContainer, start: float, end: f
     tb = video.time_base
     assert tb is not None
     eps = frame / 2
+    seconds_per_tick = float(tb)  # floats in the per-packet loops: Fraction arithmetic is slow
     for margin in _SEEK_MARGINS:
         target = max(0.0, start - margin)
         _seek(container, target)
@@ -181,7 +182,7 @@ def _scan_keyframes(container: av.container.InputContainer, start: float, end: f
         for packet in container.demux(video):
             if packet.pts is None:
                 continue
-            at = float(packet.pts * tb)
+            at = packet.pts * seconds_per_tick
             if start - eps <= at < end - eps and (first is None or packet.pts < first):
                 first = packet.pts
             if packet.is_keyframe:
@@ -301,12 +302,14 @@ class _ClipWriter:
         self.vtb = vin.time_base
         assert self.vtb is not None and scan.first_frame is not None
         self.base = scan.first_frame  # source pts of the clip's first frame, which becomes 0
-        self.start_seconds = float(self.base * self.vtb)
+        self.tick = float(self.vtb)  # seconds per timestamp unit, as a float for the per-packet paths
+        self.start_seconds = self.base * self.tick
         self.frame_ticks = max(1, round(source.frame_seconds / self.vtb))
         self.out = av.open(str(dest), "w", format="mp4", options={"movflags": "+faststart"})
         self.reorder = self._reorder_delay()
         self.vout = self._video_stream()
         self.aout, self.aenc = self._audio_stream()
+        self.audio_tick = float(ain.time_base) if ain is not None and ain.time_base is not None else 0.0
         self.encoder: av.CodecContext | None = None
         self.decoding = False  # the decoder holds frames of a run being re-encoded
         self.gop_key: float | None = None
@@ -371,8 +374,9 @@ class _ClipWriter:
             stream = self.out.add_stream_from_template(self.ain)
             stream.time_base = self.ain.time_base
             return stream, None
+        # Not an MP4-friendly codec (MP2 in MPEG-TS, Opus or Vorbis in WebM): decode and encode AAC.
         stream = self.out.add_stream("aac", rate=48_000, layout="stereo")
-        return stream, None
+        return stream, stream.codec_context
 
     # --- packets ---
     def feed(self, packet: av.Packet) -> bool:
@@ -388,7 +392,7 @@ class _ClipWriter:
             return
         if packet.pts is None and packet.dts is None:
             return
-        at = float(packet.pts * self.vtb) if packet.pts is not None else None
+        at = packet.pts * self.tick if packet.pts is not None else None
         if packet.is_keyframe and at is not None:
             self.gop_key = at
             if at >= self.e - self.eps:
@@ -408,7 +412,7 @@ class _ClipWriter:
         for p in packets:
             assert p.pts is not None and p.dts is not None
             pts = p.pts - self.base
-            if pts < 0 or float(p.pts * self.vtb) >= self.e - self.eps:
+            if pts < 0 or p.pts * self.tick >= self.e - self.eps:
                 continue  # cannot happen in a closed GOP inside the span; never write such a frame
             p.pts, p.dts = pts, p.dts - self.base
             self._count(pts, encoded=False)
@@ -422,7 +426,7 @@ class _ClipWriter:
     def _take(self, frame: av.VideoFrame) -> None:
         if frame.pts is None:
             return
-        at = float(frame.pts * self.vtb)
+        at = frame.pts * self.tick
         if frame.pts < self.base or at >= self.e - self.eps or frame.pts - self.base <= self.last_video_pts:
             return
         if self.encoder is None:
@@ -473,7 +477,7 @@ class _ClipWriter:
         self.frames += 1
         self.encoded += encoded
         self.last_video_pts = max(self.last_video_pts, pts)
-        at = float((pts + self.base) * self.vtb)
+        at = (pts + self.base) * self.tick
         self.first_pts = at if self.first_pts is None else min(self.first_pts, at)
 
     def _audio(self, packet: av.Packet) -> None:
@@ -481,12 +485,16 @@ class _ClipWriter:
             return
         tb = self.ain.time_base
         assert tb is not None
-        at = float(packet.pts * tb)
-        half = (packet.duration or 0) * float(tb) / 2
+        tick = self.audio_tick
+        at = packet.pts * tick
+        half = (packet.duration or 0) * tick / 2
         if at + half < self.start_seconds:
             return
         if at + half >= self.e - self.eps:
             self.audio_done = True
+            return
+        if self.aenc is not None:
+            self._reencode_audio(packet)
             return
         base = round(self.start_seconds / tb)
         packet.pts -= base
@@ -494,12 +502,25 @@ class _ClipWriter:
         packet.stream = self.aout
         self.out.mux(packet)
 
+    def _reencode_audio(self, packet: av.Packet | None) -> None:
+        assert self.ain is not None and self.aout is not None
+        frames = self.ain.codec_context.decode(packet) if packet is not None else []
+        for frame in frames:
+            frame.pts = None  # the encoder counts samples from the clip's start
+            for out in self.aout.encode(frame):
+                self.out.mux(out)
+        if packet is None:
+            for out in self.aout.encode(None):
+                self.out.mux(out)
+
     # --- end ---
     def finish(self) -> CutResult:
         self._end_run()
         if self.encoder is None and not self.plan.copies:
             for p in self.vout.encode(None):
                 self.out.mux(p)
+        if self.aenc is not None:
+            self._reencode_audio(None)
         if self.frames == 0 or self.first_pts is None:
             raise CutError(f"No video frames lie between {self.s - self.source.origin:.2f} s and the clip's end.")
         return CutResult(

@@ -32,10 +32,17 @@ class VideoEncoding:
         return self.codec == Encoder.X264
 
     def options(self, *, full: bool) -> Mapping[str, str]:
-        """PyAV codec options. `full`: a whole clip (B-frames allowed) rather than an edge run."""
+        """PyAV codec options. `full`: a whole clip rather than an edge run of a smart cut.
+
+        Edge runs are a second or two between copied GOPs: they use at most `superfast` (the
+        edges would otherwise cost more than the whole copy) and a CRF 2 lower to keep the quality
+        of the frames next to them.
+        """
         if self.codec == Encoder.NVENC:
             return {"preset": _NVENC_PRESETS.get(self.preset, "p4"), "rc": "vbr", "cq": str(self.crf), "b": "0"}
-        return {"preset": self.preset, "crf": str(self.crf)}
+        if full:
+            return {"preset": self.preset, "crf": str(self.crf)}
+        return {"preset": faster(self.preset, EDGE_PRESET), "crf": str(max(0, self.crf - 2))}
 
     def cli_args(self) -> list[str]:
         """The same encoder for the ffmpeg command line."""
@@ -43,6 +50,15 @@ class VideoEncoding:
             return ["-c:v", "h264_nvenc", "-preset", _NVENC_PRESETS.get(self.preset, "p4"), "-rc", "vbr",
                     "-cq", str(self.crf), "-b:v", "0"]  # fmt: skip
         return ["-c:v", "libx264", "-preset", self.preset, "-crf", str(self.crf)]
+
+
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+EDGE_PRESET = "superfast"
+
+
+def faster(a: str, b: str) -> str:
+    """The faster of two x264 presets."""
+    return min(a, b, key=lambda p: X264_PRESETS.index(p) if p in X264_PRESETS else len(X264_PRESETS))
 
 
 # x264 preset -> the NVENC preset of about the same speed/quality trade.

@@ -133,6 +133,8 @@ def build_plan(ctx: StageContext, options: ClipOptions, video: Path, highlights:
         height=options.height or settings.clip_height,
         codec=encoding.codec,
         preset=encoding.preset,
+        vertical_preset=settings.vertical_preset,
+        parallel_cuts=settings.cpu_concurrency,
         crf=encoding.crf,
         manifest=ctx.output_path("clips_json").name,
         otio=ctx.output_path("edit_otio").name,

@@ -21,6 +21,7 @@ cancelling a job kills it mid-packet.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from fractions import Fraction
@@ -321,6 +322,7 @@ class _ClipWriter:
         self.last_video_pts = -math.inf
         self.last_dts: int | None = None
         self.bsf = self._annexb_filter()
+        self.tail: list[av.Packet] = []
 
     # --- setup ---
     def _reorder_delay(self) -> int:
@@ -396,6 +398,7 @@ class _ClipWriter:
         if packet.is_keyframe and at is not None:
             self.gop_key = at
             if at >= self.e - self.eps:
+                self._flush_tail()
                 self._end_run()
                 self.video_done = True
                 return
@@ -404,8 +407,47 @@ class _ClipWriter:
         if self.plan.copy_from <= self.gop_key < self.plan.copy_to:
             self._end_run()
             self._copy(packet)
+        elif self.plan.copies and self.gop_key >= self.plan.copy_to:
+            self.tail.append(packet)  # the GOP the clip ends in: decided once it is complete
         else:
             self._decode(packet)
+
+    def _flush_tail(self) -> None:
+        """The last GOP: copy its longest decode-order prefix that shows exactly the first frames
+        of the GOP and nothing past the end, and re-encode only the few frames after it (B-frames
+        waiting for a reference that lies past the end). An IDR may start anywhere, so the
+        re-encoded frames follow the copied ones in the same track.
+        """
+        packets, self.tail = self.tail, []
+        limit = self.e - self.eps
+        needed = sorted(p.pts for p in packets if p.pts is not None and p.pts * self.tick < limit)
+        if not needed:
+            return
+        seen: set[int] = set()
+        prefix, shown_to = 0, None
+        for i, p in enumerate(packets):
+            if p.pts is None or p.pts * self.tick >= limit:
+                break  # never copy a frame past the end
+            seen.add(p.pts)
+            top = max(seen)
+            if len(seen) == bisect.bisect_right(needed, top):
+                prefix, shown_to = i + 1, top
+        rest = [pts for pts in needed if shown_to is None or pts > shown_to]
+        frames: list[av.VideoFrame] = []
+        if rest:  # decode first: the bitstream filter of MP4 sources takes the packets it is given
+            wanted = set(rest)
+            for p in packets:
+                frames += [f for f in self.vin.codec_context.decode(p) if f.pts in wanted]
+            frames += [f for f in self.vin.codec_context.decode(None) if f.pts in wanted]
+            self.vin.codec_context.flush_buffers()
+        for p in packets[:prefix]:
+            self._copy(p)
+        for frame in sorted(frames, key=lambda f: f.pts):
+            self._take(frame)
+        if self.encoder is not None:
+            for out in self.encoder.encode(None):
+                self._mux_encoded(out)
+            self.encoder = None
 
     def _copy(self, packet: av.Packet) -> None:
         packets = self.bsf.filter(packet) if self.bsf is not None else [packet]
@@ -515,6 +557,7 @@ class _ClipWriter:
 
     # --- end ---
     def finish(self) -> CutResult:
+        self._flush_tail()
         self._end_run()
         if self.encoder is None and not self.plan.copies:
             for p in self.vout.encode(None):

@@ -279,8 +279,10 @@ def write_counter_video(
     bframes: int = 2,
     audio: bool = True,
     audio_codec: str = "aac",
+    sound: np.ndarray | None = None,
 ) -> Path:
-    """H.264 (closed GOPs of `gop` frames, B-frames like a streaming encoder) plus AAC beeps.
+    """H.264 (closed GOPs of `gop` frames, B-frames like a streaming encoder) plus AAC beeps
+    (or `sound`: mono float samples at 48 kHz).
 
     MPEG-TS unless the name ends in .mp4, like Twitch's HLS renditions.
     """
@@ -294,7 +296,7 @@ def write_counter_video(
         }
         audio_stream = out.add_stream(audio_codec, rate=48_000, layout="stereo") if audio else None
         rate = 48_000
-        signal = beeps(seconds, rate) if audio else np.zeros(0, np.float32)
+        signal = (sound if sound is not None else beeps(seconds, rate)) if audio else np.zeros(0, np.float32)
         chunk = rate // fps
         for i in range(round(seconds * fps)):
             frame = av.VideoFrame.from_ndarray(counter_frame(i, width, height), format="rgb24")
@@ -320,3 +322,14 @@ def write_counter_video(
             for packet in audio_stream.encode(None):
                 out.mux(packet)
     return path
+
+
+def read_mono(path: Path, rate: int = 48_000) -> np.ndarray:
+    """A sound file as mono float32 samples at `rate`."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    chunks = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(chunks).astype(np.float32)

@@ -22,10 +22,19 @@ import webvtt
 
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
+from klipstream.server import create_app
 from klipstream.stages.clips import CLIPS
 from klipstream.stages.download import DOWNLOAD
 from tests.clip_checks import inspect_clip, source_frame_at
-from tests.media_fixtures import MediaServer, media_server, write_audio, write_counter_video, write_hls, write_master
+from tests.media_fixtures import (
+    MediaServer,
+    media_server,
+    read_mono,
+    write_audio,
+    write_counter_video,
+    write_hls,
+    write_master,
+)
 
 __all__ = ["media_server"]
 
@@ -260,3 +269,29 @@ def _long_highlights_stage() -> Stage:
 def test_ffmpeg_is_installed() -> None:
     """CI installs ffmpeg (.ci/run); the vertical versions need its libass."""
     assert os.access("/usr/bin/ffmpeg", os.X_OK)
+
+
+SPEECH = Path(__file__).resolve().parent / "fixtures" / "speech" / "speech.ogg"
+
+
+@pytest.mark.slow
+async def test_the_shipped_pipeline_cuts_captioned_clips(
+    media_server: MediaServer, aiohttp_client: Any, make_settings: Any, tmp_path: Path
+) -> None:
+    """Real transcription and highlight detection on speech, then clips with captions from its words."""
+    speech = read_mono(SPEECH)
+    seconds = speech.size / 48_000
+    write_counter_video(media_server.root / "talk.mp4", seconds, sound=speech)
+    client = await aiohttp_client(create_app(make_settings()))
+    body = {"url": media_server.url("talk.mp4"), "options": {"clips": {"vertical": True, "vertical_height": 640}}}
+    resp = await client.post("/api/v1/analysis", json=body)
+    job = await wait_for(client, (await resp.json())["job_id"], finished, timeout=300)
+    assert job["status"] == "completed", job
+    assert job["highlights"], "the detector found moments in the speech"
+    results = job["results"]
+    for h in job["highlights"]:
+        assert {f"clip_{h['rank']}", f"vertical_{h['rank']}", f"thumbnail_{h['rank']}"} <= set(results)
+    manifest = await (await client.get(results["clips_json"])).json()
+    assert sum(c["words"] for c in manifest["clips"]) > 0
+    vod = pysubs2.load(str(await fetch(client, results["captions_srt"], tmp_path / "all.srt")))
+    assert len(vod) >= 3

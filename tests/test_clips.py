@@ -62,6 +62,15 @@ def test_smart_cut_is_frame_accurate_and_in_sync(ts_source: Path, tmp_path: Path
     _assert_exact(tmp_path / "clip.mp4", ts_source, start, end)
 
 
+@pytest.mark.parametrize(("bframes", "gop"), [(0, 45), (3, 60)])
+def test_smart_cut_of_other_gop_shapes(tmp_path: Path, bframes: int, gop: int) -> None:
+    """No B-frames (low-latency encoders) and three of them with longer GOPs."""
+    source = write_counter_video(tmp_path / "vod.ts", 9.0, bframes=bframes, gop=gop)
+    result = cut_clip(source, tmp_path / "clip.mp4", 0.9, 7.7, height=720, encoding=X264)
+    assert result.method == "smart"
+    _assert_exact(tmp_path / "clip.mp4", source, 0.9, 7.7)
+
+
 def test_smart_cut_of_an_mp4_source(mp4_source: Path, tmp_path: Path) -> None:
     """Length-prefixed H.264 (MP4) is converted to Annex B to share a track with the re-encoded edges."""
     result = cut_clip(mp4_source, tmp_path / "clip.mp4", 1.4, 8.8, height=720, encoding=X264)

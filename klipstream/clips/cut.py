@@ -159,6 +159,7 @@ class _Scan:
     open_gop: bool
     seek_to: float  # a seek target that reaches keys[0]
     first_frame: int | None  # pts of the first frame of the clip (nearest to its start)
+    reorder: int  # largest pts - dts seen: how far the source's decode order runs ahead (B-frames)
 
 
 def _scan_keyframes(container: av.container.InputContainer, start: float, end: float, frame: float) -> _Scan:
@@ -180,10 +181,13 @@ def _scan_keyframes(container: av.container.InputContainer, start: float, end: f
         keys: list[float] = []
         open_gop = False
         first: int | None = None
+        reorder = 0
         for packet in container.demux(video):
             if packet.pts is None:
                 continue
             at = packet.pts * seconds_per_tick
+            if packet.dts is not None:
+                reorder = max(reorder, packet.pts - packet.dts)
             if start - eps <= at < end - eps and (first is None or packet.pts < first):
                 first = packet.pts
             if packet.is_keyframe:
@@ -195,8 +199,8 @@ def _scan_keyframes(container: av.container.InputContainer, start: float, end: f
         if keys and (keys[0] <= start + eps or target == 0.0):
             before = [k for k in keys if k <= start + eps]
             gop = before[-1] if before else keys[0]
-            return _Scan([k for k in keys if k >= gop], open_gop, target, first)
-    return _Scan([], False, 0.0, None)
+            return _Scan([k for k in keys if k >= gop], open_gop, target, first, reorder)
+    return _Scan([], False, 0.0, None, 0)
 
 
 def _choose(keys: list[float], start: float, end: float, frame: float, smart_ok: bool) -> _Plan:
@@ -307,7 +311,9 @@ class _ClipWriter:
         self.start_seconds = self.base * self.tick
         self.frame_ticks = max(1, round(source.frame_seconds / self.vtb))
         self.out = av.open(str(dest), "w", format="mp4", options={"movflags": "+faststart"})
-        self.reorder = self._reorder_delay()
+        # Re-encoded runs (no B-frames) get the source's pts-to-dts distance, so their decode
+        # timestamps interleave with the copied packets' without colliding.
+        self.reorder = scan.reorder if plan.copies else 0
         self.vout = self._video_stream()
         self.aout, self.aenc = self._audio_stream()
         self.audio_tick = float(ain.time_base) if ain is not None and ain.time_base is not None else 0.0
@@ -325,10 +331,6 @@ class _ClipWriter:
         self.tail: list[av.Packet] = []
 
     # --- setup ---
-    def _reorder_delay(self) -> int:
-        """Ticks between pts and dts of copied packets (B-frame delay); encoded runs use the same."""
-        return round(2 * self.source.frame_seconds / self.vtb) if self.plan.copies else 0
-
     def _video_stream(self) -> av.stream.Stream:
         if self.plan.copies:
             stream = self.out.add_stream_from_template(self.vin)

@@ -280,3 +280,22 @@ def test_clip_options_imply_video() -> None:
     assert JobOptions(clips=False).clip_options is None and not JobOptions().include_video
     with pytest.raises(ValueError, match="inside the frame"):
         JobOptions(clips={"facecam": {"x": 0.8, "y": 0.0, "width": 0.5, "height": 0.2}})
+
+
+async def test_stage_without_highlights_warns_and_makes_nothing(ts_source: Path, tmp_path: Path) -> None:
+    import aiohttp
+
+    from klipstream.stages.clips import CLIPS
+    from tests.stage_helpers import make_context
+
+    (tmp_path / "h.json").write_text(json.dumps({"highlights": []}))
+    async with aiohttp.ClientSession() as http:
+        ctx, sink = make_context(
+            CLIPS,
+            tmp_path / "job",
+            http,
+            inputs={"highlights_json": tmp_path / "h.json", "video": ts_source},
+            options={"clips": True},
+        )
+        await CLIPS.run(ctx)
+    assert ctx.outputs == {} and sink.warnings == ["no clips were made because no highlight was found to cut"]

@@ -170,6 +170,10 @@ async def run(ctx: StageContext) -> None:
         raise StageUnavailable("no clips were made because the source has no video (audio only)")
     highlights = await ctx.to_thread(_read_highlights, ctx.input("highlights_json"))
     plan = build_plan(ctx, options, video, highlights)
+    if not plan.clips:
+        ctx.warn("no clips were made because no highlight was found to cut")
+        ctx.progress(1.0, "no highlights to cut")
+        return
     plan_path = ctx.workdir / f".{ctx.video_id}_clips_plan.json"
     await ctx.to_thread(_write, plan_path, plan.to_json())
     ctx.progress(0.0, f"cutting {len(plan.clips)} clip{'' if len(plan.clips) == 1 else 's'}")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from klipstream import cli
 from klipstream.cli import local as local_run
+from klipstream.server import create_app
 from tests.clip_checks import inspect_clip
 from tests.media_fixtures import write_counter_video
 from tests.test_clips_api import HIGHLIGHTS, PIPELINE
@@ -53,3 +56,17 @@ def test_analyze_json_lists_each_clip_file(tmp_path: Path, capsys: pytest.Captur
     }
     assert Path(job["results"]["clip_1"]).is_file() and Path(job["results"]["clip_srt_2"]).is_file()
     assert "vertical_1" not in job["results"]
+
+
+async def test_submit_with_clips_then_watch_prints_the_clip_urls(
+    aiohttp_server: Any, make_settings: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = await aiohttp_server(create_app(make_settings(allow_local_files=True), stages=PIPELINE))
+    base = f"http://127.0.0.1:{server.port}"
+    source = write_counter_video(tmp_path / "stream.ts", 12.0)
+    argv = ["submit", str(source), "--clips", "--vertical", "--watch", "--server", base]
+    assert await asyncio.to_thread(cli.main, argv) == 0
+    out = capsys.readouterr().out
+    assert "Clips" in out
+    for n in range(1, len(HIGHLIGHTS) + 1):
+        assert f"_clip_{n:03d}.mp4" in out and f"_vertical_{n:03d}.mp4" in out

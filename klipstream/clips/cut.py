@@ -438,10 +438,13 @@ class _ClipWriter:
         frames: list[av.VideoFrame] = []
         if rest:  # decode first: the bitstream filter of MP4 sources takes the packets it is given
             wanted = set(rest)
-            for p in packets:
-                frames += [f for f in self.vin.codec_context.decode(p) if f.pts in wanted]
-            frames += [f for f in self.vin.codec_context.decode(None) if f.pts in wanted]
-            self.vin.codec_context.flush_buffers()
+            decoder = self.vin.codec_context
+            for i, p in enumerate(packets):
+                decoder.skip_frame = "NONREF" if i < prefix else "DEFAULT"  # copied: needed only as references
+                frames += [f for f in decoder.decode(p) if f.pts in wanted]
+            decoder.skip_frame = "DEFAULT"
+            frames += [f for f in decoder.decode(None) if f.pts in wanted]
+            decoder.flush_buffers()
         for p in packets[:prefix]:
             self._copy(p)
         for frame in sorted(frames, key=lambda f: f.pts):
@@ -464,6 +467,9 @@ class _ClipWriter:
 
     def _decode(self, packet: av.Packet) -> None:
         self.decoding = True
+        # Frames before the clip's first one are decoded only as references: skip the others.
+        before = packet.pts is not None and packet.pts < self.base
+        self.vin.codec_context.skip_frame = "NONREF" if before else "DEFAULT"
         for frame in self.vin.codec_context.decode(packet):
             self._take(frame)
 
@@ -592,14 +598,7 @@ def thumbnail(src: Path, dest: Path, at: float, *, height: int) -> float:
             source = _probe_open(container)
             target = source.origin + at
             _seek(container, _scan_keyframes(container, target, target, source.frame_seconds).seek_to)
-            chosen: av.VideoFrame | None = None
-            for frame in container.decode(video=0):
-                if frame.time is None:
-                    continue
-                if chosen is None or frame.time <= target + source.frame_seconds / 2:
-                    chosen = frame
-                if frame.time >= target - source.frame_seconds / 2:
-                    break
+            chosen = _frame_near(container, target, source.frame_seconds)
             if chosen is None or chosen.time is None:
                 raise CutError(f"No frame was found at {at:.2f} s.")
             width, out_h = output_size(source, height)
@@ -616,6 +615,35 @@ def thumbnail(src: Path, dest: Path, at: float, *, height: int) -> float:
             return float(chosen.time) - source.origin
     except av.error.FFmpegError as exc:
         raise CutError(f"The thumbnail at {at:.2f} s could not be made: {exc}") from None
+
+
+def _frame_near(container: av.container.InputContainer, target: float, frame: float) -> av.VideoFrame | None:
+    """The decoded frame nearest to `target`; frames well before it are decoded only as references."""
+    stream = container.streams.video[0]
+    decoder = stream.codec_context
+    tick = float(stream.time_base or 0)
+    skip_before = target - 1.5 * frame
+    chosen: av.VideoFrame | None = None
+
+    def consider(frames: list[av.VideoFrame]) -> bool:
+        nonlocal chosen
+        for f in frames:
+            if f.time is None:
+                continue
+            if chosen is None or f.time <= target + frame / 2:
+                chosen = f
+            if f.time >= target - frame / 2:
+                return True
+        return False
+
+    for packet in container.demux(stream):
+        if packet.pts is not None:
+            decoder.skip_frame = "NONREF" if packet.pts * tick < skip_before else "DEFAULT"
+        if consider(list(decoder.decode(packet))):
+            return chosen
+    decoder.skip_frame = "DEFAULT"
+    consider(list(decoder.decode(None)))
+    return chosen
 
 
 # --------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from klipstream.acquisition.chat_archive import read_chat_json
+from klipstream.acquisition.chat_archive import iter_chat
 from klipstream.analysis.baselines import centered_mean, poisson_surge, robust_relative, rolling_quantile
 from klipstream.analysis.highlights import (
     Candidate,
@@ -19,7 +19,7 @@ from klipstream.analysis.highlights import (
     non_max_suppression,
     snap_to_pauses,
 )
-from klipstream.analysis.pipeline import analyze_chat, build_timeline, find_highlights
+from klipstream.analysis.pipeline import analyze_messages, build_timeline, find_highlights
 from klipstream.analysis.signals import AudioFeatures, SpeechSignals, attribute_back, lag_kernel
 from klipstream.transcript import load_segments
 from tests import synthetic
@@ -78,7 +78,7 @@ def test_chat_reaction_is_credited_to_the_moment_before_it() -> None:
     assert attributed[30] == 0.0  # more than 20 s before the reaction, nothing
     assert attributed.max() <= 1.0
     kernel = lag_kernel()
-    assert len(kernel) == 19 and kernel.max() == 1.0 and kernel.min() > 0
+    assert len(kernel) == 21 and kernel.max() == 1.0 and kernel[:2].sum() == 0 and kernel[2:].min() > 0
 
 
 def test_fuse_renormalises_missing_modalities() -> None:
@@ -155,10 +155,10 @@ def test_synthetic_recall(seed: int) -> None:
         files = stream.write(Path(tmp))
         features = AudioFeatures.load(files["features"])
         segments = load_segments(files["transcript_json"])
-        chat = analyze_chat(
-            read_chat_json(files["chat_json"]), features.duration_seconds, ("nightbot", "streamelements")
-        )
-    highlights = find_highlights(build_timeline(features, segments, chat.signals), 10, segments, chat.messages)
+        messages = list(iter_chat(files["chat_json"]))
+        chat = analyze_messages(messages, features.duration_seconds, ("nightbot", "streamelements"))
+    timeline = build_timeline(features, segments, chat.signals)
+    highlights = find_highlights(timeline, 10, segments, lambda a, b: [m for m in messages if a <= m.time < b])
 
     def rank_of(event: synthetic.Event) -> int | None:
         return next(

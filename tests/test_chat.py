@@ -15,14 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from klipstream.acquisition.chat_archive import ChatVideo
-from klipstream.acquisition.twitch_chat import (
-    GqlClient,
-    GqlConfig,
-    RangeSpool,
-    split_ranges,
-    write_merged,
-)
+from klipstream.acquisition.chat_archive import ChatSpool, ChatVideo, write_artifacts
+from klipstream.acquisition.twitch_chat import GqlClient, GqlConfig, split_ranges
 from klipstream.chat import ChatMessage, Fragment
 from klipstream.errors import ExternalServiceError, InvalidVideoUrl, StageUnavailable
 from klipstream.jobs.stage import StageContext
@@ -266,12 +260,12 @@ def test_split_ranges_cover_the_vod_disjointly() -> None:
 def test_spool_merge_keeps_awkward_text_exact_and_sorts_a_disordered_range(tmp_path: Path) -> None:
     bodies = ["a\rb", 'q"uo\r\nte', "c\u2028d\x85e", "x,\ny", "plain"]
     offsets = [0.0, 2.0, 1.0, 3.0, 4.0]  # range 0 arrives out of order; range 1 is in order
-    spools = [RangeSpool(tmp_path, i, "v") for i in range(2)]
+    spools = [ChatSpool(tmp_path, f"range{i}", "v") for i in range(2)]
     for i, (body, offset) in enumerate(zip(bodies, offsets, strict=True)):
         message = ChatMessage(offset, "login", body, display_name='D"n', id=str(i), fragments=(Fragment(body),))
         spools[0 if i < 3 else 1].add(message, None)
     assert [s.ordered for s in spools] == [False, True]
-    write_merged(spools, tmp_path / "v_chat.json", tmp_path / "v_chat.csv", ChatVideo("v"), len(bodies))
+    write_artifacts(spools, tmp_path / "v_chat.json", tmp_path / "v_chat.csv", ChatVideo("v"), source="twitch")
     order = [0, 2, 1, 3, 4]
     expected = [(offsets[i], 'D"n', bodies[i]) for i in order]
     assert list(iter_csv(tmp_path / "v_chat.csv")) == expected

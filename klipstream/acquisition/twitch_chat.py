@@ -8,7 +8,8 @@ concurrently on the one shared aiohttp session; a range stops as soon as its cha
 range's end. Ranges are disjoint, so ordering the output is concatenation, not a sort.
 
 Comments are spooled to per-range files as they arrive (already encoded in the artifact format),
-so memory holds only the ids used for de-duplication, whatever the size of the chat.
+so memory holds only the ids used for de-duplication and a few bytes per message for the merge,
+whatever the size of the chat.
 
 Twitch refusing (integrity check, unknown persisted query, 4xx, no such video) raises
 `ChatRefused`, a StageUnavailable: the chat stage ends `unavailable` and the job goes on.
@@ -23,14 +24,14 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 
-from klipstream.acquisition.chat_archive import ChatVideo, CsvSink, artifact_files, encode_comment
+from klipstream.acquisition.chat_archive import ChatSpool, ChatVideo, cheered_bits, system_event
 from klipstream.chat import Badge, ChatMessage, Fragment
 from klipstream.errors import ExternalServiceError, KlipstreamError, NetworkError, StageUnavailable
 from klipstream.retry import RetryPolicy, parse_retry_after
@@ -148,10 +149,13 @@ def node_to_message(node: Any) -> ChatMessage | None:
     # A deleted account leaves commenter null; the message still counts as chat activity.
     commenter = _obj(node.get("commenter"))
     display_name = (_s(commenter.get("displayName")) or "").strip()
+    login = (_s(commenter.get("login")) or display_name).lower()
+    text = "".join(f.text for f in fragments)
+    bits = cheered_bits(text)
     return ChatMessage(
         time=float(offset),
-        user=(_s(commenter.get("login")) or display_name).lower(),
-        text="".join(f.text for f in fragments),
+        user=login,
+        text=text,
         display_name=display_name,
         id=comment_id,
         user_id=_s(commenter.get("id")) or "",
@@ -159,6 +163,8 @@ def node_to_message(node: Any) -> ChatMessage | None:
         badges=badges,
         color=_s(message.get("userColor")),
         created_at=_s(node.get("createdAt")),
+        system=system_event(login, text, None, bits),
+        bits=bits,
     )
 
 
@@ -352,39 +358,6 @@ def _page(video: dict[str, Any], comments: dict[str, Any]) -> Page:
 # ---------------------------------------------------------------------------------------------
 
 
-class RangeSpool:
-    """One range's comments on disk, in artifact form, in arrival order."""
-
-    def __init__(self, directory: Path, index: int, video_id: str) -> None:
-        self.json_path = directory / f".chat_range_{index}.jsonl"
-        self.csv_path = directory / f".chat_range_{index}.csv"
-        self.video_id = video_id
-        self._json = open(self.json_path, "w", encoding="utf-8", newline="", buffering=1 << 20)
-        self._csv_file = open(self.csv_path, "w", encoding="utf-8", newline="", buffering=1 << 20)
-        self._csv = CsvSink(self._csv_file)
-        self.count = 0
-        self.ordered = True  # Twitch pages are ordered by offset; checked, not assumed
-        self.last_offset = -1.0
-
-    def add(self, message: ChatMessage, channel_id: str | None) -> None:
-        if message.time < self.last_offset:
-            self.ordered = False
-        self.last_offset = max(self.last_offset, message.time)
-        self._json.write(encode_comment(message, self.video_id, channel_id))
-        self._json.write("\n")
-        self._csv.row(message)
-        self.count += 1
-
-    def close(self) -> None:
-        self._json.close()
-        self._csv_file.close()
-
-    def remove(self) -> None:
-        self.close()
-        self.json_path.unlink(missing_ok=True)
-        self.csv_path.unlink(missing_ok=True)
-
-
 @dataclass
 class RangeState:
     range: ChatRange
@@ -395,7 +368,7 @@ class RangeState:
 
 @dataclass
 class FetchResult:
-    spools: list[RangeSpool]
+    spools: list[ChatSpool]
     count: int
     channel_id: str | None
     requests: int
@@ -432,7 +405,7 @@ class ChatFetch:
         return min(1.0, covered / self.duration)
 
     async def run(self) -> FetchResult:
-        spools = [RangeSpool(self.spool_dir, s.range.index, self.video_id) for s in self.states]
+        spools = [ChatSpool(self.spool_dir, f"chat_range_{s.range.index}", self.video_id) for s in self.states]
         try:
             async with asyncio.TaskGroup() as group:
                 for state, spool in zip(self.states, spools, strict=True):
@@ -448,7 +421,7 @@ class ChatFetch:
             spool.close()
         return FetchResult(spools, self.count, self.channel_id, self.client.requests, self.client.retries)
 
-    async def _fetch_range(self, state: RangeState, spool: RangeSpool) -> None:
+    async def _fetch_range(self, state: RangeState, spool: ChatSpool) -> None:
         rng = state.range
         cursor: str | None = None
         while True:
@@ -485,59 +458,6 @@ def _first(exc: BaseException, kind: type[E]) -> E | None:
             if found is not None:
                 return found
     return None
-
-
-def merged_lines(spools: list[RangeSpool], cancelled: Callable[[], bool]) -> Iterator[tuple[str, list[str]]]:
-    """(JSON comment, CSV line) pairs in offset order: range order, sorted within a range if Twitch was not."""
-    for spool in spools:
-        with (
-            open(spool.json_path, encoding="utf-8", newline="") as js,
-            open(spool.csv_path, encoding="utf-8", newline="") as cs,
-        ):
-            pairs: Iterator[tuple[str, list[str]]] = zip(js, _csv_records(cs), strict=True)
-            if not spool.ordered:  # one range in memory, only in this unexpected case
-                pairs = iter(sorted(pairs, key=lambda p: json.loads(p[0])["content_offset_seconds"]))
-            for i, (line, record) in enumerate(pairs):
-                if i % 4096 == 0 and cancelled():
-                    raise InterruptedError("chat writing cancelled")
-                yield line.rstrip("\n"), record
-
-
-def _csv_records(stream: Any) -> Iterator[list[str]]:
-    """Physical CSV lines grouped into records (a quoted message may span lines)."""
-    record: list[str] = []
-    quotes = 0
-    for line in stream:
-        record.append(line)
-        quotes += line.count('"')
-        if quotes % 2 == 0:
-            yield record
-            record, quotes = [], 0
-    if record:
-        yield record
-
-
-def write_merged(
-    spools: list[RangeSpool],
-    json_path: Path,
-    csv_path: Path,
-    video: ChatVideo,
-    count: int,
-    cancelled: Callable[[], bool] = lambda: False,
-) -> None:
-    """Concatenate range spools into the two artifacts (atomic renames); blocking, run in a thread."""
-    for spool in spools:
-        spool.close()  # flush: a spool still open for writing would read back short
-    try:
-        with artifact_files(json_path, csv_path, video, source="twitch", count=count) as (js, sink):
-            for i, (line, record) in enumerate(merged_lines(spools, cancelled)):
-                if i:
-                    js.write(",")
-                js.write(line)
-                sink.encoded_rows(record)
-    finally:
-        for spool in spools:
-            spool.remove()
 
 
 async def report_progress(fetch: ChatFetch, report: Callable[[float, str], None], interval: float = 0.5) -> None:

@@ -44,9 +44,10 @@ _LAUGH = re.compile(
     r"|k{4,}|w{3,}|5{3,}"
     r"|[ㅋㅎ]{2,}|[哈呵嘿]{2,}|笑死|[草笑]|[ｗ]{2,}|lol|ワロタ"
 )
-_SHOCK = re.compile(r"(?ix) \?{3,} | !{3,} | \bw+h*a+t+\b | \bwtf+\b | \bomg+\b | \bo+m+g+\b | \bwo+w+\b | [!?]{2,}")
+_SHOCK = re.compile(r"(?ix) \?{3,} | \bw+h*a+t+\b | \bwtf+\b | \bo+m+g+\b | \bwo+w+\b | \?!|!\?")
 _BURST = re.compile(r"^(.{1,3}?)\1{3,}$", re.S)
 _TOKEN_STRIP = "\"'.,;:()[]{}<>*~`"
+_EMOTICON = re.compile(r"^[:;=>xX8]['-^]?[()\[\]DdOoPp/\\|*]+$|^[<]3+$|^[;TtQ][_\-.]?[;TtQ]$|^[oO0][_.][oO0]$")
 
 # Tokens that point at a category, in lower case; emote names as Twitch, BTTV, FFZ and 7TV spell them.
 _CATEGORY_TOKENS: dict[Category, frozenset[str]] = {
@@ -60,18 +61,19 @@ _CATEGORY_TOKENS: dict[Category, frozenset[str]] = {
     ),
     Category.FAIL: frozenset(
         "f rip ripbozo unlucky bruh throw throwing l ls fail failed oof yikes pepehands notlikethis "
-        "biblethump sadge sad 87 lose lost".split()
+        "biblethump sadge sad 87 lose lost :( :-( :'( ;( ;-; ;_; t_t qq".split()
     ),
     Category.CLUTCH: frozenset(
         "clutch noway no way holy godlike ace 1v5 1v4 1v3 1v2 omg wow what how unreal monkaomega "
-        "pogo widepeepohappy clutched".split()
+        "clutched :o :-o o_o o.o 😮 😱 🤯".split()
     ),
     Category.WHOLESOME: frozenset(
-        "<3 aww awww cute wholesome love bless sweet peeposhy peepohappy hearts blessed heart catjam vohiyo".split()
+        "<3 aww awww cute wholesome love bless sweet peeposhy peepohappy hearts blessed heart catjam vohiyo "
+        ":) :-) =) :d :-d =d ♥ ❤ ❤️ 😊 🥰 😍".split()
     ),
     Category.RAGE: frozenset(
         "wtf dansgame babyrage swiftrage madge angry rage tilted tilt reeee mad residentsleeper "
-        "pepega weirdchamp".split()
+        "pepega weirdchamp >:( >( 😡 🤬 😠".split()
     ),
     Category.SCARY: frozenset(
         "monkas monkaw monkagiga monkah scary jumpscare scared d: dead creepy horror wutface ahhh aaaa".split()
@@ -101,10 +103,11 @@ _RUN = re.compile(r"(.)\1{3,}", re.S)
 
 
 def tokens(text: str) -> list[str]:
-    """Whitespace tokens with surrounding punctuation removed (case kept: emote names are cased)."""
+    """Whitespace tokens with surrounding punctuation removed (case kept: emote names are cased);
+    text emoticons (":(", "<3", "T_T") are kept whole, since their punctuation is the token."""
     out = []
     for raw in text.split():
-        token = raw.strip(_TOKEN_STRIP)
+        token = raw if _EMOTICON.match(raw) else raw.strip(_TOKEN_STRIP)
         if token:
             out.append(token)
     return out

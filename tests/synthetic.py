@@ -138,7 +138,7 @@ _EMOTE_NAMES = {
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # hype, laugh, fail (planted) or loud, bot_burst (distractors)
+    kind: str  # hype, laugh, fail (planted) or loud, bot_burst, gift_bomb (distractors)
     start: float
     end: float
 
@@ -217,6 +217,8 @@ def generate(
     chat: bool = True,
     users: int = 400,
     unique_fraction: float = 0.1,
+    chat_delay: float = 0.0,
+    gift_bomb: bool = False,
 ) -> SyntheticStream:
     """A synthetic stream of `duration` seconds with 3 planted moments and 2 distractors.
 
@@ -265,7 +267,9 @@ def generate(
 
     transcript = _transcript(rng, segments, events, duration) if speech else _transcript(rng, [], [], duration)
     chat_doc = (
-        _chat(rng, events, duration, chat_rate, users, unique_fraction) if chat else {"comments": [], "video": {}}
+        _chat(rng, events, duration, chat_rate, users, unique_fraction, chat_delay)
+        if chat
+        else {"comments": [], "video": {}}
     )
     return SyntheticStream(
         duration=float(duration),
@@ -286,7 +290,7 @@ def _place(rng: np.random.Generator, kinds: list[str], duration: float) -> list[
     events = []
     for i, kind in enumerate(order):
         start = 60.0 + i * slot + rng.uniform(0.15, 0.55) * slot
-        length = {"hype": 8.0, "laugh": 7.0, "fail": 6.0, "loud": 30.0, "bot_burst": 15.0}[str(kind)]
+        length = {"hype": 8.0, "laugh": 7.0, "fail": 6.0, "loud": 30.0, "bot_burst": 15.0, "gift_bomb": 20.0}[str(kind)]
         events.append(Event(str(kind), round(start, 2), round(start + length, 2)))
     return events
 
@@ -347,11 +351,13 @@ def _chat(
     rate: float,
     n_users: int,
     unique_fraction: float,
+    delay: float = 0.0,
 ) -> dict[str, Any]:
     weights = 1.0 / np.arange(1, n_users + 1) ** 0.8  # a few chatters talk a lot
     weights /= weights.sum()
     names = [f"viewer{i:05d}" for i in range(n_users)]
     messages: list[tuple[float, str, str]] = []
+    notices: list[tuple[float, str, str]] = []
 
     def pick_user() -> str:
         return names[int(rng.choice(n_users, p=weights))]
@@ -376,7 +382,7 @@ def _chat(
     banks = {"hype": _CHAT_HYPE, "laugh": _CHAT_LAUGH, "fail": _CHAT_FAIL}
     for e in events:
         if e.kind in banks:
-            lag = rng.uniform(2.0, 8.0)  # the burst starts 2-8 s after the moment, lasts 10-20 s
+            lag = delay + rng.uniform(2.0, 8.0)  # the burst starts 2-8 s after the moment, lasts 10-20 s
             length = rng.uniform(10.0, 20.0)
             extra_rate = max(1.5, rate * rng.uniform(3.0, 6.0))
             for _ in range(rng.poisson(extra_rate * length)):
@@ -388,12 +394,27 @@ def _chat(
                 messages.append((rng.uniform(e.start, e.end), pick_user(), str(rng.choice(_BOT_COMMANDS))))
             for _ in range(10):
                 messages.append((rng.uniform(e.start, e.end + 5), "nightbot", str(rng.choice(_BOT_REPLIES))))
+        elif e.kind == "gift_bomb":
+            gifter = pick_user()
+            notices.append((e.start, gifter, "submysterygift"))
+            for k in range(20):
+                notices.append((e.start + 0.1 * k, gifter, "subgift"))
+            for _ in range(rng.poisson(max(2.0, rate * 5) * (e.end - e.start))):  # chat thanks the gifter
+                thanks = str(
+                    rng.choice(["thanks for the gifts PogChamp", "ty for the sub", "PogChamp gifts", "W gifter"])
+                )
+                messages.append((rng.uniform(e.start + 1, e.end), pick_user(), thanks))
     for k in range(int(duration / 600)):  # periodic bot announcements
         messages.append((300.0 + k * 600.0, "streamelements", "Remember to follow the channel!"))
 
     messages = [m for m in messages if 0 <= m[0] < duration]
     messages.sort(key=lambda m: m[0])
     comments = [_comment(i, t, user, text) for i, (t, user, text) in enumerate(messages)]
+    for i, (t, user, kind) in enumerate(notices):
+        notice = _comment(len(comments) + i, t, user, f"{user} gifted a Tier 1 sub!")
+        notice["message"]["user_notice_params"] = {"msg-id": kind}
+        comments.append(notice)
+    comments.sort(key=lambda c: c["content_offset_seconds"])
     return {
         "streamer": {"name": "synthetic", "id": 1},
         "video": {"id": "123456789", "title": "synthetic stream", "length": duration, "start": 0, "end": duration},

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from klipstream.acquisition.chat_archive import ArchiveHeader, iter_archive
-from klipstream.analysis.chat_scoring import CHAT_SENTIMENT_COLUMNS, ChatSignals, write_chat_sentiment_csv
+from klipstream.analysis.chat_scoring import CHAT_SENTIMENT_COLUMNS, LEARNED, ChatSignals, write_chat_sentiment_csv
 from klipstream.analysis.lexicon import EMOTIONS, LexiconError, load_lexicon, parse_lexicon
 from klipstream.analysis.pipeline import analyze_messages
+from klipstream.analysis.reactions import canonical, classify_message
 from klipstream.analysis.text_scoring import NO_TEXT, TextScorer
 from klipstream.chat import ChatMessage
 
@@ -181,3 +182,62 @@ def test_synthetic_chat_json_is_twitchdownloader_shaped(tmp_path: Path) -> None:
     assert {"_id", "content_offset_seconds", "commenter", "message"} <= set(c)
     assert {"display_name", "_id", "name"} <= set(c["commenter"])
     assert {"body", "fragments", "user_badges", "user_color"} <= set(c["message"])
+
+
+def test_twitch_notices_and_clip_requests_are_set_apart(tmp_path: Path) -> None:
+    notice = _comment(10.0, "gifter", "gifter gifted a Tier 1 sub to someone!")
+    notice["message"]["user_notice_params"] = {"msg-id": "subgift"}
+    cheer = _comment(11.0, "fan", "Cheer100 what a play")
+    old_style = _comment(12.0, "twitchnotify", "viewer just subscribed with Twitch Prime!")
+    doc = {
+        "comments": [
+            notice,
+            cheer,
+            old_style,
+            _comment(13.0, "a", "!clip"),
+            _comment(14.0, "b", "!clip that"),
+            _comment(15.0, "c", "!uptime"),
+            _comment(16.0, "d", "KEKW"),
+        ]
+    }
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    _, stream = iter_archive(path, 1 << 20, ArchiveHeader())
+    messages = list(stream)
+    assert [m.system for m in messages[:3]] == ["gift", "bits", "sub"] and messages[1].bits == 100
+    result = analyze_messages(messages, 30.0, ())
+    stats = result.stats
+    assert (stats.system_events, stats.commands, stats.kept) == (3, 3, 1)
+    assert result.signals.clip_commands[13:15].tolist() == [1, 1]
+    assert result.signals.system.sum() == 3 and result.signals.count.sum() == 1
+    assert sum(r["system_events"] for r in result.rows) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "laughter"),
+    [("lol", True), ("jajajaja", True), ("kkkkk", True), ("ㅋㅋㅋ", True), ("www", True), ("草", True),
+     ("哈哈哈", True), ("555555", True), ("xDDD", True), ("what a game", False), ("hello", False)],
+)  # fmt: skip
+def test_laughter_in_many_languages(text: str, laughter: bool) -> None:
+    assert classify_message(text, 0).laughter is laughter
+
+
+def test_reaction_markers_need_no_lexicon() -> None:
+    assert classify_message("!!!!!!", 0).burst and classify_message("GGGGGGG", 0).reaction
+    assert classify_message("zonkaW", 1).reaction  # a channel emote Twitch marked, unknown to the lexicon
+    assert not classify_message("is the stream laggy for anyone", 0).reaction
+    assert canonical("7777777") == canonical("77777") == "777"
+
+
+def test_each_vod_learns_its_own_reaction_tokens() -> None:
+    rng = np.random.default_rng(3)
+    messages = [
+        ChatMessage(float(t), f"u{rng.integers(300)}", "just chatting here") for t in rng.uniform(0, 3600, 1800)
+    ]
+    for moment in (600, 1500, 2400, 3300):  # surges where many chatters type the channel's catchphrase
+        for k in range(60):
+            messages.append(ChatMessage(moment + k * 0.3, f"fan{k}", "zonkaHYPE zonkaHYPE"))
+    messages.sort(key=lambda m: m.time)
+    signals = analyze_messages(messages, 3600.0, ()).signals
+    assert "zonkaHYPE" in signals.learned_tokens and "chatting" not in signals.learned_tokens
+    assert int(((signals.message_flags & LEARNED) > 0).sum()) == 240

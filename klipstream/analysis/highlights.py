@@ -398,6 +398,8 @@ def _evidence(timeline: Timeline, peak: int, reaction: Sequence[ChatMessage]) ->
             out["chatters"] = round(float(chat.chatters[best]))
             out["usual_chatters"] = round(float(chat.chatters_baseline[best]), 1)
             out["chat_lag_seconds"] = best - peak
+            if chat.channel_events[lo:hi].any():
+                out["during_gift_bomb_or_raid"] = True
         out["chat_lag_source"] = chat.lag.source
         tokens = Counter(
             token for m in reaction for token in {canonical(w) for w in m.text.split()} if token in chat.learned

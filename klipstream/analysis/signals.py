@@ -28,9 +28,10 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from klipstream.analysis.baselines import centered_mean, robust_relative, rolling_quantile
 from klipstream.analysis.cancel import check
-from klipstream.analysis.chat_scoring import ChatSignals
+from klipstream.analysis.chat_scoring import SYSTEM_KINDS, ChatSignals
 from klipstream.analysis.lexicon import EMOTIONS
 from klipstream.analysis.text_scoring import TextScorer
+from klipstream.chat import SystemEvent
 from klipstream.transcript import Segment
 
 BASELINE_SECONDS = 300  # trailing window of every rolling baseline
@@ -263,6 +264,29 @@ class ChatSurge:
     score: np.ndarray  # [0, 1] at chat time (not attributed back)
     chatters: np.ndarray  # distinct chatters in the CHAT_WINDOW around each second
     baseline: np.ndarray  # trailing median of `chatters`
+    channel_events: np.ndarray  # bool: chat is answering a gift bomb or a raid, not the stream
+
+
+CHANNEL_EVENT_BURST = 3  # gift or raid notices within CHANNEL_EVENT_SECONDS that make a burst
+CHANNEL_EVENT_SECONDS = 30
+CHANNEL_EVENT_ECHO = 60  # seconds chat keeps thanking the gifter or greeting the raiders
+CHANNEL_EVENT_DISCOUNT = 0.25
+
+
+def channel_event_seconds(chat: ChatSignals, seconds: int) -> np.ndarray:
+    """Seconds when chat is busy with the channel rather than the stream: within CHANNEL_EVENT_ECHO
+    seconds after a burst of gifted subscriptions or a raid (Twitch's notices say so)."""
+    kinds = [SYSTEM_KINDS.index(SystemEvent.GIFT.value), SYSTEM_KINDS.index(SystemEvent.RAID.value)]
+    notices = chat.system[kinds].sum(axis=0)[:seconds]
+    if not notices.any():
+        return np.zeros(seconds, dtype=bool)
+    recent = np.convolve(notices, np.ones(CHANNEL_EVENT_SECONDS))[: len(notices)]  # notices in [t-29, t]
+    raid = chat.system[kinds[1]][:seconds] > 0
+    burst = (recent >= CHANNEL_EVENT_BURST) | raid
+    echo = np.convolve(burst.astype(np.float64), np.ones(CHANNEL_EVENT_ECHO + 1))[: len(burst)] > 0
+    out = np.zeros(seconds, dtype=bool)
+    out[: len(echo)] = echo
+    return out
 
 
 def chat_surge(chat: ChatSignals, seconds: int) -> ChatSurge:
@@ -272,7 +296,9 @@ def chat_surge(chat: ChatSignals, seconds: int) -> ChatSurge:
     z-score, which saturates, the score is a log ratio against the trailing 20-minute median,
     divided by the spread of that ratio over the whole VOD (1.4826 * its median absolute
     deviation, floored at 0.1), and mapped to [0, 1] at SURGE_FULL_SCALE spreads. Counting
-    chatters rather than messages means one user's flood is not a reaction.
+    chatters rather than messages means one user's flood is not a reaction. While chat answers a
+    gift bomb or a raid (`channel_event_seconds`) the score is discounted to a quarter: those are
+    events of the channel, not moments of the stream.
     """
     x = sliding_chatters(chat.message_seconds, chat.message_users, seconds, CHAT_WINDOW)
     base = rolling_quantile(x, SURGE_BASELINE_SECONDS, 0.5)
@@ -280,7 +306,9 @@ def chat_surge(chat: ChatSignals, seconds: int) -> ChatSurge:
     center = float(np.median(ratio)) if len(ratio) else 0.0
     spread = max(0.1, 1.4826 * float(np.median(np.abs(ratio - center)))) if len(ratio) else 1.0
     score = np.clip((ratio - center) / spread / SURGE_FULL_SCALE, 0.0, 1.0)
-    return ChatSurge(score, x, base)
+    events = channel_event_seconds(chat, seconds)
+    score = np.where(events, CHANNEL_EVENT_DISCOUNT * score, score)
+    return ChatSurge(score, x, base, events)
 
 
 def estimate_chat_lag(audio_events: np.ndarray, surge: np.ndarray) -> ChatLag:
@@ -321,6 +349,7 @@ class ChatSignalSet:
     baseline_rate: np.ndarray  # trailing median of `rate`
     chatters: np.ndarray  # distinct chatters around each second (not shifted)
     chatters_baseline: np.ndarray
+    channel_events: np.ndarray  # bool: chat answers a gift bomb or a raid (not shifted)
     lag: ChatLag
     learned: frozenset[str]  # this VOD's learned reaction tokens
     present: bool
@@ -362,6 +391,7 @@ def chat_signals(chat: ChatSignals, seconds: int, lag: ChatLag = DEFAULT_LAG) ->
         baseline_rate=base5 / 5.0,
         chatters=surge.chatters,
         chatters_baseline=surge.baseline,
+        channel_events=surge.channel_events,
         lag=lag,
         learned=frozenset(chat.learned_tokens),
         present=bool(total > 0),

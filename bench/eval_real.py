@@ -1,7 +1,7 @@
 """Quality on real, third-party, human-labelled data, next to simple baselines run in the same script.
 
-    python bench/eval_real.py --data DIR [--vods NAME ...] [--peer-python PY --peer-adapter SCRIPT]
-                              [--skip-pipeline] [--include-heldout]
+    bench/peers/setup.sh        # once: the peers, each in its own environment under .bench-peers/
+    python bench/eval_real.py --data DIR [--vods NAME ...] [--skip-pipeline] [--include-heldout]
 
 DIR is made by `bench/real_data.py` from your copies of the public sources (README, "Quality on
 real data"); nothing here is committed because none of it may be. Three evaluations:
@@ -17,7 +17,9 @@ real data"); nothing here is committed because none of it may be. Three evaluati
      * random: 30 s windows at least 60 s apart, the mean of 2,000 draws,
      * raw chat rate: the busiest 30 s windows of chat (messages), at least 60 s apart,
      * raw chat rate with the service's mean span length (so span length alone cannot explain a gap),
-     * a peer (--peer-*): an open-source detector run on the same chat through its adapter,
+     * a peer: clipsmith-ai's chat candidate builder (MIT, PyPI) with its defaults, run on the same
+       chat through bench/peers/clipsmith_adapter.py in its own environment (it returns moment
+       centres; the adapter makes 30 s spans, the peer's longest clip),
      * ablations of the detector (the analysis functions in-process, the same code the stage runs).
    Held-out parts (DIR/heldout) are read only with --include-heldout, for independent evaluation.
 2. Message sentiment (DIR/sentiment/*.jsonl): macro-F1 over positive/neutral/negative of the
@@ -286,10 +288,10 @@ def ablations(vod: Vod, count: int) -> list[tuple[str, list[Span]]]:
     return [
         ("detector, in process", in_process(vod, count)),
         (
-            "- surge from messages, not distinct chatters",
+            "- messages instead of distinct chatters",
             in_process(vod, count, sliding_chatters=messages_not_chatters),
         ),
-        ("- Poisson z-score surge (previous detector)", in_process(vod, count, chat_surge=poisson)),
+        ("- Poisson z-score of messages (the previous surge)", in_process(vod, count, chat_surge=poisson)),
         ("- 5-minute baseline instead of 20", in_process(vod, count, SURGE_BASELINE_SECONDS=300)),
         (
             "+ chat emotion in the ranking (weight 0.20)",
@@ -398,8 +400,16 @@ def main() -> int:
     parser.add_argument("--data", type=Path, required=True)
     parser.add_argument("--vods", nargs="*", help="names (<vod>.<part>) to evaluate; default: all development parts")
     parser.add_argument("--include-heldout", action="store_true", help="also evaluate DIR/heldout (final evaluation)")
-    parser.add_argument("--peer-python", help="python of the peer's own environment")
-    parser.add_argument("--peer-adapter", help="script printing the peer's top spans as JSON")
+    parser.add_argument(
+        "--peer-python",
+        default=str(ROOT / ".bench-peers" / "clipsmith" / "bin" / "python"),
+        help="python of the peer's own environment (bench/peers/setup.sh makes it)",
+    )
+    parser.add_argument(
+        "--peer-adapter",
+        default=str(ROOT / "bench" / "peers" / "clipsmith_adapter.py"),
+        help="script printing the peer's top spans as JSON",
+    )
     parser.add_argument("--skip-pipeline", action="store_true", help="in-process analysis only (fast)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "klipstream-eval")
     args = parser.parse_args()
@@ -430,7 +440,7 @@ def main() -> int:
             rows.append(Row("random 30 s windows (mean of 2,000)", rnd[10][0], rnd[k][0], round(rnd[10][1]), WIDTH))
             rows.append(row("raw chat rate (busiest 30 s windows)", busiest(vod, count), vod))
             rows.append(row(f"raw chat rate, {ours_span:.0f} s spans", busiest(vod, count, ours_span), vod))
-            if args.peer_python and args.peer_adapter:
+            if Path(args.peer_python).exists() and Path(args.peer_adapter).exists():
                 spans = peer(vod, args.peer_python, args.peer_adapter, count, work)
                 if spans is not None:
                     rows.append(row("peer: clipsmith-ai candidate builder (defaults)", spans, vod))

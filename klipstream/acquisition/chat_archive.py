@@ -91,6 +91,7 @@ class ChatVideo:
     channel: str | None = None
     channel_id: str | None = None
     created_at: str | None = None
+    channel_login: str | None = None  # the channel's login, when Twitch said (not written to the header)
 
     def merged(self, other: ChatVideo | None) -> ChatVideo:
         """This video's facts, with gaps filled from `other`."""
@@ -103,6 +104,7 @@ class ChatVideo:
             channel=self.channel or other.channel,
             channel_id=self.channel_id or other.channel_id,
             created_at=self.created_at or other.created_at,
+            channel_login=self.channel_login or other.channel_login,
         )
 
 

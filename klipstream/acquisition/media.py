@@ -198,6 +198,9 @@ def video_info(info: dict[str, Any]) -> VideoInfo:
         id=str(info["id"]) if info.get("id") is not None else None,
         title=info.get("title") or None,
         channel=info.get("uploader") or info.get("channel") or info.get("uploader_id") or None,
+        channel_login=(info.get("uploader_id") or None)
+        if "twitch" in str(info.get("extractor") or "").lower()
+        else None,
         duration_seconds=float(duration) if isinstance(duration, int | float) and math.isfinite(duration) else None,
         published_at=published,
         thumbnail_url=info.get("thumbnail") or None,

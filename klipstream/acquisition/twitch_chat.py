@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -67,6 +68,7 @@ class GqlConfig:
 
 GQL_RETRY = RetryPolicy(attempts=8, base_seconds=0.25, cap_seconds=8.0)
 VIDEO_RETRY = RetryPolicy(attempts=3, base_seconds=0.25, cap_seconds=8.0)  # the length is optional
+CLIP_PAGES = 10  # pages of 100 clips read per channel
 GQL_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10, sock_read=20)
 
 
@@ -120,6 +122,10 @@ def split_ranges(duration: float | None, count: int, *, min_seconds: float = 60.
 
 def _s(value: Any) -> str | None:
     return value if isinstance(value, str) else None
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _obj(value: Any) -> dict[str, Any]:
@@ -298,7 +304,60 @@ class GqlClient:
             channel=_s(owner.get("displayName")) or _s(owner.get("login")),
             channel_id=_s(owner.get("id")),
             created_at=_s(video.get("createdAt")),
+            channel_login=_s(owner.get("login")),
         )
+
+    async def clips(self, login: str, video_id: str, *, max_pages: int = CLIP_PAGES) -> list[dict[str, Any]]:
+        """Clips viewers made of this VOD: the channel's clips, most viewed first, kept when they
+        come from `video_id`. Twitch lists clips per channel, not per video, so this reads up to
+        `max_pages` pages of 100 (the clips that matter are the watched ones, on the first pages).
+        """
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,25}", login):
+            return []
+        found: list[dict[str, Any]] = []
+        cursor: str | None = None
+        for _ in range(max_pages):
+            after = f',after:"{cursor}"' if cursor else ""
+            query = (
+                f'query{{user(login:"{login}"){{clips(first:100{after},criteria:{{period:ALL_TIME,sort:VIEWS_DESC}})'
+                "{pageInfo{hasNextPage},edges{cursor,node{id,title,viewCount,durationSeconds,videoOffsetSeconds,"
+                "video{id}}}}}}"
+            )
+
+            async def attempt(query: str = query) -> dict[str, Any]:
+                payload = await self._post_once({"query": query, "variables": {}})
+                _errors(payload)
+                return payload
+
+            payload = await self.retrying(attempt, "the VOD's clips", VIDEO_RETRY)
+            user = _obj(_obj(payload.get("data")).get("user"))
+            clips = _obj(user.get("clips"))
+            edges = clips.get("edges") or []
+            for edge in edges:
+                node = _obj(_obj(edge).get("node"))
+                if _s(_obj(node.get("video")).get("id")) != video_id:
+                    continue
+                offset, duration, views = (
+                    node.get("videoOffsetSeconds"),
+                    node.get("durationSeconds"),
+                    node.get("viewCount"),
+                )
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (offset, duration, views)):
+                    continue
+                found.append(
+                    {
+                        "id": _s(node.get("id")) or "",
+                        "title": _s(node.get("title")) or "",
+                        "vod_offset": float(offset),
+                        "duration": float(duration),
+                        "views": int(views),
+                    }
+                )
+            cursor = _s(_obj(edges[-1]).get("cursor")) if edges else None
+            if not _obj(clips.get("pageInfo")).get("hasNextPage") or not cursor:
+                break
+        found.sort(key=lambda c: c["vod_offset"])
+        return found
 
     async def comments(self, video_id: str, *, offset: int | None = None, cursor: str | None = None) -> Page:
         """One page of comments; by offset for the first page of a chain, by cursor afterwards."""

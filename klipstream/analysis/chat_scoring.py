@@ -24,7 +24,7 @@ import numpy as np
 
 from klipstream.analysis.baselines import poisson_surge, rolling_quantile
 from klipstream.analysis.lexicon import EMOTIONS
-from klipstream.analysis.reactions import CATEGORIES, NOT_A_REACTION, Reaction, canonical, classify_message, tokens
+from klipstream.analysis.reactions import CATEGORIES, NOT_A_REACTION, canonical, classify_message, tokens
 from klipstream.analysis.text_scoring import TextScorer
 from klipstream.chat import ChatMessage, SystemEvent
 
@@ -51,6 +51,7 @@ REACTION, LAUGHTER, SHOCK, BURST, LEARNED = 1, 2, 4, 8, 16
 LEARN_LIFT = 2.0
 LEARN_MIN_CHATTERS = 10
 LEARN_LIMIT = 50
+TEXT_CACHE = 200_000  # distinct message texts whose analysis is remembered
 MAX_TOKEN_NAMES = 500_000  # token spellings remembered for naming learned tokens (bounded memory)
 
 
@@ -172,7 +173,7 @@ class ChatAccumulator:
         self.bots = {b.lower() for b in bot_accounts}
         self.scorer = scorer or TextScorer()
         self.stats = FilterStats()
-        self._reaction_cache: dict[str, Reaction] = {}
+        self._texts: dict[tuple[str, int], tuple[tuple[float, ...], int, int, int, tuple[int, ...]]] = {}
         self._users: dict[str, int] = {}
         self._seconds = array.array("i")
         self._user_ids = array.array("i")
@@ -210,47 +211,49 @@ class ChatAccumulator:
                 self._clips.append(second)
             return
         self.stats.kept += 1
-        score = self.scorer.score(message.text)
-        reaction = self._reaction(message.text, message.emote_fragments)
+        key = (message.text, message.emote_fragments)
+        known = self._texts.get(key)
+        if known is None:
+            known = self._per_text(*key)
+            if len(self._texts) >= TEXT_CACHE:
+                self._texts.clear()  # chat's hot set refills within seconds
+            self._texts[key] = known
+        scores, emotes, flags, votes, hashes = known
         user = self._users.get(message.user)
         if user is None:
             user = self._users[message.user] = len(self._users)
             self._new.append(1)
         else:
             self._new.append(0)
-        flags = (
-            REACTION * reaction.reaction
-            | LAUGHTER * reaction.laughter
-            | SHOCK * reaction.shock
-            | BURST * reaction.burst
-        )
-        votes = 0
-        for category in reaction.categories:
-            votes |= 1 << CATEGORIES.index(category)
+        index = len(self._seconds)
         self._seconds.append(second)
         self._user_ids.append(user)
         self._flags.append(flags)
         self._categories.append(votes)
-        self._scores.extend(score[:7])  # sentiment, then the six EMOTIONS
-        self._scores.append(score.highlight)
-        self._emotes.append(min(65535, max(score.emote_count, message.emote_fragments)))
-        index = len(self._seconds) - 1
-        for token in {canonical(token) for token in tokens(message.text)}:
+        self._scores.extend(scores)
+        self._emotes.append(emotes)
+        self._token_hashes.extend(hashes)
+        self._token_messages.extend([index] * len(hashes))
+
+    def _per_text(self, text: str, emote_fragments: int) -> tuple[tuple[float, ...], int, int, int, tuple[int, ...]]:
+        """Everything about a message that depends only on its text: chat repeats itself a lot, so
+        this runs once per distinct text, not once per message."""
+        score = self.scorer.score(text)
+        reaction = classify_message(text, emote_fragments) if text.strip() else NOT_A_REACTION
+        flags = REACTION * reaction.reaction | LAUGHTER * reaction.laughter | SHOCK * reaction.shock
+        flags |= BURST * reaction.burst
+        votes = 0
+        for category in reaction.categories:
+            votes |= 1 << CATEGORIES.index(category)
+        hashes = []
+        for token in {canonical(token) for token in tokens(text)}:
             key = hash(token)
-            self._token_hashes.append(key)
-            self._token_messages.append(index)
+            hashes.append(key)
             if key not in self._token_names and len(self._token_names) < MAX_TOKEN_NAMES:
                 self._token_names[key] = token
-
-    def _reaction(self, text: str, emote_fragments: int) -> Reaction:
-        key = text if not emote_fragments else f"{emote_fragments}\0{text}"
-        cached = self._reaction_cache.get(key)
-        if cached is None:
-            cached = classify_message(text, emote_fragments) if text.strip() else NOT_A_REACTION
-            if len(self._reaction_cache) > 200_000:
-                self._reaction_cache.clear()
-            self._reaction_cache[key] = cached
-        return cached
+        # sentiment, the six EMOTIONS, then the reaction strength
+        scores = (*score[:7], score.highlight)
+        return scores, min(65535, max(score.emote_count, emote_fragments)), flags, votes, tuple(hashes)
 
     def learn(self, surge_seconds: np.ndarray) -> list[str]:
         """Learn this VOD's reaction tokens from the seconds its chat surged (a boolean mask over

@@ -46,7 +46,7 @@ from klipstream.acquisition.twitch_chat import (
     report_progress,
     split_ranges,
 )
-from klipstream.errors import ExternalServiceError, InvalidVideoUrl, NetworkError, StageUnavailable
+from klipstream.errors import ExternalServiceError, InvalidVideoUrl, KlipstreamError, NetworkError, StageUnavailable
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
 from klipstream.network import ensure_public_url, twitch_video_id
@@ -108,7 +108,27 @@ async def _from_twitch(ctx: StageContext, video_id: str) -> None:
     )
     ctx.add_artifact("chat_json", json_path)
     ctx.add_artifact("chat_csv", csv_path)
+    login = (info and info.channel_login) or (known and known.channel_login) or None
+    await _viewer_clips(ctx, client, video_id, login)
     ctx.progress(1.0, f"{result.count:,} chat messages in {result.requests:,} requests")
+
+
+async def _viewer_clips(ctx: StageContext, client: GqlClient, video_id: str, login: str | None) -> None:
+    """The clips viewers made of this VOD, for the highlights. Best effort: without them the job
+    loses one signal, so a refusal or an outage is a warning, not a failure."""
+    ctx.progress(0.98, "looking for viewers' clips of this VOD")
+    try:
+        if login is None:
+            info = await client.video(video_id)
+            login = info.channel_login if info else None
+        clips = await client.clips(login, video_id) if login else []
+    except (KlipstreamError, StageUnavailable) as exc:
+        ctx.warn(f"Twitch did not list the viewer clips of this VOD ({exc}); highlights use chat alone.")
+        return
+    path = ctx.output_path("viewer_clips")
+    payload = json.dumps({"video_id": ctx.video_id, "clips": clips}, ensure_ascii=False)
+    await ctx.to_thread(path.write_text, payload, "utf-8")
+    ctx.add_artifact("viewer_clips", path)
 
 
 # --- user-supplied archives -------------------------------------------------------------------
@@ -245,7 +265,7 @@ CHAT = Stage(
     display=DisplayStage.FETCHING_CHAT,
     run=run,
     needs=(),
-    provides=("chat_json", "chat_csv"),
+    provides=("chat_json", "chat_csv", "viewer_clips"),
     weight=1.0,
     resource=Resource.NETWORK,
 )

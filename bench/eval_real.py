@@ -325,8 +325,8 @@ def _poisson_surge_variant() -> Callable[..., object]:
 def _fuse_with_emotion() -> Callable[..., object]:
     original = highlight_module.fuse
 
-    def fuse(audio, db, speech, chat, weights=None, marks=None):  # type: ignore[no-untyped-def]
-        timeline = original(audio, db, speech, chat, weights, marks)
+    def fuse(audio, db, speech, chat, weights=None, marks=None, voice=None):  # type: ignore[no-untyped-def]
+        timeline = original(audio, db, speech, chat, weights, marks, voice)
         if chat is None:
             return timeline
         weights = dict(weights or highlight_module.WEIGHTS)

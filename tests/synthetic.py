@@ -156,6 +156,8 @@ class SyntheticStream:
     transcript: dict[str, Any]
     chat: dict[str, Any]
     events: list[Event] = field(default_factory=list)
+    voice_dbfs: np.ndarray | None = None
+    pitch_hz: np.ndarray | None = None
 
     @property
     def moments(self) -> list[Event]:
@@ -181,6 +183,7 @@ class SyntheticStream:
                 loudness_dbfs=self.loudness_dbfs,
                 centroid_hz=self.centroid_hz,
                 flux=self.flux,
+                **({"voice_dbfs": self.voice_dbfs, "pitch_hz": self.pitch_hz} if self.pitch_hz is not None else {}),
                 duration_seconds=np.float64(self.duration),
                 sample_rate=np.int64(16000),
             )
@@ -236,11 +239,16 @@ def generate(
     loud = -38.0 + drift + rng.normal(0, 1.5, frames)  # room tone + game ambience
     centroid = 1200.0 + rng.normal(0, 150, frames)
     flux = rng.lognormal(0.0, 0.35, frames)
+    voice = loud - 6.0 + rng.normal(0, 1.0, frames)  # game sound leaks into the voice band
+    pitch = np.zeros(frames)
     segments = _background_speech(rng, duration, events) if speech else []
     for seg in segments:
         a, b = int(seg["start"] / HOP_SECONDS), int(seg["end"] / HOP_SECONDS)
         loud[a:b] += 11.0 + rng.normal(0, 1.0)
+        voice[a:b] = loud[a:b] - 2.0
         centroid[a:b] += 600
+        voiced = rng.random(b - a) < 0.7  # consonants and pauses are unvoiced
+        pitch[a:b] = np.where(voiced, 115.0 * 2 ** (rng.normal(0, 2.0, b - a) / 12), 0.0)
     for _ in range(int(duration / 25)):  # small game sounds nobody reacts to
         c = int(rng.uniform(0, duration) / HOP_SECONDS)
         w = int(rng.uniform(0.3, 2.0) / HOP_SECONDS)
@@ -249,6 +257,11 @@ def generate(
 
     for e in events:
         a, b = int(e.start / HOP_SECONDS), int(e.end / HOP_SECONDS)
+        if speech and e.kind in ("hype", "laugh", "fail"):  # the streamer reacts: higher, wider, louder
+            lift = {"hype": 6.0, "laugh": 4.0, "fail": 3.0}[e.kind]
+            voiced = rng.random(b - a) < 0.8
+            pitch[a:b] = np.where(voiced, 115.0 * 2 ** ((lift + rng.normal(0, 4.0, b - a)) / 12), 0.0)
+            voice[a:b] += lift + 6.0
         if e.kind == "hype":
             loud[a:b] += rng.uniform(10, 16)
             flux[a:b] *= rng.uniform(3, 6)
@@ -264,6 +277,7 @@ def generate(
             flux[a:b] *= rng.uniform(2, 4)
             centroid[a:b] += 1500
     loud = np.clip(loud, -90.0, 0.0)
+    voice = np.clip(voice, -90.0, 0.0)
 
     transcript = _transcript(rng, segments, events, duration) if speech else _transcript(rng, [], [], duration)
     chat_doc = (
@@ -279,6 +293,8 @@ def generate(
         transcript=transcript,
         chat=chat_doc,
         events=events,
+        voice_dbfs=voice.astype(np.float32),
+        pitch_hz=pitch.astype(np.float32),
     )
 
 

@@ -104,8 +104,12 @@ def test_chat_lag_is_measured_from_this_vods_sound() -> None:
     assert lag.source == "audio" and lag.peak is not None and abs(lag.peak - 27) <= 3
     kernel = lag_kernel(lag)
     assert kernel[lag.peak] == 1.0 and kernel[:2].sum() == 0 and kernel[5] < kernel[lag.peak]
-    # No sound to align with (silent media), or too few reactions: the default kernel stands.
+    # No sound to align with (silent media), sound chat does not answer, or no reactions: the
+    # default kernel stands (a wrong lag would move every highlight).
     assert estimate_chat_lag(np.zeros(n), surge) == DEFAULT_LAG
+    unrelated = np.zeros(n)
+    unrelated[rng.choice(n, size=80)] = 1.0
+    assert estimate_chat_lag(unrelated, surge) == DEFAULT_LAG
     assert estimate_chat_lag(audio, np.zeros(n)) == DEFAULT_LAG
 
 
@@ -219,8 +223,9 @@ def test_planted_moments_rank_above_distractors_and_chance(seed: int) -> None:
     stream = synthetic.generate(seed, duration=1200.0, gift_bomb=True)
     highlights = _highlights(stream)
     ranks = [_rank(highlights, m) for m in stream.moments]
+    assert all(r is not None for r in ranks), ranks  # every planted moment is in the top 10
     in_top3 = sum(r is not None and r <= 3 for r in ranks) / len(ranks)
-    assert in_top3 - _random_top3(stream) >= 0.5, (ranks, in_top3)
+    assert in_top3 - _random_top3(stream) >= 0.4, (ranks, in_top3)
     for d in stream.distractors:  # a loud cutscene, a bot-command burst, a gift bomb
         rank = _rank(highlights, d)
         assert rank is None or rank > 3, (d, rank)

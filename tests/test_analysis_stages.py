@@ -74,7 +74,7 @@ async def test_all_stages_write_their_artifacts(tmp_path: Path, stream: syntheti
 
     integrated = json.loads(out["integrated_json"].read_text())
     assert integrated["windows"] and set(integrated["signals"]) == {
-        "loudness", "flux", "speech", "chat_surge",
+        "loudness", "flux", "speech", "voice", "chat_surge",
     }  # fmt: skip
     assert all(0 <= w["highlight_score"] <= 1 for w in integrated["windows"])
 
@@ -130,7 +130,7 @@ async def test_highlights_with_audio_only(tmp_path: Path, stream: synthetic.Synt
     files = stream.write(tmp_path / "in")
     out, highlights = await _run_all(tmp_path, {"features": files["features"]}, top_n=3)
     assert len(highlights) == 3
-    assert set(json.loads(out["integrated_json"].read_text())["signals"]) == {"loudness", "flux"}
+    assert set(json.loads(out["integrated_json"].read_text())["signals"]) == {"loudness", "flux", "voice"}
 
 
 def test_stage_declarations() -> None:

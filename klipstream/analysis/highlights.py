@@ -26,7 +26,7 @@ import numpy as np
 from klipstream.analysis.baselines import centered_mean
 from klipstream.analysis.lexicon import EMOTIONS
 from klipstream.analysis.reactions import CATEGORIES, canonical, classify_message, dominant_category
-from klipstream.analysis.signals import ChatSignalSet, SpeechSignals, ViewerMarks
+from klipstream.analysis.signals import ChatSignalSet, SpeechSignals, ViewerMarks, VoiceSignal
 from klipstream.chat import ChatMessage
 from klipstream.transcript import Segment
 
@@ -34,13 +34,15 @@ WEIGHTS: dict[str, float] = {
     "loudness": 0.15,
     "flux": 0.10,
     "speech": 0.30,
+    "voice": 0.20,
     "chat_surge": 0.45,
     "viewer_marks": 0.30,
 }
 """Fusion weights. Chat gets the most because viewers reacting is the best evidence of a moment
 worth clipping; moments viewers marked themselves (Twitch clips of the VOD, `!clip` requests)
-count as much as the streamer's own reaction; audio the least because loud is often just loud
-(cutscenes, music). What chat says (its reaction vocabulary, emotions) names the moment's
+count as much as the streamer's own words; the streamer's voice (prosody: raised level, higher
+pitch, wider melody) a little less; audio the least because loud is often just loud (cutscenes,
+music). What chat says (its reaction vocabulary, emotions) names the moment's
 category and emotion but does not rank it: on real labelled chat, weighting it in made the
 ranking worse at every weight tried (docs/decisions.md, "Highlights on real chat")."""
 
@@ -57,6 +59,7 @@ class Timeline:
     loudness_db_above: np.ndarray  # dB above the trailing median, for explanations
     chat: ChatSignalSet | None = None
     marks: ViewerMarks | None = None
+    voice: VoiceSignal | None = None
 
     def contributions(self, t: int) -> dict[str, float]:
         return {k: self.weights[k] * float(centered_mean(v, 5)[t]) for k, v in self.signals.items()}
@@ -69,6 +72,7 @@ def fuse(
     chat: ChatSignalSet | None,
     weights: dict[str, float] | None = None,
     marks: ViewerMarks | None = None,
+    voice: VoiceSignal | None = None,
 ) -> Timeline:
     weights = dict(weights or WEIGHTS)
     seconds = len(loudness_db_above)
@@ -82,6 +86,8 @@ def fuse(
         emotion_parts.append(chat.emotions)
     if marks is not None and marks.present:
         signals["viewer_marks"] = marks.score[:seconds]
+    if voice is not None and voice.present:
+        signals["voice"] = voice.score[:seconds]
     present = {k: weights[k] for k in signals}
     total = sum(present.values())
     present = {k: w / total for k, w in present.items()}
@@ -97,6 +103,7 @@ def fuse(
         loudness_db_above,
         chat if chat and chat.present else None,
         marks if marks is not None and marks.present else None,
+        voice if voice is not None and voice.present else None,
     )
 
 
@@ -318,9 +325,9 @@ def detect(
         evidence = _evidence(timeline, c.peak, reaction)
         category, confidence = _category(timeline, c.peak, excerpt)
         audience = values.get("chat_surge")
-        streamer = values["loudness"]
-        if "speech" in values:
-            streamer = 0.6 * values["speech"] + 0.4 * values["loudness"]
+        shares = {"speech": 0.5, "voice": 0.3, "loudness": 0.2}
+        present = {k: w for k, w in shares.items() if k in values}
+        streamer = sum(w * values[k] for k, w in present.items()) / sum(present.values())
         out.append(
             Highlight(
                 rank=rank,
@@ -419,6 +426,15 @@ def _evidence(timeline: Timeline, peak: int, reaction: Sequence[ChatMessage]) ->
     db = float(timeline.loudness_db_above[peak])
     if db >= 3.0:
         out["loudness_db_above_usual"] = round(db, 1)
+    voice = timeline.voice
+    if voice is not None:
+        window = slice(max(0, peak - 3), min(timeline.seconds, peak + 6))
+        pitch = float(voice.pitch_semitones_above[window].max(initial=0.0))
+        level = float(voice.level_db_above[window].max(initial=0.0))
+        if pitch >= 1.0:
+            out["voice_pitch_semitones_above_usual"] = round(pitch, 1)
+        if level >= 3.0:
+            out["voice_db_above_usual"] = round(level, 1)
     return out
 
 
@@ -465,6 +481,15 @@ def _reason(
                 parts.append(f"viewers clipped it ({views:,} views)")
             if "clip_requests" in evidence:
                 parts.append(f"{evidence['clip_requests']} viewers asked for a clip")
+        elif name == "voice" and (
+            "voice_pitch_semitones_above_usual" in evidence or "voice_db_above_usual" in evidence
+        ):
+            bits = []
+            if "voice_pitch_semitones_above_usual" in evidence:
+                bits.append(f"rose {evidence['voice_pitch_semitones_above_usual']:.0f} semitones")
+            if "voice_db_above_usual" in evidence:
+                bits.append(f"got {evidence['voice_db_above_usual']:.0f} dB louder")
+            parts.append("the streamer's voice " + " and ".join(bits))
         elif name == "speech":
             words = f' ("{excerpt[:60].rstrip()}…")' if excerpt else ""
             parts.append(f"the streamer reacted{words}")

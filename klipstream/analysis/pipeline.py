@@ -28,6 +28,7 @@ from klipstream.analysis.signals import (
     loudness_signal,
     speech_signal,
     viewer_marks,
+    voice_signal,
 )
 from klipstream.analysis.text_scoring import TextScorer
 from klipstream.chat import ChatMessage
@@ -100,7 +101,7 @@ def build_timeline(
         chat_set = chat_signals(fitted, seconds, lag)
         commands = fitted.clip_commands
     marks = viewer_marks(seconds, viewer_clips, commands, lag)
-    return fuse(audio, db_above, speech, chat_set, marks=marks)
+    return fuse(audio, db_above, speech, chat_set, marks=marks, voice=voice_signal(features))
 
 
 def find_highlights(

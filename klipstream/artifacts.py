@@ -51,6 +51,7 @@ _SPECS = [
     ArtifactSpec("segments_csv", "audio_{id}_segments.csv", StorageKind.TRANSCRIPTS, "text/csv"),
     ArtifactSpec("chat_sentiment_csv", "{id}_chat_sentiment.csv", StorageKind.ANALYSIS, "text/csv"),
     ArtifactSpec("chat_signals", "{id}_chat_signals.npz", StorageKind.INTERNAL, "application/octet-stream"),
+    ArtifactSpec("viewer_clips", "{id}_viewer_clips.json", StorageKind.ANALYSIS, "application/json"),
     ArtifactSpec("sentiment_csv", "audio_{id}_sentiment.csv", StorageKind.ANALYSIS, "text/csv"),
     ArtifactSpec("sentiment_json", "audio_{id}_sentiment.json", StorageKind.ANALYSIS, "application/json"),
     ArtifactSpec("integrated_json", "integrated_{id}.json", StorageKind.ANALYSIS, "application/json"),

@@ -110,6 +110,25 @@ class InternalError(KlipstreamError):
     error_type = ErrorType.INTERNAL_ERROR
 
 
+ERROR_CLASSES: dict[ErrorType, type[KlipstreamError]] = {
+    cls.error_type: cls
+    for cls in (
+        NetworkError,
+        InvalidVideoUrl,
+        VideoNotFound,
+        VideoUnavailable,
+        VideoTooLong,
+        ProcessingTimeout,
+        InsufficientResources,
+        TranscriptionError,
+        ExternalServiceError,
+        StorageError,
+        InternalError,
+    )
+}
+"""The class of each error type, so an error can cross a process boundary as plain data."""
+
+
 class StageUnavailable(Exception):
     """A stage whose input does not exist for this video (e.g. chat replay refused).
 

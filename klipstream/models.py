@@ -185,6 +185,7 @@ class VideoInfo(BaseModel):
     id: str | None = None
     title: str | None = None
     channel: str | None = None
+    channel_login: str | None = None  # the channel's Twitch login, when the source has one
     duration_seconds: float | None = None
     published_at: str | None = None
     thumbnail_url: str | None = None

@@ -28,7 +28,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from klipstream.errors import (
-    ErrorType,
     InternalError,
     InvalidVideoUrl,
     KlipstreamError,
@@ -38,11 +37,10 @@ from klipstream.errors import (
 )
 from klipstream.models import VideoInfo
 from klipstream.network import ensure_public_url, is_public_address
-from klipstream.proc import ProcessFailed, run_process
+from klipstream.proc import ProcessFailed, error_line, parse_error_line, run_process
 
 PROGRESS_PREFIX = "KSPROGRESS"
 FILE_PREFIX = "KSFILE"
-ERROR_PREFIX = "KSERROR"
 SOCKET_TIMEOUT = 20.0
 
 # Twitch serves an audio-only HLS rendition named Audio_Only; other sites usually have bestaudio.
@@ -200,6 +198,9 @@ def video_info(info: dict[str, Any]) -> VideoInfo:
         id=str(info["id"]) if info.get("id") is not None else None,
         title=info.get("title") or None,
         channel=info.get("uploader") or info.get("channel") or info.get("uploader_id") or None,
+        channel_login=(info.get("uploader_id") or None)
+        if "twitch" in str(info.get("extractor") or "").lower()
+        else None,
         duration_seconds=float(duration) if isinstance(duration, int | float) and math.isfinite(duration) else None,
         published_at=published,
         thumbnail_url=info.get("thumbnail") or None,
@@ -324,31 +325,6 @@ def _short(exc: BaseException) -> str:
     return text[:300].rstrip(".")
 
 
-_ERROR_CLASSES: dict[str, type[KlipstreamError]] = {
-    ErrorType.INVALID_VIDEO_URL: InvalidVideoUrl,
-    ErrorType.VIDEO_NOT_FOUND: VideoNotFound,
-    ErrorType.VIDEO_UNAVAILABLE: VideoUnavailable,
-    ErrorType.NETWORK_ERROR: NetworkError,
-}
-
-
-def error_line(error: KlipstreamError) -> str:
-    return (
-        ERROR_PREFIX + " " + json.dumps({"type": error.error_type.value, "message": error.message, "code": error.code})
-    )
-
-
-def parse_error_line(line: str) -> KlipstreamError | None:
-    if not line.startswith(ERROR_PREFIX + " "):
-        return None
-    try:
-        data = json.loads(line[len(ERROR_PREFIX) + 1 :])
-        cls = _ERROR_CLASSES.get(data["type"], NetworkError)
-        return cls(str(data["message"]), code=str(data.get("code") or "") or None)
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 # --------------------------------------------------------------------------------------------------
 # Download child
 # --------------------------------------------------------------------------------------------------
@@ -464,7 +440,7 @@ async def run_download(
                 on_progress(progress)
         elif line.startswith(FILE_PREFIX + " "):
             written.append(line[len(FILE_PREFIX) + 1 :])
-        elif (parsed := parse_error_line(line)) is not None:
+        elif (parsed := parse_error_line(line, NetworkError)) is not None:
             error.append(parsed)
 
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -236,6 +236,20 @@ def test_worker_makes_every_file(ts_source: Path, tmp_path: Path, capsys: pytest
     assert not list(tmp_path.glob(".*.ass"))  # the burned-in captions' script is removed
 
 
+def test_a_highlight_past_the_end_is_skipped_with_a_warning(
+    ts_source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    past = ClipTask(3, 3, 40.0, 50.0, 45.0, "H3", "c3.mp4", "t3.jpg", None, "c3.srt", "c3.vtt")
+    plan = _plan(tmp_path, ts_source, vertical=None)
+    plan.clips = [plan.clips[1], past]
+    manifest = run_worker(plan)
+    assert [c["index"] for c in manifest["clips"]] == [2]
+    assert "KSWARN highlight 3 has no video frames" in capsys.readouterr().out
+    assert not (tmp_path / "c3.mp4").exists() and (tmp_path / "e.edl").is_file()
+    plan.clips = [past]
+    assert run_worker(plan)["clips"] == []  # nothing to cut: no edit list, no crash
+
+
 def test_nvenc_without_a_gpu_fails_with_a_classified_error(ts_source: Path, tmp_path: Path) -> None:
     """The GPU path is configuration; here (no GPU) forcing it says so, instead of a traceback."""
     plan = _plan(tmp_path, ts_source, codec="h264_nvenc", height=120)

@@ -43,6 +43,10 @@ class CutError(Exception):
     """The source cannot be cut (no video, unreadable, or the span is outside it)."""
 
 
+class EmptySpan(CutError):
+    """No video frame lies in the requested span (e.g. past the end of the video)."""
+
+
 class EncoderUnavailable(CutError):
     """The configured encoder cannot be opened here (e.g. NVENC without an NVIDIA GPU)."""
 
@@ -249,7 +253,7 @@ def _cut(
     width, out_h = output_size(source, height)
     scan = _scan_keyframes(container, s, e, source.frame_seconds)
     if not scan.keys or scan.first_frame is None:
-        raise CutError(f"No video frames were found between {start:.2f} s and {end:.2f} s.")
+        raise EmptySpan(f"No video frames were found between {start:.2f} s and {end:.2f} s.")
     smart_ok = (
         encoding.can_smart_cut
         and source.video_codec == "h264"
@@ -573,7 +577,7 @@ class _ClipWriter:
         if self.aenc is not None:
             self._reencode_audio(None)
         if self.frames == 0 or self.first_pts is None:
-            raise CutError(f"No video frames lie between {self.s - self.source.origin:.2f} s and the clip's end.")
+            raise EmptySpan(f"No video frames lie between {self.s - self.source.origin:.2f} s and the clip's end.")
         return CutResult(
             method="smart" if self.plan.copies else "reencode",
             frames=self.frames,

@@ -132,7 +132,7 @@ class _Progress:
 
 def run(plan: Plan) -> dict[str, Any]:
     from klipstream.clips import captions as cap
-    from klipstream.clips.cut import CutError, EncoderUnavailable, cut_clip, probe, thumbnail
+    from klipstream.clips.cut import CutError, EmptySpan, EncoderUnavailable, cut_clip, probe, thumbnail
     from klipstream.clips.editlists import EditClip, timeline, write_all
     from klipstream.clips.encoding import VideoEncoding
     from klipstream.transcript import load_segments
@@ -163,11 +163,18 @@ def run(plan: Plan) -> dict[str, Any]:
         (directory / plan.captions_srt).write_text(cap.srt(cues), encoding="utf-8")
         (directory / plan.captions_vtt).write_text(cap.webvtt(cues), encoding="utf-8")
 
-    def cut_one(n: int, task: ClipTask) -> dict[str, Any]:
+    def cut_one(n: int, task: ClipTask) -> dict[str, Any] | None:
         label = f"clip {n} of {len(plan.clips)}"
         started = time.monotonic()
         try:
             result = cut_clip(video, directory / task.clip, task.start, task.end, height=plan.height, encoding=encoding)
+        except EmptySpan:
+            # e.g. a highlight past the end of the video rendition: the others still get clips
+            _emit(
+                WARN_PREFIX, f"highlight {task.rank} has no video frames ({task.start:.1f}-{task.end:.1f} s); no clip"
+            )
+            (directory / task.clip).unlink(missing_ok=True)
+            return None
         except EncoderUnavailable as exc:
             raise WorkFailed("internal_error", str(exc), "encoder_unavailable", _ENCODER_ACTION) from None
         except CutError as exc:
@@ -208,9 +215,11 @@ def run(plan: Plan) -> dict[str, Any]:
     # Cuts run side by side: PyAV releases the GIL while decoding and encoding, and one cut alone
     # keeps about one core busy. The vertical versions then run one at a time (ffmpeg uses all).
     with ThreadPoolExecutor(max_workers=max(1, min(plan.parallel_cuts, len(plan.clips)))) as pool:
-        entries = list(pool.map(lambda pair: cut_one(*pair), enumerate(plan.clips, 1)))
+        results = list(pool.map(lambda pair: cut_one(*pair), enumerate(plan.clips, 1)))
+    made = [(task, entry) for task, entry in zip(plan.clips, results, strict=True) if entry is not None]
+    entries = [entry for _, entry in made]
     vertical_encoding = VideoEncoding(plan.codec, plan.vertical_preset, plan.crf)
-    for n, (task, entry) in enumerate(zip(plan.clips, entries, strict=True), 1):
+    for n, (task, entry) in enumerate(made, 1):
         clip_words = entry.pop("_words")
         if task.vertical and plan.vertical is not None:
             started = time.monotonic()
@@ -219,17 +228,15 @@ def run(plan: Plan) -> dict[str, Any]:
             entry["seconds"]["vertical"] = round(time.monotonic() - started, 3)
             entry["files"]["vertical"] = task.vertical
 
-    edit = timeline(
-        [
-            EditClip(t.rank, e["start_time"], e["end_time"], t.peak, t.name)
-            for t, e in zip(plan.clips, entries, strict=True)
-        ],
-        source_name=plan.source_name,
-        source_url=plan.source_name,
-        duration=source.duration or max((t.end for t in plan.clips), default=0.0),
-        fps=source.fps,
-    )
-    write_all(edit, directory / plan.otio, directory / plan.edl, directory / plan.fcpxml)
+    if made:  # an edit list needs at least one clip
+        edit = timeline(
+            [EditClip(t.rank, e["start_time"], e["end_time"], t.peak, t.name) for t, e in made],
+            source_name=plan.source_name,
+            source_url=plan.source_name,
+            duration=source.duration or max((t.end for t in plan.clips), default=0.0),
+            fps=source.fps,
+        )
+        write_all(edit, directory / plan.otio, directory / plan.edl, directory / plan.fcpxml)
     manifest = {
         "source": {**source.to_dict(), "file": plan.source_name},
         "encoder": {

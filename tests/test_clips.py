@@ -230,21 +230,20 @@ def test_worker_makes_every_file(ts_source: Path, tmp_path: Path, capsys: pytest
     first = manifest["clips"][0]["start_time"]
     subs = pysubs2.load(str(tmp_path / "c1.srt"))
     assert abs(subs[0].start / 1000 - (SAID[0].start - first)) < 0.1
-    progress = [json.loads(line.split(" ", 1)[1]) for line in capsys.readouterr().out.splitlines()]
-    fractions = [p["fraction"] for p in progress]
+    lines = [line.split(" ", 2) for line in capsys.readouterr().out.splitlines()]
+    fractions = [float(fraction) for prefix, fraction, _ in lines if prefix == "KSPROGRESS"]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
     assert not list(tmp_path.glob(".*.ass"))  # the burned-in captions' script is removed
 
 
-def test_a_highlight_past_the_end_is_skipped_with_a_warning(
-    ts_source: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_highlight_past_the_end_is_skipped_with_a_warning(ts_source: Path, tmp_path: Path) -> None:
     past = ClipTask(3, 3, 40.0, 50.0, 45.0, "H3", "c3.mp4", "t3.jpg", None, "c3.srt", "c3.vtt")
     plan = _plan(tmp_path, ts_source, vertical=None)
     plan.clips = [plan.clips[1], past]
-    manifest = run_worker(plan)
+    warnings: list[str] = []
+    manifest = run_worker(plan, warnings)
     assert [c["index"] for c in manifest["clips"]] == [2]
-    assert "KSWARN highlight 3 has no video frames" in capsys.readouterr().out
+    assert warnings == ["highlight 3 has no video frames (40.0-50.0 s); no clip was cut"]
     assert not (tmp_path / "c3.mp4").exists() and (tmp_path / "e.edl").is_file()
     plan.clips = [past]
     assert run_worker(plan)["clips"] == []  # nothing to cut: no edit list, no crash

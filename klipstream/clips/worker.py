@@ -2,15 +2,17 @@
 
 Everything the clips stage produces is made here, outside the server process: PyAV cuts (which a
 thread could not abandon), ffmpeg runs for the vertical versions (grandchildren in the same
-process group, so one kill stops them all), captions, thumbnails and edit lists. The stage writes
-the plan, reads progress, warning and error lines from stdout, and records the files the manifest
-lists. Lines are `KSPROGRESS {json}`, `KSWARN text`, `KSERROR {json}`.
+process group, taken down with the worker when it is told to stop), captions, thumbnails and edit
+lists. It speaks klipstream.proc's line protocol: progress lines, a classified error, and a final
+result with the manifest and the warnings for the job.
 """
 
 from __future__ import annotations
 
 import errno
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -21,9 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-PROGRESS_PREFIX = "KSPROGRESS"
-WARN_PREFIX = "KSWARN"
-ERROR_PREFIX = "KSERROR"
+from klipstream.errors import InsufficientResources, InternalError, VideoUnavailable
+from klipstream.proc import child_main, report
 
 # Relative cost of each step per second of clip, for one progress fraction across all of them
 # (measured by bench/bench_clips.py on 720p: a vertical second costs ~10x a cut second).
@@ -93,19 +94,6 @@ class Plan:
 _ENCODER_ACTION = "Set KLIPSTREAM_CLIP_ENCODER=libx264 (or auto), or run on a machine with an NVIDIA GPU and driver."
 
 
-class WorkFailed(Exception):
-    """A classified failure, sent to the stage as a KSERROR line."""
-
-    def __init__(self, error_type: str, message: str, code: str, action: str | None = None) -> None:
-        super().__init__(message)
-        self.error_type, self.message, self.code, self.action = error_type, message, code, action
-
-
-def _emit(prefix: str, payload: str) -> None:
-    sys.stdout.write(f"{prefix} {payload}\n")
-    sys.stdout.flush()
-
-
 class _Progress:
     """One fraction over all steps; called from the cutting threads too."""
 
@@ -127,25 +115,25 @@ class _Progress:
                 return
             self.last = now
             fraction = min(1.0, (self.done + extra) / self.total)
-            _emit(PROGRESS_PREFIX, json.dumps({"fraction": round(fraction, 4), "detail": detail}))
+            report(fraction, detail)
 
 
-def run(plan: Plan) -> dict[str, Any]:
+def run(plan: Plan, warnings: list[str] | None = None) -> dict[str, Any]:
+    """Make every file of the plan; returns the manifest. Warnings for the job go to `warnings`."""
     from klipstream.clips import captions as cap
     from klipstream.clips.cut import CutError, EmptySpan, EncoderUnavailable, cut_clip, probe, thumbnail
     from klipstream.clips.editlists import EditClip, timeline, write_all
     from klipstream.clips.encoding import VideoEncoding
     from klipstream.transcript import load_segments
 
+    warn = (warnings if warnings is not None else []).append
     directory = Path(plan.directory)
     video = Path(plan.video)
     encoding = VideoEncoding(plan.codec, plan.preset, plan.crf)
     try:
         source = probe(video)
     except CutError as exc:
-        raise WorkFailed(
-            "video_unavailable", f"The video rendition cannot be read: {exc}", "video_unreadable"
-        ) from None
+        raise VideoUnavailable(f"The video rendition cannot be read: {exc}", code="video_unreadable") from None
     segments = load_segments(Path(plan.transcript)) if plan.transcript else []
     words = cap.all_words(segments)
 
@@ -157,7 +145,7 @@ def run(plan: Plan) -> dict[str, Any]:
     progress.report("starting", force=True)
 
     if plan.transcript and not words:
-        _emit(WARN_PREFIX, "Nothing was said in the video, so the clips have no captions.")
+        warn("nothing was said in the video, so the clips have no captions")
     if words and plan.captions_srt and plan.captions_vtt:
         cues = cap.build_cues(words)
         (directory / plan.captions_srt).write_text(cap.srt(cues), encoding="utf-8")
@@ -170,22 +158,20 @@ def run(plan: Plan) -> dict[str, Any]:
             result = cut_clip(video, directory / task.clip, task.start, task.end, height=plan.height, encoding=encoding)
         except EmptySpan:
             # e.g. a highlight past the end of the video rendition: the others still get clips
-            _emit(
-                WARN_PREFIX, f"highlight {task.rank} has no video frames ({task.start:.1f}-{task.end:.1f} s); no clip"
-            )
+            warn(f"highlight {task.rank} has no video frames ({task.start:.1f}-{task.end:.1f} s); no clip was cut")
             (directory / task.clip).unlink(missing_ok=True)
             return None
         except EncoderUnavailable as exc:
-            raise WorkFailed("internal_error", str(exc), "encoder_unavailable", _ENCODER_ACTION) from None
+            raise InternalError(str(exc), code="encoder_unavailable", suggested_action=_ENCODER_ACTION) from None
         except CutError as exc:
-            raise WorkFailed("video_unavailable", str(exc), "clip_failed") from None
+            raise VideoUnavailable(str(exc), code="clip_failed") from None
         cut_seconds = time.monotonic() - started
         progress.add((task.end - task.start) * CUT_WEIGHT, f"{label}: cut")
         peak = min(max(task.peak, result.first_pts), result.first_pts + result.duration - 1e-3)
         try:
             thumb_at = thumbnail(video, directory / task.thumbnail, peak, height=plan.height)
         except CutError as exc:
-            raise WorkFailed("video_unavailable", str(exc), "thumbnail_failed") from None
+            raise VideoUnavailable(str(exc), code="thumbnail_failed") from None
         progress.add(THUMBNAIL_WEIGHT, f"{label}: thumbnail")
         clip_words = cap.words_between(segments, result.first_pts, result.first_pts + result.duration)
         files: dict[str, str] = {"clip": task.clip, "thumbnail": task.thumbnail}
@@ -290,11 +276,10 @@ def _vertical(
             args, cwd=directory, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
         )
     except FileNotFoundError:
-        raise WorkFailed(
-            "internal_error",
+        raise InternalError(
             f"{plan.ffmpeg} was not found; vertical clips need the ffmpeg program.",
-            "ffmpeg_missing",
-            "Install ffmpeg (Debian: apt-get install ffmpeg) or turn vertical clips off.",
+            code="ffmpeg_missing",
+            suggested_action="Install ffmpeg (Debian: apt-get install ffmpeg) or turn vertical clips off.",
         ) from None
     assert proc.stdout is not None and proc.stderr is not None
     done_seconds = 0.0
@@ -315,15 +300,12 @@ def _vertical(
     if code != 0:
         text = " | ".join(line for line in tail if line.strip())[-400:]
         if encoding.codec == "h264_nvenc":
-            raise WorkFailed(
-                "internal_error",
+            raise InternalError(
                 f"The NVENC encoder could not be used: {text}",
-                "encoder_unavailable",
-                _ENCODER_ACTION,
+                code="encoder_unavailable",
+                suggested_action=_ENCODER_ACTION,
             )
-        raise WorkFailed(
-            "internal_error", f"ffmpeg failed on the vertical version (exit {code}): {text}", "ffmpeg_failed"
-        )
+        raise InternalError(f"ffmpeg failed on the vertical version (exit {code}): {text}", code="ffmpeg_failed")
     progress.add(weight, f"{label}: vertical")
 
 
@@ -335,39 +317,22 @@ def _clip_size(path: Path) -> tuple[int, int]:
         return stream.codec_context.width, stream.codec_context.height
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str]) -> None:
     if len(argv) != 1:
-        print("usage: python -m klipstream.clips.worker PLAN.json", file=sys.stderr)
-        return 2
+        raise InternalError("usage: python -m klipstream.clips.worker PLAN.json")
+    # The runner stops this process group with SIGTERM; ffmpeg would take its time finishing the
+    # file it writes, so the worker takes its whole group down at once instead.
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(os.getpgrp(), signal.SIGKILL))
+    plan = Plan.from_json(Path(argv[0]).read_text(encoding="utf-8"))
+    warnings: list[str] = []
     try:
-        plan = Plan.from_json(Path(argv[0]).read_text(encoding="utf-8"))
-        run(plan)
-    except WorkFailed as exc:
-        _emit(
-            ERROR_PREFIX,
-            json.dumps({"type": exc.error_type, "message": exc.message, "code": exc.code, "action": exc.action}),
-        )
-        return 1
+        manifest = run(plan, warnings)
     except OSError as exc:
-        kind = "insufficient_resources" if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT) else "internal_error"
-        _emit(
-            ERROR_PREFIX, json.dumps({"type": kind, "message": f"Writing the clips failed: {exc}", "code": "clips_io"})
-        )
-        return 1
-    except MemoryError:
-        _emit(
-            ERROR_PREFIX,
-            json.dumps(
-                {
-                    "type": "insufficient_resources",
-                    "message": "Out of memory while making clips.",
-                    "code": "clips_memory",
-                }
-            ),
-        )
-        return 1
-    return 0
+        if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EDQUOT):
+            raise InsufficientResources(f"Writing the clips failed: {exc}", code="clips_io") from None
+        raise
+    print(json.dumps({"result": {"clips": len(manifest["clips"]), "warnings": warnings}}), flush=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    child_main(main, sys.argv[1:])

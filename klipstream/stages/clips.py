@@ -1,35 +1,27 @@
 """Stage `clips` (opt-in with `options.clips`): per highlight a clip, thumbnail and captions, a
 vertical version on request, and the edit lists editors import.
 
-The work runs in a child process (klipstream.clips.worker) that the stage feeds a plan and kills
-on cancel or timeout, with everything it started; this coroutine only plans, relays progress and
-records the files. A job whose source has no video (audio-only) ends this stage `unavailable`
-with a warning; the rest of the job is unaffected.
+The work runs in a child process (klipstream.clips.worker, through klipstream.proc.run_python)
+that the stage feeds a plan and kills on cancel or timeout, with everything it started; this
+coroutine only plans, relays progress and warnings and records the files. A job whose source
+has no video (audio-only) ends this stage `unavailable` with a warning; the rest of the job is
+unaffected.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from pathlib import Path
 from typing import Any
 
 from klipstream.artifacts import per_highlight_key, spec
 from klipstream.clips.encoding import choose
 from klipstream.clips.vertical import vertical_size
-from klipstream.clips.worker import ERROR_PREFIX, PROGRESS_PREFIX, WARN_PREFIX, ClipTask, Plan, VerticalPlan
-from klipstream.errors import (
-    ErrorType,
-    InsufficientResources,
-    InternalError,
-    KlipstreamError,
-    StageUnavailable,
-    VideoUnavailable,
-)
+from klipstream.clips.worker import ClipTask, Plan, VerticalPlan
+from klipstream.errors import InternalError, StageUnavailable
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import ClipOptions, DisplayStage, JobOptions
-from klipstream.proc import ProcessFailed, run_process
+from klipstream.proc import run_python
 
 MIN_CLIP_SECONDS = 0.1
 _FIXED_OUTPUTS = {
@@ -39,11 +31,6 @@ _FIXED_OUTPUTS = {
     "edit_fcpxml": "fcpxml",
     "captions_srt": "captions_srt",
     "captions_vtt": "captions_vtt",
-}
-_ERRORS: dict[str, type[KlipstreamError]] = {
-    ErrorType.VIDEO_UNAVAILABLE: VideoUnavailable,
-    ErrorType.INSUFFICIENT_RESOURCES: InsufficientResources,
-    ErrorType.INTERNAL_ERROR: InternalError,
 }
 
 
@@ -188,44 +175,14 @@ async def run(ctx: StageContext) -> None:
 
 
 async def _run_worker(ctx: StageContext, plan_path: Path) -> None:
-    error: list[KlipstreamError] = []
-
-    def on_line(line: str) -> None:
-        prefix, _, payload = line.partition(" ")
-        if prefix == PROGRESS_PREFIX:
-            try:
-                data = json.loads(payload)
-                ctx.progress(float(data["fraction"]), str(data.get("detail") or ""))
-            except (ValueError, KeyError, TypeError):
-                return
-        elif prefix == WARN_PREFIX:
-            ctx.warn(payload)
-        elif prefix == ERROR_PREFIX:
-            error.append(_error(payload))
-
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    args = [sys.executable, "-m", "klipstream.clips.worker", str(plan_path)]
-    try:
-        await run_process(args, on_line=on_line, timeout=ctx.settings.stage_timeout_seconds, env=env)
-    except ProcessFailed as exc:
-        if error:
-            raise error[-1] from None
-        if exc.returncode in (-9, 137):
-            raise InsufficientResources(
-                "The clips process was killed by the system (most likely out of memory).",
-                code="clips_killed",
-            ) from None
-        tail = " | ".join(line for line in exc.tail[-4:] if line.strip())
-        raise InternalError(f"Making the clips failed (exit code {exc.returncode}): {tail[:400]}") from None
-
-
-def _error(payload: str) -> KlipstreamError:
-    try:
-        data = json.loads(payload)
-        cls = _ERRORS.get(str(data.get("type")), InternalError)
-        return cls(str(data["message"]), code=str(data.get("code") or "") or None, suggested_action=data.get("action"))
-    except (ValueError, KeyError, TypeError):
-        return InternalError(f"The clips process reported an unreadable error: {payload[:200]}")
+    result = await run_python(
+        "klipstream.clips.worker",
+        [str(plan_path)],
+        timeout=ctx.settings.stage_timeout_seconds,
+        on_progress=ctx.progress,
+    )
+    for warning in result.get("warnings") or []:
+        ctx.warn(str(warning))
 
 
 def _read_manifest(path: Path) -> dict[str, Any]:

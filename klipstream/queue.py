@@ -40,6 +40,7 @@ class JobQueue:
         self._lanes: dict[Priority, SortedList[Entry]] = {p: SortedList() for p in Priority}
         self._entries: dict[str, tuple[Priority, Entry]] = {}
         self._seq = 0
+        self._reserved = 0  # places promised to submissions and retries still writing to the store
         self._changed = asyncio.Event()
         self.paused = False
         # Places already computed, valid while the queue is unchanged: jobs run for minutes, so
@@ -61,9 +62,29 @@ class JobQueue:
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._entries
 
-    def push(self, job_id: str, priority: Priority, *, waited: float = 0.0, force: bool = False) -> None:
-        """Add a job; `waited` credits time already spent queued (kept across restarts)."""
-        if not force and len(self._entries) >= self.maxsize:
+    def reserve(self) -> None:
+        """Promise one place before an await (the store write), so concurrent submissions and
+        retries cannot all pass the bound check and overfill the queue. Undo with `release()`, or
+        consume with `push(..., reserved=True)`."""
+        if len(self._entries) + self._reserved >= self.maxsize:
+            raise QueueFull
+        self._reserved += 1
+
+    def release(self) -> None:
+        self._reserved = max(0, self._reserved - 1)
+
+    def full(self) -> bool:
+        return len(self._entries) + self._reserved >= self.maxsize
+
+    def push(
+        self, job_id: str, priority: Priority, *, waited: float = 0.0, force: bool = False, reserved: bool = False
+    ) -> None:
+        """Add a job; `waited` credits time already spent queued (kept across restarts).
+
+        `reserved`: the place was promised by `reserve()`; `force`: ignore the bound (recovery)."""
+        if reserved:
+            self.release()
+        elif not force and self.full():
             raise QueueFull
         self._seq += 1
         entry = (time.monotonic() - max(0.0, waited), self._seq, job_id)

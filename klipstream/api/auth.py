@@ -31,6 +31,15 @@ def _matches_any(token: str | None, allowed: tuple[str, ...]) -> bool:
     return any([hmac.compare_digest(token.encode(), key.encode()) for key in allowed])
 
 
+def key_owner(request: web.Request, settings: Settings) -> str:
+    """Who made the request, for scoping Idempotency-Keys: a hash of its API key ("" without keys).
+    Only the hash is stored, never the key."""
+    if not settings.api_keys:
+        return ""
+    token = bearer(request) or ""
+    return hashlib.sha256(b"klipstream-key-owner\n" + token.encode()).hexdigest()[:32]
+
+
 def api_key_ok(request: web.Request, settings: Settings) -> bool:
     return not settings.api_keys or _matches_any(bearer(request), settings.api_keys)
 

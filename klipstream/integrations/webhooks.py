@@ -152,7 +152,9 @@ class WebhookDispatcher:
         self._outbox = outbox
         self._keys = [secret_key(s) for s in settings.webhook_secrets]
         self._incoming: list[NewDelivery] = []
-        self._in_flight: dict[str, str] = {}  # job id -> delivery id being sent
+        # (job id, url) -> delivery id being sent: each receiver of a job gets its events in order,
+        # and one slow receiver does not hold up another's
+        self._in_flight: dict[tuple[str, str], str] = {}
         self._last_progress: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -166,10 +168,12 @@ class WebhookDispatcher:
     # --- recording ---------------------------------------------------------------------------
 
     def job_changed(self, job: Job, kind: str) -> None:
-        """Queue the event for this change, if the job has a callback. Never blocks, never raises."""
+        """Queue the event for each of the job's callbacks. Never blocks, never raises."""
         try:
             event = EVENTS.get(kind)
-            if event is None or not job.callback_url or self._closing:
+            urls = [job.callback_url] if job.callback_url else []
+            urls += [url for url in job.callbacks if url not in urls]
+            if event is None or not urls or self._closing:
                 return
             now = time.time()
             if event == "job.progress":
@@ -181,16 +185,12 @@ class WebhookDispatcher:
             if kind in TERMINAL_STATUSES:
                 self._last_progress.pop(job.job_id, None)
             body = dumps({"type": event, "timestamp": _iso(datetime.now(UTC)), "data": job_summary(job)})
-            self._incoming.append(
-                NewDelivery(
-                    id=f"msg_{uuid.uuid4().hex}",
-                    job_id=job.job_id,
-                    url=job.callback_url,
-                    event=event,
-                    body=body,
-                    created_at=now,
+            for url in urls:
+                self._incoming.append(
+                    NewDelivery(
+                        id=f"msg_{uuid.uuid4().hex}", job_id=job.job_id, url=url, event=event, body=body, created_at=now
+                    )
                 )
-            )
             self._wake.set()
         except Exception:  # a webhook problem must never break the pipeline
             log.exception("webhooks: could not record %s for job %s", kind, getattr(job, "job_id", "?"))
@@ -253,12 +253,12 @@ class WebhookDispatcher:
                 await self._flush_incoming()
                 free = self._settings.webhook_concurrency - len(self._in_flight)
                 if free > 0:
-                    for delivery in await self._outbox.due(time.time(), free, exclude_jobs=self._in_flight.keys()):
-                        self._in_flight[delivery.job_id] = delivery.id
+                    for delivery in await self._outbox.due(time.time(), free, exclude=self._in_flight.keys()):
+                        self._in_flight[(delivery.job_id, delivery.url)] = delivery.id
                         task = asyncio.create_task(self._deliver(delivery), name=f"webhook-{delivery.id}")
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
-                next_at = await self._outbox.next_due_at(exclude_jobs=self._in_flight.keys())
+                next_at = await self._outbox.next_due_at(exclude=self._in_flight.keys())
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -298,7 +298,7 @@ class WebhookDispatcher:
         except Exception:
             log.exception("webhooks: delivery %s could not be recorded", delivery.id)
         finally:
-            self._in_flight.pop(delivery.job_id, None)
+            self._in_flight.pop((delivery.job_id, delivery.url), None)
             self._wake.set()
 
     def _next_attempt(self, delivery: Delivery, now: float, retry_after: float | None) -> float | None:

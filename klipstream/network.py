@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 MAX_URL_LENGTH = 2048
 _TWITCH_HOSTS = {"twitch.tv", "www.twitch.tv", "m.twitch.tv", "player.twitch.tv", "clips.twitch.tv"}
 _TWITCH_VIDEO = re.compile(r"^/(?:[^/]+/)?(?:videos?|v)/(\d{5,15})/?$")
+# twitch.tv/<channel> (and /<channel>/live): the live broadcast, never a finished VOD.
+_TWITCH_CHANNEL = re.compile(r"^/(?!videos?/?$)[A-Za-z0-9_]{2,25}(?:/live)?/?$")
 # Metadata services that clouds expose at non-private-looking addresses.
 _METADATA_HOSTS = {"metadata.google.internal", "metadata", "instance-data"}
 
@@ -115,6 +117,19 @@ def twitch_video_id(url: str) -> str | None:
     return None
 
 
+def is_twitch_live_url(url: str) -> bool:
+    """A Twitch channel or player-channel URL: what it plays is the live broadcast."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    if host == "player.twitch.tv":
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        return "channel" in query and not query.get("video")
+    return host in _TWITCH_HOSTS and host != "clips.twitch.tv" and bool(_TWITCH_CHANNEL.match(parts.path))
+
+
 def video_id_for(url: str) -> str:
     """Twitch id for Twitch VODs; otherwise a stable id derived from the normalised URL."""
     twitch = twitch_video_id(url)
@@ -134,6 +149,12 @@ def validate_urls(body: SubmitRequest, settings: Settings) -> None:
     is_local = settings.allow_local_files and (url.startswith("/") or url.startswith("file://"))
     if not is_local:
         check_url_syntax(url, allow_private=allow_private, what="url")
+        if is_twitch_live_url(url):
+            raise InvalidVideoUrl(
+                "url is a Twitch channel: it plays the live broadcast. Only finished VODs are analysed; "
+                "submit a VOD link (https://www.twitch.tv/videos/<id>).",
+                code="live_stream",
+            )
     if body.chat_url:
         chat_local = settings.allow_local_files and body.chat_url.startswith("/")
         if not chat_local:

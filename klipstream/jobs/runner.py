@@ -24,9 +24,9 @@ from klipstream.errors import (
     InsufficientResources,
     InternalError,
     KlipstreamError,
-    ProcessingTimeout,
     StageUnavailable,
     StorageError,
+    TimeLimitExceeded,
     classify,
 )
 from klipstream.jobs.progress import compute_progress
@@ -94,13 +94,6 @@ class StageFailed(Exception):
         super().__init__(f"{stage or 'job'}: {error.message}")
         self.stage = stage
         self.error = error
-
-
-class StageTimedOut(ProcessingTimeout):
-    """A stage ran past its whole time budget. Not retried: another attempt would take as long."""
-
-    retryable = False
-    default_action = "The step exceeded its time limit; raise KLIPSTREAM_STAGE_TIMEOUT_SECONDS or submit a shorter VOD."
 
 
 def workdir_error(exc: OSError) -> KlipstreamError:
@@ -361,7 +354,7 @@ class JobRun(ProgressSink):
             except TimeoutError:
                 ctx.cancelled.set()
                 if deadline.expired():
-                    raise StageTimedOut(
+                    raise TimeLimitExceeded(
                         f"The {stage.display.value.lower()} step did not finish within {timeout:.0f} s.",
                         code="stage_timeout",
                     ) from None

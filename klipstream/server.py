@@ -12,7 +12,10 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import signal
+import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -49,6 +52,12 @@ from klipstream.metrics import LoopLagMonitor, Metrics
 log = logging.getLogger(__name__)
 
 GC_YOUNG_THRESHOLD = 10_000  # net allocations between young collections (CPython default: 700)
+
+
+class StartupError(Exception):
+    """The service cannot start: the message is the one line the operator sees."""
+
+
 SSE_HEARTBEAT_SECONDS = 15.0
 
 
@@ -157,10 +166,19 @@ async def serve(
 ) -> None:
     """Serve until a signal. Drain before closing the listener, so that requests arriving during the
     drain get a clear 503 instead of a refused connection."""
+    # The port is taken first: a port in use is reported before anything else starts.
+    try:
+        sock = socket.create_server((settings.host, settings.port), reuse_port=False)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {_reason(exc)}") from None
     app = create_app(settings, stages=stages)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    try:
+        await runner.setup()
+    except (OSError, sqlite3.Error) as exc:
+        sock.close()
+        raise StartupError(f"cannot open the data directory {settings.data_dir}: {_reason(exc)}") from None
+    site = web.SockSite(runner, sock)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     log.info("listening on %s:%s", settings.host, port)
@@ -175,6 +193,31 @@ async def serve(
     log.info("shutting down")
     await _drain(app)
     await runner.cleanup()
+
+
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def preflight(settings: Settings, stages: list[Stage] | None = None) -> None:
+    """What would otherwise fail later with a traceback: a data directory the process cannot write,
+    and a Whisper model that is not on disk (nothing downloads weights at run time)."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.data_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"the data directory {settings.data_dir} is not writable: {_reason(exc)}") from None
+    from klipstream.jobs.stage import Resource
+
+    if stages is None or any(s.resource is Resource.TRANSCRIPTION for s in stages):
+        from klipstream.transcription.worker import ModelUnavailable, resolve_model
+
+        try:
+            resolve_model(settings.whisper_model)
+        except ModelUnavailable as exc:
+            raise StartupError(str(exc)) from None
 
 
 def tune_gc() -> None:

@@ -224,15 +224,12 @@ def tune_gc() -> None:
     """Keep cyclic collections rare and short under load (docs/decisions.md: "Garbage collector").
 
     Young collections run every GC_YOUNG_THRESHOLD net allocations: with many requests in flight
-    the default threshold walked thousands of live request objects every few dozen requests. After
-    each full collection the survivors are frozen so later collections do not walk queued jobs again.
+    the default threshold walked thousands of live request objects every few dozen requests.
+    What exists once the server has started (modules, the app, the route table) is frozen once, so
+    full collections do not walk it again. Only once: freezing again later would also freeze
+    whatever was in a reference cycle at that moment (requests, job tasks, exceptions with their
+    tracebacks) and it would never be collected.
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
-    gc.callbacks.append(_freeze_after_full_collection)
-
-
-def _freeze_after_full_collection(phase: str, info: dict[str, int]) -> None:
-    if phase == "stop" and info.get("generation") == 2:
-        gc.freeze()

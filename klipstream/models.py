@@ -249,3 +249,6 @@ class QueueStats(BaseModel):
     last_hour: dict[str, int]
     stage_durations: dict[str, dict[str, float]]
     webhook_backlog: int = 0
+    streams: dict[str, int] = Field(
+        default_factory=dict, description="Event topics, stream subscribers and asyncio tasks in this process."
+    )

@@ -98,19 +98,27 @@ async def run_pipeline(request: web.Request) -> web.Response:
 
 async def wait_for_end(app: web.Application, job_id: str, limit: float) -> Job:
     service = app[SERVICE]
+    job = await service.get(job_id)
+    if job.status.terminal:
+        return job  # no topic for a job that publishes nothing more
     topic = app[BROADCASTER].topic(job_id)
-    deadline = time.monotonic() + limit
-    cursor = topic.last_id
-    while True:
-        job = await service.get(job_id)
-        remaining = deadline - time.monotonic()
-        if job.status.terminal or remaining <= 0:
-            return job
-        try:
-            events = await asyncio.wait_for(topic.wait_after(cursor), min(remaining, 15.0))
-        except TimeoutError:
-            events = []
-        cursor = topic.last_id if events is None or not events else events[-1].id
+    topic.subscribers += 1  # a watcher: the topic is not pruned under it
+    try:
+        deadline = time.monotonic() + limit
+        cursor = topic.last_id
+        while True:
+            job = await service.get(job_id)
+            remaining = deadline - time.monotonic()
+            if job.status.terminal or remaining <= 0:
+                return job
+            try:
+                events = await asyncio.wait_for(topic.wait_after(cursor), min(remaining, 15.0))
+            except TimeoutError:
+                events = []
+            cursor = topic.last_id if events is None or not events else events[-1].id
+    finally:
+        topic.subscribers -= 1
+        topic.last_used = time.monotonic()
 
 
 def answer(job: Job) -> web.Response:

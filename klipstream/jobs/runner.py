@@ -75,15 +75,33 @@ class RunnerDeps:
     storage: Storage
     timings: StageTimings
     listener: JobListener
-    limits: dict[Resource, asyncio.Semaphore] = field(default_factory=dict)
+    limits: dict[Resource, ResourceLimit] = field(default_factory=dict)
     transcriber: Transcriber | None = None  # None in pipelines without a transcription stage
 
 
-def resource_limits(settings: Settings) -> dict[Resource, asyncio.Semaphore]:
+class ResourceLimit:
+    """At most `size` stages at once in one resource pool, counting its holders itself so the
+    statistics need nothing but public API (asyncio.Semaphore does not say how many hold it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.in_use = 0
+        self._semaphore = asyncio.Semaphore(size)
+
+    async def __aenter__(self) -> None:
+        await self._semaphore.acquire()
+        self.in_use += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.in_use -= 1
+        self._semaphore.release()
+
+
+def resource_limits(settings: Settings) -> dict[Resource, ResourceLimit]:
     return {
-        Resource.NETWORK: asyncio.Semaphore(settings.network_concurrency),
-        Resource.CPU: asyncio.Semaphore(settings.cpu_concurrency),
-        Resource.TRANSCRIPTION: asyncio.Semaphore(settings.transcribe_workers),
+        Resource.NETWORK: ResourceLimit(settings.network_concurrency),
+        Resource.CPU: ResourceLimit(settings.cpu_concurrency),
+        Resource.TRANSCRIPTION: ResourceLimit(settings.transcribe_workers),
     }
 
 

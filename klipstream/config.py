@@ -84,6 +84,7 @@ class Settings:
     log_format: str = _env("KLIPSTREAM_LOG_FORMAT", _choice("json", "text"), default="json")
     # --- access ---
     admin_token: str = _env("KLIPSTREAM_ADMIN_TOKEN", default="")
+    admin_loopback: bool = _env("KLIPSTREAM_ADMIN_LOOPBACK", _bool, default=False)  # no token: loopback may use admin
     api_keys: tuple[str, ...] = _env("KLIPSTREAM_API_KEYS", _list, default=())
     stream_token_seconds: int = _env("KLIPSTREAM_STREAM_TOKEN_SECONDS", _positive_int, default=3600)
     cors_origins: tuple[str, ...] = _env("KLIPSTREAM_CORS_ORIGINS", _list, default=("*",))

@@ -90,28 +90,32 @@ async def metrics(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route(
-        "GET", "/api/v1/queue/stats", queue_stats, "Queue statistics (admin)", responses={200: QueueStats, 401: Problem}
+        "GET",
+        "/api/v1/queue/stats",
+        queue_stats,
+        "Queue statistics (admin)",
+        responses={200: QueueStats, 401: Problem, 403: Problem},
     ),
     Route(
         "POST",
         "/api/v1/queue/pause",
         pause_queue,
         "Stop dispatching queued jobs (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
     ),
     Route(
         "POST",
         "/api/v1/queue/resume",
         resume_queue,
         "Resume dispatching (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
     ),
     Route(
         "POST",
         "/api/v1/queue/drain",
         drain_queue,
         "Stop dispatching and report not ready (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
     ),
     Route("GET", "/metrics", metrics, "Prometheus metrics", responses={200: "text/plain"}),
 ]

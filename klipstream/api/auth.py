@@ -53,10 +53,12 @@ def is_loopback(request: web.Request) -> bool:
 
 
 def admin_ok(request: web.Request, settings: Settings) -> bool:
-    """Admin routes need the admin token; with none configured, only loopback clients get in."""
+    """Admin routes need the admin token. Without one they are off, unless
+    KLIPSTREAM_ADMIN_LOOPBACK turns them on for loopback clients: behind a proxy on the same host
+    every client is a loopback client, so that must be an explicit choice."""
     if settings.admin_token:
         return _matches_any(bearer(request), (settings.admin_token,))
-    return is_loopback(request)
+    return settings.admin_loopback and is_loopback(request)
 
 
 class StreamTokens:
@@ -94,6 +96,12 @@ def require_api_key(request: web.Request, settings: Settings) -> None:
 
 
 def require_admin(request: web.Request, settings: Settings) -> None:
+    if not settings.admin_token and not settings.admin_loopback:
+        raise web.HTTPForbidden(
+            reason="Forbidden",
+            text="Admin routes are off: set KLIPSTREAM_ADMIN_TOKEN, or KLIPSTREAM_ADMIN_LOOPBACK=true to allow "
+            "loopback clients without a token.",
+        )
     if not admin_ok(request, settings):
         raise web.HTTPUnauthorized(
             reason="Unauthorized",

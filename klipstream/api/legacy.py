@@ -212,7 +212,7 @@ ROUTES = [
         "/list_files",
         list_files,
         "Legacy: stored artifacts (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
         query={"video_id": "string"},
     ),
     Route(
@@ -220,7 +220,7 @@ ROUTES = [
         "/list_output_files",
         list_output_files,
         "Legacy: stored artifacts by video (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
         query={"video_id": "string"},
     ),
 ]

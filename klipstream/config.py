@@ -93,6 +93,7 @@ class Settings:
     max_body_bytes: int = _env("KLIPSTREAM_MAX_BODY_BYTES", _positive_int, default=64 * 1024)
     legacy_routes: bool = _env("KLIPSTREAM_LEGACY_ROUTES", _bool, default=True)  # POST /, /run_pipeline, /list_files
     legacy_wait_seconds: float = _env("KLIPSTREAM_LEGACY_WAIT_SECONDS", _positive_float, default=3300.0)
+    legacy_max_waiting: int = _env("KLIPSTREAM_LEGACY_MAX_WAITING", _positive_int, default=64)
     # --- queue and workers ---
     max_running_jobs: int = _env("KLIPSTREAM_MAX_RUNNING_JOBS", _positive_int, default=2)
     max_queued_jobs: int = _env("KLIPSTREAM_MAX_QUEUED_JOBS", _positive_int, default=1000)

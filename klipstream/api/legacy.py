@@ -15,7 +15,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klipstream.api.auth import require_admin, require_api_key
-from klipstream.api.context import BROADCASTER, RUNTIME, SERVICE, SETTINGS
+from klipstream.api.context import BROADCASTER, RUNTIME, SERVICE, SETTINGS, STATE
 from klipstream.api.openapi import Route
 from klipstream.api.problems import retry_later
 from klipstream.errors import ErrorType, InvalidVideoUrl
@@ -85,15 +85,32 @@ async def run_pipeline(request: web.Request) -> web.Response:
             ),
             422,
         )
-    service = request.app[SERVICE]
+    state = request.app[STATE]
+    if state.legacy_waiting >= settings.legacy_max_waiting:
+        # Each waiting request holds a connection for up to an hour: beyond the bound, callers are
+        # told to come back (or to move to the asynchronous API) instead of piling up.
+        return retry_later(
+            503,
+            "Too many waiting requests",
+            f"{settings.legacy_max_waiting} synchronous requests are already waiting; retry later, or submit "
+            "through POST /api/v1/analysis and follow the job's status_url.",
+            60,
+        )
+    state.legacy_waiting += 1
     try:
-        outcome = await service.submit(submit)
-    except QueueFull:
-        return retry_later(429, "Queue full", "Too many jobs are waiting; retry later.", 30)
-    except ShuttingDown:
-        return retry_later(503, "Shutting down", "Retry shortly.", 5)
-    job = await wait_for_end(request.app, outcome.job_id, settings.legacy_wait_seconds)
-    return answer(job)
+        service = request.app[SERVICE]
+        try:
+            outcome = await service.submit(submit)
+        except QueueFull:
+            return retry_later(429, "Queue full", "Too many jobs are waiting; retry later.", 30)
+        except ShuttingDown:
+            return retry_later(503, "Shutting down", "Retry shortly.", 5)
+        except TimeoutError:
+            return retry_later(503, "Job store busy", "The job store did not confirm the request in time.", 5)
+        job = await wait_for_end(request.app, outcome.job_id, settings.legacy_wait_seconds)
+        return answer(job)
+    finally:
+        state.legacy_waiting -= 1
 
 
 async def wait_for_end(app: web.Application, job_id: str, limit: float) -> Job:
@@ -188,6 +205,7 @@ LEGACY_RESPONSES: dict[int, type[BaseModel] | str | None] = {
     422: LegacyResult,
     429: Problem,
     502: LegacyResult,
+    503: Problem,
     504: LegacyResult,
 }
 ROUTES = [

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import socket
 import sys
 import threading
@@ -40,7 +39,7 @@ from klipstream.errors import (
 )
 from klipstream.models import VideoInfo
 from klipstream.network import ensure_public_url, is_public_address
-from klipstream.proc import ProcessFailed, run_process
+from klipstream.proc import ProcessFailed, child_env, run_process
 
 PROGRESS_PREFIX = "KSPROGRESS"
 FILE_PREFIX = "KSFILE"
@@ -479,7 +478,7 @@ async def run_download(
         elif (parsed := parse_error_line(line)) is not None:
             error.append(parsed)
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_env(PYTHONUNBUFFERED="1")
     try:
         await run_process(args, on_line=on_line, timeout=time_limit, env=env)
     except ProcessingTimeout:

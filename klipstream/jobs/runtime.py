@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from klipstream.config import Settings
+from klipstream.config import Settings, remove_secrets_from_environment
 from klipstream.integrations import close_all, start_integrations
 from klipstream.integrations.storage import Storage, create_storage
 from klipstream.integrations.webhooks import WebhookDispatcher
@@ -48,6 +48,7 @@ async def job_runtime(
     `subscriptions` are attached before the workers start, so no event of a recovered job is missed.
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    remove_secrets_from_environment()  # before any child process starts (transcription workers)
     http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60))
     storage = create_storage(settings, http)
     transcriber = Transcriber(settings)  # starts its worker processes on first use

@@ -7,8 +7,8 @@ webhook-signature) so receivers can verify with any of its libraries; `X-KlipStr
 keeps receivers written for the old service working.
 
 The callback URL is checked at send time, not only at submission: the host is re-resolved before
-every attempt and the connection goes only to addresses that passed the check (a resolver that
-refuses private addresses, redirects not followed), so DNS rebinding cannot reach internal hosts.
+every attempt and the connection goes only to addresses that passed the check (the public-only
+client of klipstream.network; redirects not followed), so DNS rebinding cannot reach internal hosts.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import socket
 import time
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from klipstream.config import ConfigError
 from klipstream.errors import InvalidVideoUrl, KlipstreamError
@@ -43,7 +41,7 @@ from klipstream.integrations.outbox import (
     dumps,
 )
 from klipstream.models import TERMINAL_STATUSES, Job
-from klipstream.network import ensure_public_url, is_public_address
+from klipstream.network import ensure_public_url, refused_private
 from klipstream.retry import RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
@@ -113,42 +111,17 @@ def job_summary(job: Job) -> dict[str, Any]:
     return data
 
 
-class PrivateAddressRefused(OSError):
-    """A callback host resolved to a private, loopback, link-local or metadata address."""
-
-
-class PublicOnlyResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver, then refuses the whole answer if any address is
-    not public. The connector connects only to addresses this returned, which closes the gap
-    between a check and the connection that DNS rebinding relies on."""
-
-    def __init__(self) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        answers = await self._inner.resolve(host, port, family)
-        for answer in answers:
-            if not is_public_address(answer["host"]):
-                raise PrivateAddressRefused(f"{host} resolves to a non-public address")
-        return answers
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 class WebhookDispatcher:
     """Records job events for callback URLs and delivers them with retries for up to 24 h.
 
-    It opens the outbox in start() and closes it in close(). When KLIPSTREAM_ALLOW_PRIVATE_URLS is
-    off (production) it sends through its own session whose resolver refuses private addresses;
-    otherwise it uses the shared session.
+    It opens the outbox in start() and closes it in close(). It sends through `session`, the
+    runtime's client for user-supplied URLs (klipstream.network.user_url_session), whose resolver
+    refuses private addresses unless KLIPSTREAM_ALLOW_PRIVATE_URLS is on.
     """
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, outbox: Outbox) -> None:
         self._settings = settings
-        self._shared = session
+        self._session = session
         self._outbox = outbox
         self._keys = [secret_key(s) for s in settings.webhook_secrets]
         self._incoming: list[NewDelivery] = []
@@ -159,7 +132,6 @@ class WebhookDispatcher:
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._closing = False
         self._limit = asyncio.Semaphore(settings.webhook_concurrency)
         # Attempts are bounded by age (webhook_max_age_seconds), not by count.
@@ -211,9 +183,6 @@ class WebhookDispatcher:
         await self._outbox.open()
         if not self._keys:
             log.warning("webhooks: KLIPSTREAM_WEBHOOK_SECRET is not set; deliveries are sent unsigned")
-        if not self._settings.allow_private_urls:
-            connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(), use_dns_cache=False, limit=100)
-            self._session = aiohttp.ClientSession(connector=connector)
         self._loop_task = asyncio.create_task(self._run(), name="webhook-delivery")
 
     async def close(self, timeout: float) -> None:
@@ -233,8 +202,6 @@ class WebhookDispatcher:
             for task in self._tasks:
                 task.cancel()  # its delivery stays pending and is retried after the restart
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
         await self._outbox.close()
 
     async def backlog(self) -> int:
@@ -324,9 +291,8 @@ class WebhookDispatcher:
         body = delivery.body.encode()
         headers = sign_headers(self._keys, delivery.id, int(time.time()), body)
         headers.update({"Content-Type": "application/json", "User-Agent": "KlipStream-Webhooks/1"})
-        session = self._session or self._shared
         try:
-            async with session.post(
+            async with self._session.post(
                 delivery.url,
                 data=body,
                 headers=headers,
@@ -338,7 +304,7 @@ class WebhookDispatcher:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     await resp.content.read(4096)  # enough to reuse the connection; the body is not used
         except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.__cause__, PrivateAddressRefused) or isinstance(exc.os_error, PrivateAddressRefused):
+            if refused_private(exc):
                 return done(None, "callback_url refused: its host resolves to a private address", FAILED)
             return done(None, f"connection failed: {exc.os_error.strerror or type(exc).__name__}", PENDING)
         except TimeoutError:

@@ -77,6 +77,7 @@ class RunnerDeps:
     listener: JobListener
     limits: dict[Resource, ResourceLimit] = field(default_factory=dict)
     transcriber: Transcriber | None = None  # None in pipelines without a transcription stage
+    user_http: aiohttp.ClientSession | None = None  # for user-supplied URLs (klipstream.network)
 
 
 class ResourceLimit:
@@ -354,6 +355,7 @@ class JobRun(ProgressSink):
                 inputs={k: self.available[k] for k in (*stage.needs, *stage.uses) if k in self.available},
                 sink=self,
                 transcriber=self.deps.transcriber,
+                user_http=self.deps.user_http,
             )
             state.status = StageStatus.RUNNING
             state.progress = 0.0

@@ -23,6 +23,7 @@ from klipstream.jobs.service import JobService, Subscription
 from klipstream.jobs.stage import Stage
 from klipstream.jobs.store.sqlite import SQLiteStore
 from klipstream.jobs.timings import StageTimings
+from klipstream.network import user_url_session
 from klipstream.transcription.pool import Transcriber
 
 
@@ -49,7 +50,9 @@ async def job_runtime(
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     remove_secrets_from_environment()  # before any child process starts (transcription workers)
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60))
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
+    http = aiohttp.ClientSession(timeout=timeout)
+    user_http = user_url_session(allow_private=settings.allow_private_urls, timeout=timeout)
     storage = create_storage(settings, http)
     transcriber = Transcriber(settings)  # starts its worker processes on first use
     deps = RunnerDeps(
@@ -61,12 +64,13 @@ async def job_runtime(
         listener=lambda kind, job: None,
         limits=resource_limits(settings),
         transcriber=transcriber,
+        user_http=user_http,
     )
     service = JobService(deps, stages, stream_url=stream_url)
     service.subscriptions.extend(subscriptions or [])
     closers: list[Any] = [transcriber]
     try:
-        integrations = await start_integrations(service, settings, http)
+        integrations = await start_integrations(service, settings, http, user_http)
         closers += integrations.closers
         await service.start()
         yield Runtime(service, http, storage, transcriber, integrations.webhooks)
@@ -78,3 +82,4 @@ async def job_runtime(
         with contextlib.suppress(Exception):
             await storage.close()
         await http.close()
+        await user_http.close()

@@ -38,6 +38,7 @@ from klipstream.api.context import (
     TOKENS,
     AppState,
 )
+from klipstream.api.jobs import job_document
 from klipstream.api.middleware import cors_headers, http_middleware
 from klipstream.api.openapi import Route, openapi_document
 from klipstream.api.routes import all_routes
@@ -112,7 +113,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
     # a job's stream before its submission has been answered.
     subscriptions = [
         Subscription(app[METRICS].job_event, new_jobs=False),
-        Subscription(broadcast_listener(app[BROADCASTER]), new_jobs=False),
+        Subscription(broadcast_listener(app[BROADCASTER], lambda job: job_document(app, job)), new_jobs=False),
     ]
     async with job_runtime(settings, app[STAGES], stream_url=stream_url, subscriptions=subscriptions) as runtime:
         app[RUNTIME] = runtime

@@ -63,12 +63,27 @@ def admin_ok(request: web.Request, settings: Settings) -> bool:
 
 class StreamTokens:
     """HMAC-signed `job_id.expiry` tokens; the key lives only in this process (and its replicas'
-    API-key set), so tokens are derived from the configured API keys to stay valid across instances."""
+    API-key set), so tokens are derived from the configured API keys to stay valid across instances.
+
+    The same key signs artifact links (`/files/...?expires=...&signature=...`): with API keys on,
+    a result URL works without the key until it expires, like a Cloud Storage signed URL.
+    """
 
     def __init__(self, settings: Settings) -> None:
         seed = "\n".join(settings.api_keys) or secrets.token_hex(32)
         self._key = hashlib.sha256(b"klipstream-stream-token\n" + seed.encode()).digest()
         self._lifetime = settings.stream_token_seconds
+        self._file_lifetime = settings.signed_url_seconds
+
+    def sign_path(self, path: str, now: float | None = None) -> str:
+        """`path` (an artifact route, percent-encoded as served) with an expiry and a signature."""
+        expires = int((now or time.time()) + self._file_lifetime)
+        return f"{path}?expires={expires}&signature={self._sign(f'file:{path}.{expires}')}"
+
+    def verify_path(self, path: str, expires: str, signature: str, now: float | None = None) -> bool:
+        if not expires.isdigit() or not signature or int(expires) < (now or time.time()):
+            return False
+        return hmac.compare_digest(signature, self._sign(f"file:{path}.{expires}"))
 
     def issue(self, job_id: str, now: float | None = None) -> str:
         expires = int((now or time.time()) + self._lifetime)

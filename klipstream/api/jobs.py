@@ -9,7 +9,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from klipstream.api.auth import key_owner, require_api_key
-from klipstream.api.context import METRICS, RUNTIME, SERVICE, SETTINGS, STATE, STATUS_CACHE, service_of
+from klipstream.api.context import METRICS, RUNTIME, SERVICE, SETTINGS, STATE, STATUS_CACHE, TOKENS, service_of
 from klipstream.api.openapi import Route
 from klipstream.api.problems import json_text, model_response, problem, retry_later, validation_problem
 from klipstream.errors import InvalidVideoUrl
@@ -46,10 +46,28 @@ def job_document(app: web.Application, job: Job) -> str:
 
 
 def fresh_links(app: web.Application, job: Job) -> Job:
-    """Stream tokens expire, so every read gets a newly signed stream_url (when keys are on)."""
+    """Stream tokens and artifact links expire, so every read gets newly signed ones (when keys
+    are on): stream_url, and the local-storage URLs in results."""
     if not app[SETTINGS].api_keys:
         return job
-    return job.model_copy(update={"stream_url": app[SERVICE].stream_url(job.job_id)})
+    update: dict[str, Any] = {"stream_url": app[SERVICE].stream_url(job.job_id)}
+    if job.results:
+        update["results"] = signed_results(app, job.results)
+    return job.model_copy(update=update)
+
+
+def signed_results(app: web.Application, results: dict[str, str]) -> dict[str, str]:
+    """Local artifact URLs (this server's /files route) signed with an expiry; other URLs (Cloud
+    Storage signed URLs) as they are. Without API keys, the URLs as they are."""
+    if not app[SETTINGS].api_keys:
+        return dict(results)
+    base = app[SETTINGS].public_url.rstrip("/")
+    tokens = app[TOKENS]
+    out = {}
+    for key, url in results.items():
+        path = url[len(base) :] if base and url.startswith(base) else url
+        out[key] = base + tokens.sign_path(path) if path.startswith("/files/") and "?" not in path else url
+    return out
 
 
 async def submit_job(request: web.Request) -> web.Response:

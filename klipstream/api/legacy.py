@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klipstream.api.auth import require_admin, require_api_key
 from klipstream.api.context import BROADCASTER, RUNTIME, SERVICE, SETTINGS, STATE
+from klipstream.api.jobs import signed_results
 from klipstream.api.openapi import Route
 from klipstream.api.problems import retry_later
 from klipstream.errors import ErrorType, InvalidVideoUrl
@@ -108,7 +109,7 @@ async def run_pipeline(request: web.Request) -> web.Response:
         except TimeoutError:
             return retry_later(503, "Job store busy", "The job store did not confirm the request in time.", 5)
         job = await wait_for_end(request.app, outcome.job_id, settings.legacy_wait_seconds)
-        return answer(job)
+        return answer(job, signed_results(request.app, job.results))
     finally:
         state.legacy_waiting -= 1
 
@@ -138,7 +139,7 @@ async def wait_for_end(app: web.Application, job_id: str, limit: float) -> Job:
         topic.last_used = time.monotonic()
 
 
-def answer(job: Job) -> web.Response:
+def answer(job: Job, files: dict[str, str] | None = None) -> web.Response:
     if job.status.value == "completed":
         return legacy_json(
             LegacyResult(
@@ -147,7 +148,7 @@ def answer(job: Job) -> web.Response:
                 video_id=job.video_id,
                 job_id=job.job_id,
                 execution_time=execution_times(job),
-                files=dict(job.results),
+                files=files if files is not None else dict(job.results),
             ),
             200,
         )

@@ -196,14 +196,20 @@ async def _send(response: EventStream, chunk: bytes) -> None:
 
 
 # --- job events to stream events ---
-def broadcast_listener(broadcaster: Broadcaster) -> Callable[[str, Job], None]:
-    """Turns job events into stream events: progress (coalesced), stage changes, the end."""
+def broadcast_listener(
+    broadcaster: Broadcaster, document: Callable[[Job], str] | None = None
+) -> Callable[[str, Job], None]:
+    """Turns job events into stream events: progress (coalesced), stage changes, the end.
+
+    `document` renders the terminal event's job (with freshly signed links); the event is encoded
+    once for every subscriber, and a signed link names no subscriber, so it can be shared."""
+    render = document or (lambda job: job.model_dump_json())
 
     def on_event(kind: str, job: Job) -> None:
         if kind == "progress":
             broadcaster.publish_progress(job.job_id, lambda: progress_payload(job))
         elif kind in TERMINAL_STATUSES:
-            broadcaster.publish(job.job_id, kind, job.model_dump_json)
+            broadcaster.publish(job.job_id, kind, lambda: render(job))
         elif kind in ("started", "stage_changed", "queued", "requeued"):
             if kind == "queued":
                 broadcaster.reopen(job.job_id)  # a retried job streams again

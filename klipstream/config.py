@@ -51,6 +51,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -106,6 +113,22 @@ class Settings:
     stage_timeout_seconds: float = _env("KLIPSTREAM_STAGE_TIMEOUT_SECONDS", _positive_float, default=4 * 3600.0)
     shutdown_seconds: float = _env("KLIPSTREAM_SHUTDOWN_SECONDS", _positive_float, default=7.0)
     keep_workdirs: bool = _env("KLIPSTREAM_KEEP_WORKDIRS", _bool, default=False)
+    # --- retention (the janitor); 0 keeps that kind of data forever ---
+    janitor_interval_seconds: float = _env("KLIPSTREAM_JANITOR_INTERVAL_SECONDS", _positive_float, default=600.0)
+    retain_workdirs_seconds: float = _env("KLIPSTREAM_RETAIN_WORKDIRS_SECONDS", _non_negative_float, default=86400.0)
+    retain_jobs_seconds: float = _env("KLIPSTREAM_RETAIN_JOBS_SECONDS", _non_negative_float, default=30 * 86400.0)
+    retain_idempotency_seconds: float = _env(
+        "KLIPSTREAM_RETAIN_IDEMPOTENCY_SECONDS", _non_negative_float, default=86400.0
+    )
+    retain_stage_runs_seconds: float = _env(
+        "KLIPSTREAM_RETAIN_STAGE_RUNS_SECONDS", _non_negative_float, default=30 * 86400.0
+    )
+    retain_webhooks_seconds: float = _env(
+        "KLIPSTREAM_RETAIN_WEBHOOKS_SECONDS", _non_negative_float, default=7 * 86400.0
+    )
+    retain_artifacts_seconds: float = _env(
+        "KLIPSTREAM_RETAIN_ARTIFACTS_SECONDS", _non_negative_float, default=30 * 86400.0
+    )
     # --- media ---
     max_video_seconds: float = _env("KLIPSTREAM_MAX_VIDEO_SECONDS", _positive_float, default=12 * 3600.0)
     video_height: int = _env("KLIPSTREAM_VIDEO_HEIGHT", _positive_int, default=480)

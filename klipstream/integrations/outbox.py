@@ -231,6 +231,20 @@ class Outbox:
                 raise
             await self.db.execute("COMMIT")
 
+    async def purge(self, finished_before: float) -> int:
+        """Delete deliveries that ended before the cutoff, with their attempts; pending ones stay."""
+        async with self._transaction():
+            await self.db.execute(
+                "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries"
+                " WHERE state <> ? AND finished_at IS NOT NULL AND finished_at < ?)",
+                (PENDING, finished_before),
+            )
+            cursor = await self.db.execute(
+                "DELETE FROM webhook_deliveries WHERE state <> ? AND finished_at IS NOT NULL AND finished_at < ?",
+                (PENDING, finished_before),
+            )
+            return cursor.rowcount
+
     async def backlog(self) -> int:
         async with self.db.execute("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'") as cur:
             row = await cur.fetchone()

@@ -207,6 +207,9 @@ class WebhookDispatcher:
     async def backlog(self) -> int:
         return await self._outbox.backlog() + len(self._incoming)
 
+    async def purge(self, finished_before: float) -> int:
+        return await self._outbox.purge(finished_before)
+
     async def deliveries_for(self, job_id: str) -> list[dict[str, Any]]:
         return await self._outbox.history(job_id)
 

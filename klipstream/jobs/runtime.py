@@ -18,6 +18,7 @@ from klipstream.config import Settings, remove_secrets_from_environment
 from klipstream.integrations import close_all, start_integrations
 from klipstream.integrations.storage import Storage, create_storage
 from klipstream.integrations.webhooks import WebhookDispatcher
+from klipstream.jobs.janitor import Janitor
 from klipstream.jobs.runner import RunnerDeps, resource_limits
 from klipstream.jobs.service import JobService, Subscription
 from klipstream.jobs.stage import Stage
@@ -34,6 +35,7 @@ class Runtime:
     storage: Storage
     transcriber: Transcriber
     webhooks: WebhookDispatcher
+    janitor: Janitor
 
 
 @contextlib.asynccontextmanager
@@ -69,12 +71,17 @@ async def job_runtime(
     service = JobService(deps, stages, stream_url=stream_url)
     service.subscriptions.extend(subscriptions or [])
     closers: list[Any] = [transcriber]
+    janitor: Janitor | None = None
     try:
         integrations = await start_integrations(service, settings, http, user_http)
         closers += integrations.closers
         await service.start()
-        yield Runtime(service, http, storage, transcriber, integrations.webhooks)
+        janitor = Janitor(settings, service, storage, integrations.webhooks)
+        janitor.start()
+        yield Runtime(service, http, storage, transcriber, integrations.webhooks, janitor)
     finally:
+        if janitor is not None:
+            await janitor.stop()
         deadline = service.shutdown_deadline or time.monotonic() + settings.shutdown_seconds
         if service.started and not service.shutting_down:
             await service.shutdown(deadline)

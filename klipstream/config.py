@@ -95,6 +95,8 @@ class Settings:
     admin_loopback: bool = _env("KLIPSTREAM_ADMIN_LOOPBACK", _bool, default=False)  # no token: loopback may use admin
     api_keys: tuple[str, ...] = _env("KLIPSTREAM_API_KEYS", _list, secret=True, default=())
     stream_token_seconds: int = _env("KLIPSTREAM_STREAM_TOKEN_SECONDS", _positive_int, default=3600)
+    # an event topic nobody has watched for this long is dropped (a finished job's answers 204 till then)
+    stream_idle_seconds: float = _env("KLIPSTREAM_STREAM_IDLE_SECONDS", _positive_float, default=600.0)
     cors_origins: tuple[str, ...] = _env("KLIPSTREAM_CORS_ORIGINS", _list, default=("*",))
     allow_private_urls: bool = _env("KLIPSTREAM_ALLOW_PRIVATE_URLS", _bool, default=False)
     allow_local_files: bool = _env("KLIPSTREAM_ALLOW_LOCAL_FILES", _bool, default=False)

@@ -60,6 +60,7 @@ class StartupError(Exception):
 
 
 SSE_HEARTBEAT_SECONDS = 15.0
+SSE_REAP_SECONDS = 1.0  # how soon the stream of a client that went away is ended
 
 
 def create_app(
@@ -82,7 +83,7 @@ def create_app(
     app[STATE] = AppState()
     app[STATUS_CACHE] = {}
     app[METRICS] = Metrics()
-    app[BROADCASTER] = Broadcaster()
+    app[BROADCASTER] = Broadcaster(idle_seconds=settings.stream_idle_seconds)
     app[TOKENS] = StreamTokens(settings)
     app[LAG] = LoopLagMonitor(app[METRICS])
     app[STAGES] = stages
@@ -128,14 +129,19 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _heartbeat_and_prune(broadcaster: Broadcaster) -> None:
-    """One timer for every open stream's keep-alive, and forgetting finished unwatched topics."""
+    """One timer for all open streams: every second, end the streams of clients that went away
+    (their handlers otherwise wait for the next event); every 15 s, the keep-alive comment and
+    forgetting topics nobody watches."""
     ticks = 0
+    per_beat = max(1, round(SSE_HEARTBEAT_SECONDS / SSE_REAP_SECONDS))
     while True:
-        await asyncio.sleep(SSE_HEARTBEAT_SECONDS)
-        broadcaster.heartbeat()
+        await asyncio.sleep(SSE_REAP_SECONDS)
         ticks += 1
-        if ticks % 4 == 0:
+        if ticks % per_beat == 0:
+            broadcaster.heartbeat()
             broadcaster.prune()
+        else:
+            broadcaster.reap()
 
 
 async def _drain(app: web.Application) -> None:

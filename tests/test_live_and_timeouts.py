@@ -6,13 +6,14 @@ from pathlib import Path
 
 from klipstream.stages.download import DOWNLOAD
 from tests.media_fixtures import MediaServer, media_server, write_audio, write_hls
+from tests.scheduler_stages import Recorder, simple_pipeline
 from tests.test_api_basics import wait_status
 
 __all__ = ["media_server"]  # the fixture is used by name
 
 
 async def test_twitch_channel_url_is_refused_at_submission(make_client, settings):
-    client = await make_client(settings, [DOWNLOAD])
+    client = await make_client(settings, simple_pipeline(Recorder()))
     for url in ("https://www.twitch.tv/somestreamer", "https://twitch.tv/somestreamer/live"):
         resp = await client.post("/api/v1/analysis", json={"url": url})
         assert resp.status == 422, url

@@ -227,6 +227,14 @@ class Broadcaster:
                 sink.beat()
             topic.wake()
 
+    def reap(self) -> None:
+        """Wake the task of every subscriber whose client has gone (its socket is closing), so its
+        stream ends now, not at the next event or heartbeat."""
+        for topic in self.topics.values():
+            for sink in tuple(topic.sinks):
+                if sink.transport.is_closing():
+                    sink.notify()
+
     def prune(self) -> int:
         """Forget unwatched topics after `idle_seconds`; returns how many were dropped.
 

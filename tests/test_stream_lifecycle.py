@@ -55,3 +55,37 @@ def test_web_framework_versions_are_bounded():
     text = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     deps = [line.strip().strip('",') for line in text.splitlines() if line.strip().startswith('"aiohttp')]
     assert deps and all("<" in dep for dep in deps), deps
+
+
+async def test_event_published_while_the_snapshot_is_written_is_not_missed(make_client, make_settings, monkeypatch):
+    """The cursor is taken before the snapshot is written: an event that arrives while that write
+    waits on the socket is delivered after the snapshot."""
+    from klipstream.api import streams
+
+    client = await make_client(make_settings(admin_token="admin"), simple_pipeline(Recorder()))
+    await client.post("/api/v1/queue/pause", headers=ADMIN)
+    job_id = (await (await client.post("/api/v1/analysis", json={"url": URL})).json())["job_id"]
+    broadcaster = client.app[BROADCASTER]
+    original = streams.EventStream.write
+    published: list[int] = []
+
+    async def write_while_an_event_arrives(self, data):  # type: ignore[no-untyped-def]
+        if not published:
+            event = broadcaster.publish(job_id, "stage", lambda: '{"during": "snapshot"}')
+            published.append(event.id)
+        await original(self, data)
+
+    monkeypatch.setattr(streams.EventStream, "write", write_while_an_event_arrives)
+    resp = await client.get(f"/api/v1/analysis/{job_id}/stream")
+    events = []
+    from klipstream.sse import SseParser
+
+    parser = SseParser()
+    async with asyncio.timeout(5):
+        async for chunk in resp.content.iter_any():
+            events += parser.feed(chunk)
+            if len(events) >= 2:
+                break
+    resp.close()
+    assert [e.event for e in events[:2]] == ["snapshot", "stage"]
+    assert events[1].json() == {"during": "snapshot"} and int(events[1].id) == published[0]

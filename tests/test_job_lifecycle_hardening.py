@@ -307,3 +307,11 @@ async def test_stages_of_a_failed_job_are_not_left_pending(make_client, settings
         assert states[name]["status"] == "skipped", states[name]
         assert states[name].get("started_at") is None
     assert not [s for s in job["stages"] if s["status"] == "pending"]
+
+
+async def test_concurrent_duplicates_share_the_first_job(make_client, settings):
+    client = await make_client(settings, simple_pipeline(Recorder(), download=True))
+    answers = await asyncio.gather(*(client.post("/api/v1/analysis", json={"url": URL}) for _ in range(10)))
+    bodies = [await r.json() for r in answers]
+    assert sorted(r.status for r in answers) == [200] * 9 + [202]
+    assert len({b["job_id"] for b in bodies}) == 1

@@ -101,6 +101,8 @@ def dedup_key(video_id: str, chat_url: str | None, options: JobOptions) -> str:
     option that changes the results (all of them but RESULT_NEUTRAL_OPTIONS, so an option added
     later counts by default). A plain string, derivable from the stored job, so a database can put
     a unique index on (key) over active jobs."""
+    if not options.model_fields_set and chat_url is None:
+        return video_id  # the common case, without dumping the options
     affecting = {k: v for k, v in options.model_dump(exclude_defaults=True).items() if k not in RESULT_NEUTRAL_OPTIONS}
     if chat_url is not None and chat_url.strip():
         affecting["chat_url"] = chat_url.strip()
@@ -140,8 +142,9 @@ class JobService:
         self.runs: dict[str, JobRun] = {}
         # Popped by a worker but not started yet when a DELETE came: the worker ends them cancelled.
         self.cancel_before_start: set[str] = set()
-        # Inserts in flight: a duplicate submission waits for the first one's row to commit.
-        self._inserting: dict[str, asyncio.Future[None]] = {}
+        # Inserts in flight (job id -> None, or the future a duplicate submission waits on until the
+        # first one's row is written or refused): no future is made unless a duplicate comes.
+        self._inserting: dict[str, asyncio.Future[None] | None] = {}
         self.shutting_down = False
         self.shutdown_deadline: float | None = None  # time.monotonic() by which shutdown must end
         self.started = False
@@ -243,7 +246,7 @@ class JobService:
     async def _submit(self, request: SubmitRequest, key: IdempotencyRecord | None) -> SubmitOutcome:
         video_id = video_id_for(request.url)
         dedup = dedup_key(video_id, request.chat_url, request.options)
-        if not request.options.force:
+        if not request.options.force and dedup in self.active_by_key:
             existing = await self._active_for(dedup)
             if existing is not None:
                 if request.callback_url:
@@ -262,22 +265,20 @@ class JobService:
         # Tracked before the await, so a concurrent duplicate sees it (and waits for the insert).
         self.unparsed[job_id] = encoded
         self.active_by_key.setdefault(dedup, job_id)
-        inserted: asyncio.Future[None] = asyncio.ensure_future(self.store.insert_job(JobRow.new(doc, encoded), record))
-        self._inserting[job_id] = inserted
+        self._inserting[job_id] = None
         try:
-            await asyncio.shield(inserted)
+            await self.store.insert_job(JobRow.new(doc, encoded), record)
         except StoreStalled as stalled:
             # The row may still commit: the job stays tracked (and its place held) until the store
             # says, so a duplicate, or a retry with the same Idempotency-Key, finds it.
-            self._inserting[job_id] = stalled.outcome
             stalled.outcome.add_done_callback(lambda done: self._late_insert(done, job_id, dedup, request.priority))
             raise
         except BaseException:
-            self._inserting.pop(job_id, None)
             self._untrack(job_id, dedup)
+            self._inserted(job_id)
             self.queue.release()
             raise
-        self._inserting.pop(job_id, None)
+        self._inserted(job_id)
         self.queue.push(job_id, request.priority, reserved=True)
         self._announce_new(job_id)
         return SubmitOutcome(202, body, job_id)
@@ -285,11 +286,12 @@ class JobService:
     def _late_insert(self, outcome: asyncio.Future[None], job_id: str, dedup: str, priority: Priority) -> None:
         """The store finished an insert after its submission was answered 503: queue the job if the
         row committed (it was accepted after all), forget it if not."""
-        self._inserting.pop(job_id, None)
         if outcome.cancelled() or outcome.exception() is not None:
             self._untrack(job_id, dedup)
+            self._inserted(job_id)
             self.queue.release()
             return
+        self._inserted(job_id)
         log.info("a submission the store was slow to write committed; queueing it", extra={"job_id": job_id})
         self.queue.push(job_id, priority, reserved=True)
         self._announce_new(job_id)
@@ -300,23 +302,27 @@ class JobService:
             if job is not None:  # not cancelled in the meantime
                 self._emit("queued", job)
 
+    def _inserted(self, job_id: str) -> None:
+        """The insert of `job_id` is settled (written, or refused and untracked): wake duplicates."""
+        waiter = self._inserting.pop(job_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
     async def _active_for(self, dedup: str) -> Job | None:
         """The active job that answers this key, once its row is in the store."""
         while True:
             job_id = self.active_by_key.get(dedup)
             if job_id is None:
                 return None
-            inserting = self._inserting.get(job_id)
-            if inserting is not None and not inserting.done():
-                # Its first submission is still being written: answer with it only once it exists.
-                await asyncio.wait([inserting], timeout=STORE_WAIT_SECONDS)
-                if not inserting.done():
-                    raise TimeoutError("the job store has not confirmed the job this submission duplicates")
-                continue
-            if inserting is not None and (inserting.cancelled() or inserting.exception() is not None):
-                await asyncio.sleep(0)  # its own submission forgets it; then this one goes ahead
-                continue
-            return self._job(job_id)
+            if job_id not in self._inserting:
+                return self._job(job_id)
+            # Its first submission is still being written: answer with it only once it exists.
+            waiter = self._inserting[job_id]
+            if waiter is None:
+                waiter = self._inserting[job_id] = asyncio.get_running_loop().create_future()
+            await asyncio.wait([waiter], timeout=STORE_WAIT_SECONDS)
+            if not waiter.done():
+                raise TimeoutError("the job store has not confirmed the job this submission duplicates")
 
     async def _attach_callback(self, job: Job, url: str) -> None:
         """A deduplicated submission's callback receives the shared job's events from now on."""

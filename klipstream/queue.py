@@ -38,7 +38,10 @@ class JobQueue:
         self.maxsize = maxsize
         self.aging_seconds = aging_seconds
         self._lanes: dict[Priority, SortedList[Entry]] = {p: SortedList() for p in Priority}
-        self._entries: dict[str, tuple[Priority, Entry]] = {}
+        # job id -> (priority value, entry). Plain strings and numbers only: the cyclic garbage
+        # collector stops tracking such tuples, so 100,000 queued jobs add nothing to the objects
+        # a full collection walks (an enum member in the tuple kept every one of them tracked).
+        self._entries: dict[str, tuple[str, Entry]] = {}
         self._seq = 0
         self._reserved = 0  # places promised to submissions and retries still writing to the store
         self._changed = asyncio.Event()
@@ -89,7 +92,7 @@ class JobQueue:
         self._seq += 1
         entry = (time.monotonic() - max(0.0, waited), self._seq, job_id)
         self._lanes[priority].add(entry)
-        self._entries[job_id] = (priority, entry)
+        self._entries[job_id] = (priority.value, entry)
         self._version += 1
         self._changed.set()
 
@@ -103,7 +106,7 @@ class JobQueue:
         if found is None:
             return False
         priority, entry = found
-        self._lanes[priority].remove(entry)
+        self._lanes[Priority(priority)].remove(entry)
         self._forget(job_id)
         return True
 
@@ -145,7 +148,7 @@ class JobQueue:
         known = self._places.get(job_id)
         if known is not None and known[0] == self._version:
             return known[1]
-        place = self._place(*found)
+        place = self._place(Priority(found[0]), found[1])
         self._places[job_id] = (self._version, place)
         return place
 

@@ -178,9 +178,9 @@ async def test_slow_store_write_is_settled_and_replayed_by_idempotency_key(make_
     """The insert starts, then waits for the database's write lock (held by another connection)
     past the store's timeout: the row commits later. The client never sees a 500, the job is
     queued once the row exists, and a retry with the same Idempotency-Key gets that job."""
-    monkeypatch.setattr(store_module, "CALL_TIMEOUT_SECONDS", 0.3)
     original = SQLiteStore.insert_job
     client = await make_client(settings, simple_pipeline(Recorder()))
+    monkeypatch.setattr(store_module, "CALL_TIMEOUT_SECONDS", 1.0)  # after start: startup has its own pace
     blocker = sqlite3.connect(settings.database_path, isolation_level=None, check_same_thread=False)
 
     async def insert_behind_a_lock(self: SQLiteStore, row: Any, record: Any = None) -> None:
@@ -210,8 +210,8 @@ async def test_slow_store_write_is_settled_and_replayed_by_idempotency_key(make_
 
 
 async def test_store_that_never_took_the_write_answers_503_and_keeps_nothing(make_client, settings, monkeypatch):
-    monkeypatch.setattr(store_module, "CALL_TIMEOUT_SECONDS", 0.3)
     client = await make_client(settings, simple_pipeline(Recorder()))
+    monkeypatch.setattr(store_module, "CALL_TIMEOUT_SECONDS", 1.0)  # after start: startup has its own pace
     store = client.app[SERVICE].store
     release = threading.Event()
     stuck = store._call(lambda conn: release.wait(5))  # the writer is busy with something slow

@@ -143,6 +143,12 @@ class JobOptions(Strict):
         return self.clips if isinstance(self.clips, ClipOptions) else None
 
 
+# Options that change how a job is run or reported, not what it produces: two submissions that
+# differ only in these share one job. Every other option (and any option added later) is part of
+# the deduplication key.
+RESULT_NEUTRAL_OPTIONS = frozenset({"force", "webhook_progress"})
+
+
 class SubmitRequest(Strict):
     url: str = Field(..., min_length=1, max_length=2048)
     callback_url: str | None = Field(None, max_length=2048)
@@ -198,6 +204,16 @@ class Job(BaseModel):
     url: str
     chat_url: str | None = None
     callback_url: str | None = None
+    callbacks: list[str] = Field(
+        default_factory=list,
+        description="Callback URLs of later submissions that were deduplicated onto this job; "
+        "each receives the job's events from the time it was attached.",
+    )
+    dedup_key: str = Field(
+        "",
+        description="Video id plus a digest of the result-affecting options: submissions with the same key "
+        "share one active job.",
+    )
     priority: Priority = Priority.NORMAL
     options: JobOptions = Field(default_factory=JobOptions)
     status: JobStatus = JobStatus.QUEUED
@@ -285,3 +301,6 @@ class QueueStats(BaseModel):
     last_hour: dict[str, int]
     stage_durations: dict[str, dict[str, float]]
     webhook_backlog: int = 0
+    streams: dict[str, int] = Field(
+        default_factory=dict, description="Event topics, stream subscribers and asyncio tasks in this process."
+    )

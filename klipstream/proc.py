@@ -32,6 +32,40 @@ from klipstream.errors import (
 PROGRESS_PREFIX = "KSPROGRESS"
 ERROR_PREFIX = "KSERROR"
 
+# What a child process may inherit: locale, paths, the interpreter's environment, TLS trust and
+# proxies. Nothing else: the service's keys and secrets stay in this process.
+CHILD_ENV_ALLOWED = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "USER",
+        "LANG",
+        "LANGUAGE",
+        "TZ",
+        "TMPDIR",
+        "PYTHONPATH",
+        "PYTHONHOME",
+        "VIRTUAL_ENV",
+        "SSL_CERT_FILE",
+        "SSL_CERT_DIR",
+        "REQUESTS_CA_BUNDLE",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "NO_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "no_proxy",
+        "SYSTEMROOT",
+    }
+)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """A minimal environment for a child process (plus `extra`)."""
+    env = {k: v for k, v in os.environ.items() if k in CHILD_ENV_ALLOWED or k.startswith("LC_")}
+    env.update(extra)
+    return env
+
 
 class ProcessFailed(Exception):
     def __init__(self, returncode: int, tail: list[str]) -> None:
@@ -51,6 +85,7 @@ async def run_process(
 ) -> list[str]:
     """Run `args`, feed each output line (stdout and stderr merged) to `on_line`.
 
+    The child gets `env`, or else the minimal `child_env()`, never this process's whole environment.
     Returns the last `keep_lines` lines. Raises ProcessFailed on a non-zero exit and
     ProcessingTimeout past `timeout`. The child runs in its own process group so that cancelling
     kills whatever it started too.
@@ -60,7 +95,7 @@ async def run_process(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
         stdin=asyncio.subprocess.DEVNULL,
-        env=env,
+        env=child_env() if env is None else env,
         cwd=cwd,
         start_new_session=True,
     )

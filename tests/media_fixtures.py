@@ -191,7 +191,7 @@ async def media_server(tmp_path: Path) -> AsyncIterator[MediaServer]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     server.base_url = f"http://127.0.0.1:{port}"
     try:
         yield server

@@ -667,6 +667,24 @@ def _open_text(path: Path) -> TextIO:
 # ---------------------------------------------------------------------------------------------
 
 
+_END = object()  # the line that closes the comments list
+
+
+def _comment_line(line: bytes, index: int) -> Any:
+    """One line of a line-per-comment chat JSON: the comment object, None for a blank line, or
+    _END for the line that closes the list."""
+    text = line.strip()
+    if text.startswith(b"]"):
+        return _END
+    text = text.removeprefix(b",")
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise invalid(f"The chat JSON's comment {index} is not valid JSON ({exc.msg}).") from None
+
+
 def iter_chat_file(path: Path, *, with_offsets: bool = False) -> Iterator[tuple[int, ChatMessage]]:
     """(byte offset, message) for every comment of a chat JSON, streamed.
 
@@ -683,19 +701,12 @@ def iter_chat_file(path: Path, *, with_offsets: bool = False) -> Iterator[tuple[
                 line = stream.readline()
                 if not line:
                     raise invalid("The chat JSON ends before its comments do.")
-                text = line.strip()
-                if text.startswith(b"]"):
+                item = _comment_line(line, index)
+                if item is _END:
                     return
-                if text.startswith(b","):
-                    text = text[1:]
-                if not text:
-                    continue
-                try:
-                    item = json.loads(text)
-                except ValueError as exc:
-                    raise invalid(f"The chat JSON's comment {index} is not valid JSON ({exc.msg}).") from None
-                yield offset, _json_comment(index, item)
-                index += 1
+                if item is not None:
+                    yield offset, _json_comment(index, item)
+                    index += 1
         stream.seek(0)
         for message in _json_messages(stream, ArchiveHeader()):
             yield -1, message
@@ -713,14 +724,12 @@ def read_messages_at(path: Path, offset: int, until: float) -> list[ChatMessage]
     with open(path, "rb") as stream:
         stream.seek(offset)
         for line in stream:
-            text = line.strip()
-            if text.startswith(b"]"):
+            item = _comment_line(line, len(out))
+            if item is _END:
                 break
-            if text.startswith(b","):
-                text = text[1:]
-            if not text:
+            if item is None:
                 continue
-            message = _json_comment(len(out), json.loads(text))
+            message = _json_comment(len(out), item)
             if message.time >= until:
                 break
             out.append(message)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import socket
 import sys
 import threading
@@ -32,12 +31,14 @@ from klipstream.errors import (
     InvalidVideoUrl,
     KlipstreamError,
     NetworkError,
+    ProcessingTimeout,
+    TimeLimitExceeded,
     VideoNotFound,
     VideoUnavailable,
 )
 from klipstream.models import VideoInfo
 from klipstream.network import ensure_public_url, is_public_address
-from klipstream.proc import ProcessFailed, error_line, parse_error_line, run_process
+from klipstream.proc import ProcessFailed, child_env, error_line, parse_error_line, run_process
 
 PROGRESS_PREFIX = "KSPROGRESS"
 FILE_PREFIX = "KSFILE"
@@ -171,6 +172,8 @@ def extract_metadata(url: str, *, allow_private: bool) -> MediaMetadata:
             raise classify_ytdlp_error(exc) from None
     if not isinstance(info, dict):
         raise InvalidVideoUrl("yt-dlp returned nothing for this URL.", code="not_media")
+    if info.get("is_live") or info.get("live_status") in ("is_live", "is_upcoming", "post_live"):
+        raise live_refusal()
     if info.get("_type") in ("playlist", "multi_video"):
         raise InvalidVideoUrl(
             "The URL is a playlist or channel, not a single video.",
@@ -183,6 +186,14 @@ def extract_metadata(url: str, *, allow_private: bool) -> MediaMetadata:
         info=info,
         urls=tuple(resolved_urls(info)),
         has_video=any(f.get("vcodec") != "none" for f in formats),
+    )
+
+
+def live_refusal() -> InvalidVideoUrl:
+    return InvalidVideoUrl(
+        "This URL is a live stream (or a channel that is live). Only finished VODs are analysed.",
+        code="live_stream",
+        suggested_action="Wait until the broadcast ends, then submit its VOD (https://www.twitch.tv/videos/<id>).",
     )
 
 
@@ -443,9 +454,14 @@ async def run_download(
         elif (parsed := parse_error_line(line, NetworkError)) is not None:
             error.append(parsed)
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_env(PYTHONUNBUFFERED="1")
     try:
         await run_process(args, on_line=on_line, timeout=time_limit, env=env)
+    except ProcessingTimeout:
+        # The whole budget is gone; yt-dlp already retried stalled fragments inside it.
+        raise TimeLimitExceeded(
+            f"The download did not finish within {time_limit:.0f} s.", code="download_timeout"
+        ) from None
     except ProcessFailed as exc:
         if error:
             raise error[-1] from None

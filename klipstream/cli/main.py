@@ -218,14 +218,19 @@ def _add_remote(commands: Any, remote: argparse.ArgumentParser) -> None:
 # --- serve ---
 def cmd_serve(args: argparse.Namespace) -> int:
     from klipstream.logs import configure_logging
-    from klipstream.server import run_server
+    from klipstream.server import StartupError, preflight, run_server
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
     if "data_dir" in overrides:
         overrides["data_dir"] = Path(overrides["data_dir"])
     settings = Settings.from_env(**overrides)
     configure_logging(settings.log_level, settings.log_format)
-    run_server(settings)
+    try:
+        preflight(settings)
+        run_server(settings)
+    except StartupError as exc:
+        print(f"klipstream: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     return 0
 
 

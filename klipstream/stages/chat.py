@@ -49,7 +49,7 @@ from klipstream.acquisition.twitch_chat import (
 from klipstream.errors import ExternalServiceError, InvalidVideoUrl, KlipstreamError, NetworkError, StageUnavailable
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
-from klipstream.network import ensure_public_url, twitch_video_id
+from klipstream.network import ensure_public_url, refused_private, twitch_video_id
 from klipstream.proc import run_python
 from klipstream.retry import parse_retry_after
 
@@ -209,13 +209,15 @@ def _check_local(path: Path, limit: int) -> Path:
 
 
 async def _download(ctx: StageContext, url: str, limit: int, path: Path) -> None:
-    """GET the archive into `path` (never more than `limit` bytes), following redirects by hand so
-    every hop passes the private-address check."""
+    """GET the archive into `path` (never more than `limit` bytes) through the public-only client
+    (klipstream.network), following redirects by hand: every hop is checked first, and each
+    connection goes only to an address the client's resolver checked, so a name re-resolving to a
+    private address (DNS rebinding) is refused."""
     allow_private = ctx.settings.allow_private_urls
     for _ in range(MAX_REDIRECTS + 1):
         await ensure_public_url(url, allow_private=allow_private)
         try:
-            async with ctx.http.get(
+            async with ctx.user_http.get(
                 url,
                 allow_redirects=False,
                 timeout=_DOWNLOAD_TIMEOUT,
@@ -240,6 +242,11 @@ async def _download(ctx: StageContext, url: str, limit: int, path: Path) -> None
                         await out.write(chunk)
                 return
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if refused_private(exc):
+                raise InvalidVideoUrl(
+                    f"chat_url's host {urlsplit(url).hostname} resolves to a private or local address.",
+                    code="private_address",
+                ) from None
             raise NetworkError(
                 f"Could not download chat_url ({type(exc).__name__}).", code="chat_url_unreachable"
             ) from None

@@ -6,6 +6,7 @@ is the embedded backend.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
@@ -14,13 +15,28 @@ from klipstream.models import Job, JobStatus
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
+class StoreTimeout(TimeoutError):
+    """The store did not start the request in time, and never will: nothing was written."""
+
+
+class StoreStalled(TimeoutError):
+    """The store started the request but has not finished it in time: the outcome is not known
+    yet. `outcome` settles with the real result when the store gets there, so a caller that must
+    know (a submission whose row may still commit) can follow it."""
+
+    def __init__(self, message: str, outcome: asyncio.Future[Any]) -> None:
+        super().__init__(message)
+        self.outcome = outcome
+
+
 @dataclass(frozen=True)
 class IdempotencyRecord:
-    key: str
+    key: str  # "<owner>:<Idempotency-Key>": keys are scoped to the API key that made them
     body_hash: str
     job_id: str
     response: str  # the first answer's JSON body
     status: int
+    owner: str = ""  # a hash of the API key ("" when the server has no API keys)
 
 
 class JobStore(Protocol):
@@ -36,6 +52,11 @@ class JobStore(Protocol):
     async def record_stage_run(self, stage: str, seconds: float, media_seconds: float | None) -> None: ...
     async def stage_runs(self, since: float) -> list[tuple[str, float, float | None]]: ...
     async def terminal_counts(self, since: float) -> dict[str, int]: ...
+    # --- retention (the janitor) ---
+    async def job_states(self, job_ids: list[str]) -> dict[str, tuple[str, float | None]]: ...
+    async def delete_finished_jobs(self, finished_before: float, limit: int) -> list[str]: ...
+    async def delete_idempotency(self, created_before: float) -> int: ...
+    async def delete_stage_runs(self, finished_before: float) -> int: ...
 
 
 class JobRow(NamedTuple):
@@ -52,6 +73,7 @@ class JobRow(NamedTuple):
     updated_at: float
     finished_at: float | None
     doc: str
+    dedup_key: str
 
     @classmethod
     def of(cls, job: Job) -> JobRow:
@@ -64,10 +86,13 @@ class JobRow(NamedTuple):
             job.updated_at.timestamp(),
             job.finished_at.timestamp() if job.finished_at else None,
             job.model_dump_json(exclude_defaults=True),  # a quarter of the bytes; defaults return on read
+            job.dedup_key,
         )
 
     @classmethod
     def new(cls, doc: dict[str, Any], encoded: str) -> JobRow:
         """The row of a job just submitted, from the plain data it was encoded from."""
         created = doc["created_at"].timestamp()
-        return cls(doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded)
+        return cls(
+            doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded, doc["dedup_key"]
+        )

@@ -231,6 +231,30 @@ def test_time_map_restores_vod_time() -> None:
     assert to_vod(0.5) == 1.5
     assert to_vod(2.0) == 10.0 and to_vod(2.0, end=True) == 3.0
     assert to_vod(3.5) == 11.5 and to_vod(9.0, end=True) == 12.0
+    # Where the next chunk resumes, as a VOD sample; a clip border is the next piece's first.
+    assert to_vod.sample(8000) == 24000 and to_vod.sample(32000) == 160000
+    assert to_vod.sample(40000) == 168000 and to_vod.sample(10**9) == 192000
+
+
+def test_chunks_cut_inside_speech_form_chains(tmp_path: Path) -> None:
+    """Chunks that meet at a cut inside speech are decoded in order (the next continues the one
+    before); chunks separated by silence, or on the batched path, stay independent."""
+    from klipstream.transcription.vad import Chunk
+    from klipstream.transcription.worker import EngineInfo
+
+    minute = 60 * SAMPLE_RATE
+    chunks = [
+        Chunk(0, ((0, 2 * minute),)),
+        Chunk(1, ((2 * minute, 4 * minute),)),  # cut inside speech: continues chunk 0
+        Chunk(2, ((5 * minute, 6 * minute),)),  # after a silence
+        Chunk(3, ((6 * minute, 7 * minute),)),
+    ]
+    transcriber = Transcriber(pool_settings(tmp_path, chunk_seconds=120.0))
+    assert [[c.index for c in chain] for chain in transcriber._chains(chunks)] == [[0, 1], [2, 3]]
+    transcriber._info = EngineInfo("tiny.en", "cuda", "float16", False, batched=True)
+    assert [[c.index for c in chain] for chain in transcriber._chains(chunks)] == [[0], [1], [2], [3]]
+    short = Transcriber(pool_settings(tmp_path, chunk_seconds=20.0))  # no Whisper window to hand over
+    assert len(short._chains(chunks)) == 4
 
 
 def test_server_side_modules_do_not_import_the_model() -> None:

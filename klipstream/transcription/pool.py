@@ -13,7 +13,9 @@ scheduling state lives on the event loop thread.
 Scheduling: one FIFO of tasks shared by all jobs, so one job's chunks spread over every idle
 worker and an earlier job finishes first (lowest mean completion time) while a later one still
 gets any worker the first cannot use. A job is first split into VAD blocks (also pool tasks, so
-faster_whisper is never imported here), then into chunks cut at silences (klipstream/vad_chunks.py).
+faster_whisper is never imported here), then into chunks cut at silences (transcription/vad.py).
+Chunks joined by a cut inside speech form a chain decoded in order (see `_chains`); chains run in
+parallel.
 
 Failure handling:
 - cancelled job: its queued tasks are dropped at once; a worker busy on it gets SIGKILL (it is
@@ -53,6 +55,8 @@ from klipstream.transcription.worker import ChunkResult, ChunkTask, EngineInfo, 
 
 log = logging.getLogger(__name__)
 
+WHISPER_WINDOW_SECONDS = 30.0  # what Whisper sees at once
+
 ProgressCallback = Callable[[float, float, str], None]  # (seconds done, seconds total, detail)
 
 
@@ -91,6 +95,13 @@ class _Worker:
     @property
     def pid(self) -> int:
         return int(self.process.pid)
+
+
+def _join(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> tuple[tuple[int, int], ...]:
+    """The pieces of `a`, then of `b`; where a cut joins them (a ends where b starts) as one piece."""
+    if a and b and a[-1][1] == b[0][0]:
+        return (*a[:-1], (a[-1][0], b[0][1]), *b[1:])
+    return (*a, *b)
 
 
 class Transcriber:
@@ -248,15 +259,64 @@ class Transcriber:
             if not future.cancelled() and future.exception() is None:
                 progress(index, chunks[index].speech_seconds)
 
-        futures = []
+        def chunk_progress(index: int, carried: float, done: float) -> None:
+            progress(index, done - carried)
+
+        async def run_chain(chain: list[Chunk]) -> list[ChunkResult]:
+            """The chunks of one chain, in order, each continuing where the one before left off."""
+            results: list[ChunkResult] = []
+            carry: tuple[tuple[int, int], ...] = ()  # the last window of the chunk before, decoded again
+            prompt: tuple[int, ...] = ()
+            for i, chunk in enumerate(chain):
+                if job.cancelled:
+                    raise asyncio.CancelledError()
+                pieces = _join(carry, chunk.pieces)
+                task = ChunkTask(str(pcm_path), pieces, language, initial_prompt, i + 1 < len(chain), prompt)
+                seconds = sum(e - s for s, e in pieces) / SAMPLE_RATE
+                timeout = self.timeout_base + self.timeout_factor * seconds
+                carried = seconds - chunk.speech_seconds  # progress counts this chunk's own speech only
+                on_progress = functools.partial(chunk_progress, chunk.index, carried)
+                future = self._submit(job, "transcribe", task, timeout, on_progress)
+                future.add_done_callback(functools.partial(finished, chunk.index))
+                result: ChunkResult = await future
+                results.append(result)
+                if result.resume is not None:
+                    carry = tuple((max(s, result.resume), e) for s, e in pieces if e > result.resume)
+                    prompt = result.prompt
+                else:
+                    carry, prompt = (), ()
+            return results
+
+        runs = [asyncio.ensure_future(run_chain(chain)) for chain in self._chains(chunks)]
+        try:
+            per_chain = await asyncio.gather(*runs)
+        except BaseException:
+            # The first failure ends the job; the caller cancels its other chunks in the pool.
+            for run in runs:
+                run.cancel()
+            raise
+        return [result for results in per_chain for result in results]
+
+    def _chains(self, chunks: list[Chunk]) -> list[list[Chunk]]:
+        """Chunks that must be decoded in order, one after the other.
+
+        A chunk that ends at a cut inside speech (where the next chunk starts) is continued by the
+        next: the next chunk starts at the cut-short last Whisper window of the one before, with its
+        previous text as prompt, which is what one faster-whisper call over both would do. Chunks
+        separated by silence (the VAD's 2 s) start fresh, as faster-whisper would after its own
+        VAD, so separate chains still run on every idle worker at once. Only the sequential
+        decoder carries anything over, and only chunks longer than a Whisper window have a last
+        window to hand over; otherwise every chunk is its own chain."""
+        batched = self._info is not None and self._info.batched
+        if batched or self.chunk_seconds <= WHISPER_WINDOW_SECONDS:
+            return [[chunk] for chunk in chunks]
+        chains: list[list[Chunk]] = []
         for chunk in chunks:
-            task = ChunkTask(str(pcm_path), chunk.pieces, language, initial_prompt)
-            timeout = self.timeout_base + self.timeout_factor * chunk.speech_seconds
-            future = self._submit(job, "transcribe", task, timeout, functools.partial(progress, chunk.index))
-            future.add_done_callback(functools.partial(finished, chunk.index))
-            futures.append(future)
-        # gather raises on the first failed chunk; the caller then cancels the job's other chunks.
-        return list(await asyncio.gather(*futures))
+            if chains and chains[-1][-1].end == chunk.start:
+                chains[-1].append(chunk)
+            else:
+                chains.append([chunk])
+        return chains
 
     def _assemble(
         self, chunks: list[Chunk], results: list[ChunkResult], language: str | None, total: float

@@ -54,6 +54,7 @@ class EngineInfo:
     device: str
     compute_type: str
     multilingual: bool
+    batched: bool = False  # BatchedInferencePipeline: chunks are independent, nothing carries over
 
 
 @dataclass(frozen=True)
@@ -69,6 +70,10 @@ class ChunkTask:
     pieces: tuple[tuple[int, int], ...]  # VOD sample ranges, decoded as one concatenated clip
     language: str | None
     initial_prompt: str | None
+    # The chunk ends at a cut inside speech and the next chunk continues it: the last Whisper
+    # window, cut short, is left to the next chunk (ChunkResult.resume). Sequential path only.
+    hard_end: bool = False
+    prompt: tuple[int, ...] = ()  # previous-text tokens from the chunk before; replaces initial_prompt
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,8 @@ class ChunkResult:
     language: str
     language_probability: float
     segments: list[Segment]  # VOD times; ids are local and renumbered by the server
+    resume: int | None = None  # hard_end only: the VOD sample where the next chunk must start decoding
+    prompt: tuple[int, ...] = ()  # previous-text tokens the next chunk continues from
 
 
 class ModelUnavailable(Exception):
@@ -107,8 +114,10 @@ class Engine:
 
     def __init__(self, config: WorkerConfig) -> None:
         import ctranslate2
-        from faster_whisper import BatchedInferencePipeline, WhisperModel
+        from faster_whisper import BatchedInferencePipeline
         from tqdm import tqdm
+
+        from klipstream.transcription.decode import KeepingWhisperModel
 
         # faster-whisper makes a (disabled) tqdm bar per call, and tqdm's default lock is a
         # multiprocessing semaphore; a worker killed on cancel would leave it to the resource
@@ -122,31 +131,52 @@ class Engine:
         compute_type = config.compute_type
         if compute_type == "auto":
             compute_type = "float16" if device == "cuda" else "int8"
-        self.model = WhisperModel(path, device=device, compute_type=compute_type, cpu_threads=config.cpu_threads)
+        self.model = KeepingWhisperModel(path, device=device, compute_type=compute_type, cpu_threads=config.cpu_threads)
         # Batching only pays off on a GPU; on CPU the sequential decoder is as fast and exact.
         # "on" forces it anywhere, which is how CI exercises the GPU code path without a GPU.
         use_batched = config.batched == "on" or (config.batched == "auto" and device == "cuda")
         self.batched = BatchedInferencePipeline(self.model) if use_batched else None
         self.batch_size = config.batch_size
-        self.info = EngineInfo(display, device, compute_type, self.model.model.is_multilingual)
+        self.info = EngineInfo(display, device, compute_type, self.model.model.is_multilingual, use_batched)
 
     def transcribe(self, task: ChunkTask, on_progress: Callable[[float], None]) -> ChunkResult:
         import numpy as np
 
+        from klipstream.transcription.decode import decode_chunk
+
         parts = [read_samples(task.pcm_path, s, e) for s, e in task.pieces]
         audio = np.concatenate(parts) if len(parts) > 1 else parts[0]
         del parts
-        options: dict[str, Any] = {
-            "language": task.language,
-            "initial_prompt": task.initial_prompt,
-            "word_timestamps": True,
-        }
-        if self.batched is not None:
-            segments, info = self.batched.transcribe(audio, batch_size=self.batch_size, vad_filter=True, **options)
-        else:
-            # The VAD already ran on the whole file; the chunk holds speech only.
-            segments, info = self.model.transcribe(audio, vad_filter=False, **options)
         to_vod = TimeMap(task.pieces)
+        if self.batched is None:
+            decoded = decode_chunk(
+                self.model,
+                audio,
+                language=task.language,
+                initial_prompt=task.initial_prompt,
+                prompt=task.prompt,
+                hard_end=task.hard_end,
+                on_progress=on_progress,
+            )
+            resume = None if decoded.resume_sample is None else to_vod.sample(decoded.resume_sample)
+            segments: Any = decoded.segments
+            language, probability, prompt = decoded.language, decoded.language_probability, decoded.prompt
+        else:
+            # Each ≤ 30 s VAD piece is decoded on its own, so no window seam moves (and no
+            # hard_end handoff applies): faster-whisper's word timestamps are used as they come.
+            found, info = self.batched.transcribe(
+                audio,
+                batch_size=self.batch_size,
+                vad_filter=True,
+                language=task.language,
+                initial_prompt=task.initial_prompt,
+                word_timestamps=True,
+            )
+            segments = []
+            for seg in found:
+                segments.append(seg)
+                on_progress(min(seg.end, audio.size / SAMPLE_RATE))
+            resume, language, probability, prompt = None, info.language, info.language_probability, ()
         out: list[Segment] = []
         for seg in segments:
             words = tuple(
@@ -155,23 +185,31 @@ class Engine:
             )
             start = to_vod(seg.start)
             out.append(Segment(len(out), start, max(start, to_vod(seg.end, end=True)), seg.text.strip(), words))
-            on_progress(min(seg.end, audio.size / SAMPLE_RATE))
-        return ChunkResult(info.language, float(info.language_probability), out)
+        return ChunkResult(language, float(probability), out, resume, prompt)
 
 
 class TimeMap:
     """Maps a time in the concatenated clip back to VOD time."""
 
     def __init__(self, pieces: tuple[tuple[int, int], ...]) -> None:
-        self.clip_starts: list[float] = []  # where each piece begins in the clip, seconds
+        self.pieces = pieces
+        self.clip_samples: list[int] = []  # where each piece begins in the clip, samples
+        self.clip_starts: list[float] = []  # the same in seconds
         self.clip_ends: list[float] = []
         self.vod_starts: list[float] = []
         clip = 0
         for s, e in pieces:
+            self.clip_samples.append(clip)
             self.clip_starts.append(clip / SAMPLE_RATE)
             clip += e - s
             self.clip_ends.append(clip / SAMPLE_RATE)
             self.vod_starts.append(s / SAMPLE_RATE)
+
+    def sample(self, clip_sample: int) -> int:
+        """The VOD sample `clip_sample` samples into the clip (on a border: the next piece's first)."""
+        i = min(max(bisect.bisect_right(self.clip_samples, clip_sample) - 1, 0), len(self.pieces) - 1)
+        s, e = self.pieces[i]
+        return min(s + clip_sample - self.clip_samples[i], e)
 
     def __call__(self, t: float, end: bool = False) -> float:
         # A start exactly on a border belongs to the next piece, an end to the previous one.

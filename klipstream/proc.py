@@ -122,17 +122,53 @@ async def run_process(
 
 
 async def kill_process_group(proc: asyncio.subprocess.Process, grace: float = 0.5) -> None:
-    """SIGTERM the group, SIGKILL what is left after `grace` seconds, and reap the child."""
-    if proc.returncode is not None:
-        return
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, sig)
+    """SIGTERM the group, SIGKILL what is left after `grace` seconds, reap the child, and wait
+    until no process of its group is left (a grandchild such as ffmpeg can outlive the child it
+    was started by for a moment, or ignore SIGTERM)."""
+    pgid = proc.pid
+    if proc.returncode is None:
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+            try:
+                await asyncio.wait_for(proc.wait(), wait)
+                break
+            except TimeoutError:
+                continue
+    loop = asyncio.get_running_loop()
+    kill_at = loop.time() + grace
+    give_up = kill_at + 2.0
+    while await asyncio.to_thread(group_alive, pgid) and loop.time() < give_up:
+        if loop.time() >= kill_at:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        await asyncio.sleep(0.02)
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process of group `pgid` exists and is not a zombie (zombies hold nothing and
+    are their new parent's to reap)."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:  # no procfs: zombies count too
         try:
-            await asyncio.wait_for(proc.wait(), wait)
-            return
-        except TimeoutError:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    for name in entries:
+        if not name.isdigit():
             continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
 
 
 # --- the line protocol ---

@@ -10,7 +10,8 @@ then times, for the same 10 spans of 30 s (starting between keyframes):
 - the same child making 1080x1920 vertical versions with word-by-word captions.
 
 Peak memory is the largest summed RSS of the child's whole process group (ffmpeg included),
-sampled every 20 ms. Rounds are interleaved and the median is reported.
+sampled every 20 ms in runs of their own (the sampling takes CPU the timed runs must not lose).
+Rounds are interleaved and the median is reported.
 
     python bench/bench_clips.py            # 1 h VOD, 10 x 30 s, 3 rounds
     python bench/bench_clips.py --quick    # 10 min VOD, 3 x 30 s, 1 round
@@ -72,10 +73,13 @@ def spans(count: int, duration: float, seconds: float) -> list[tuple[float, floa
 
 
 class PeakRss:
-    """Largest summed RSS (bytes) of every process in one process group, sampled in a thread."""
+    """Largest summed RSS (bytes) of every process in one process group, sampled in a thread.
 
-    def __init__(self, pgid: int) -> None:
-        self.pgid, self.peak, self._stop = pgid, 0, threading.Event()
+    Scanning /proc every 20 ms costs about as much CPU as the clips themselves on 2 cores, so
+    timed runs go without it and memory is measured in runs of its own."""
+
+    def __init__(self, pgid: int, interval: float = 0.02) -> None:
+        self.pgid, self.peak, self.interval, self._stop = pgid, 0, interval, threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
@@ -95,7 +99,7 @@ class PeakRss:
                 except (OSError, IndexError, ValueError):
                     continue
             self.peak = max(self.peak, total)
-            time.sleep(0.02)
+            time.sleep(self.interval)
 
     def stop(self) -> int:
         self._stop.set()
@@ -120,8 +124,12 @@ def ffmpeg_per_span(vod: Path, out: Path, cuts: list[tuple[float, float]], codec
     return time.perf_counter() - started, _child_cpu() - cpu
 
 
-def worker(vod: Path, out: Path, cuts: list[tuple[float, float]], *, vertical: bool) -> tuple[float, float, int, dict]:
-    """Run the clips stage's child on a plan like the stage writes: (wall s, CPU s, peak RSS, manifest)."""
+def worker(
+    vod: Path, out: Path, cuts: list[tuple[float, float]], *, vertical: bool, memory: bool = False
+) -> tuple[float, float, int, dict]:
+    """Run the clips stage's child on a plan like the stage writes: (wall s, CPU s, peak RSS, manifest).
+
+    `memory`: sample the process group's RSS (a run of its own: the sampling takes CPU; peak 0 otherwise)."""
     from klipstream.clips.worker import ClipTask, Plan, VerticalPlan
 
     transcript = None
@@ -165,10 +173,10 @@ def worker(vod: Path, out: Path, cuts: list[tuple[float, float]], *, vertical: b
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
-    sampler = PeakRss(proc.pid)
+    sampler = PeakRss(proc.pid) if memory else None
     code = proc.wait()
     seconds, cpu = time.perf_counter() - started, _child_cpu() - cpu  # ffmpeg was waited for by the worker
-    peak = sampler.stop()
+    peak = sampler.stop() if sampler else 0
     if code != 0:
         raise SystemExit(f"the clips worker failed (exit {code})")
     return seconds, cpu, peak, json.loads((out / "clips.json").read_text())
@@ -193,17 +201,18 @@ def main() -> None:
         out = Path(tmp)
         for r in range(rounds):
             runs["copy"].append(ffmpeg_per_span(vod, out, cuts, ["-c", "copy"]))
-            wall, cpu, peak, manifest = worker(vod, out, cuts, vertical=False)
+            wall, cpu, _, manifest = worker(vod, out, cuts, vertical=False)
             runs["clips"].append((wall, cpu))
-            peaks.append(peak)
             if r == 0:  # an order of magnitude away; once is enough to place it
                 runs["reencode"].append(ffmpeg_per_span(vod, out, cuts, reencode))
             print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1][0]:.2f} s" for k, v in runs.items()), file=sys.stderr)
+        peaks.append(worker(vod, out, cuts, vertical=False, memory=True)[2])
         methods = sorted({c["method"] for c in manifest["clips"]})
         encoded = sum(c["encoded_frames"] for c in manifest["clips"]) / sum(c["frames"] for c in manifest["clips"])
         vertical_row = None
         if not args.no_vertical:
-            wall, cpu, v_peak, v_manifest = worker(vod, out, cuts, vertical=True)
+            wall, cpu, _, v_manifest = worker(vod, out, cuts, vertical=True)
+            v_peak = worker(vod, out, cuts, vertical=True, memory=True)[2]
             v_out = sum(c["duration"] for c in v_manifest["clips"])
             vertical_row = (v_out, wall, cpu, v_peak)
         load = max(load, os.getloadavg()[0])

@@ -12,8 +12,6 @@ import errno
 from enum import StrEnum
 from typing import ClassVar
 
-import aiohttp
-
 
 class ErrorType(StrEnum):
     NETWORK_ERROR = "network_error"  # a peer could not be reached or dropped the connection
@@ -147,6 +145,8 @@ class StageUnavailable(Exception):
 
 def classify(exc: BaseException) -> KlipstreamError:
     """Map any exception to a classified error, by type only."""
+    import aiohttp  # here, not at the top: the child processes that import this module never use it
+
     if isinstance(exc, KlipstreamError):
         return exc
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):

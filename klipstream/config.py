@@ -68,6 +68,13 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _database_url(raw: str) -> str:
+    value = raw.strip()
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be empty (SQLite) or a postgresql:// URL")
+    return value
+
+
 def _env(name: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:
     """A dataclass field read from `name`; parse() turns the raw string into the value."""
     return field(metadata={"env": name, "parse": parse}, **kwargs)
@@ -82,6 +89,10 @@ class Settings:
     data_dir: Path = _env("KLIPSTREAM_DATA_DIR", Path, default=Path("./data"))
     log_level: str = _env("KLIPSTREAM_LOG_LEVEL", _choice("debug", "info", "warning", "error"), default="info")
     log_format: str = _env("KLIPSTREAM_LOG_FORMAT", _choice("json", "text"), default="json")
+    # --- job store: SQLite in the data directory unless a PostgreSQL URL is given ---
+    database_url: str = _env("KLIPSTREAM_DATABASE_URL", _database_url, default="")
+    database_pool_size: int = _env("KLIPSTREAM_DATABASE_POOL_SIZE", _positive_int, default=10)
+    database_timeout_seconds: float = _env("KLIPSTREAM_DATABASE_TIMEOUT_SECONDS", _positive_float, default=5.0)
     # --- access ---
     admin_token: str = _env("KLIPSTREAM_ADMIN_TOKEN", default="")
     api_keys: tuple[str, ...] = _env("KLIPSTREAM_API_KEYS", _list, default=())

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,39 +23,7 @@ from typing import Any
 
 import aiosqlite
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS webhook_deliveries (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,            -- the webhook-id header: the same on every retry
-    job_id TEXT NOT NULL,
-    url TEXT NOT NULL,
-    event TEXT NOT NULL,
-    body TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    next_attempt_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL DEFAULT 'pending', -- pending|delivered|failed|stopped|superseded
-    last_status INTEGER,
-    last_error TEXT,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries(state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries(job_id, seq);
-CREATE TABLE IF NOT EXISTS webhook_attempts (
-    delivery_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    at REAL NOT NULL,
-    status INTEGER,
-    error TEXT,
-    duration_ms REAL NOT NULL,
-    PRIMARY KEY (delivery_id, attempt)
-);
-CREATE TABLE IF NOT EXISTS webhook_stopped_jobs (
-    job_id TEXT PRIMARY KEY,
-    at REAL NOT NULL,
-    reason TEXT NOT NULL
-);
-"""
+from klipstream.jobs.store.migrations import upgrade_sqlite
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -100,11 +69,11 @@ class Outbox:
         if self._db is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(_upgrade, self.path)
         db = await aiosqlite.connect(self.path, isolation_level=None)
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
         await db.execute("PRAGMA busy_timeout=5000")
-        await db.executescript(_SCHEMA)
         db.row_factory = aiosqlite.Row
         self._db = db
 
@@ -256,6 +225,16 @@ class Outbox:
             }
             for d in deliveries
         ]
+
+
+def _upgrade(path: Path) -> None:
+    """The outbox's tables are part of the store's versioned schema (migrations/sqlite/)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        upgrade_sqlite(conn)
+    finally:
+        conn.close()
 
 
 def dumps(value: Any) -> str:

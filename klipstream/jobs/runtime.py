@@ -21,7 +21,7 @@ from klipstream.integrations.webhooks import WebhookDispatcher
 from klipstream.jobs.runner import RunnerDeps, resource_limits
 from klipstream.jobs.service import JobService, Subscription
 from klipstream.jobs.stage import Stage
-from klipstream.jobs.store.sqlite import SQLiteStore
+from klipstream.jobs.store import create_store
 from klipstream.jobs.timings import StageTimings
 from klipstream.transcription.pool import Transcriber
 
@@ -53,7 +53,7 @@ async def job_runtime(
     transcriber = Transcriber(settings)  # starts its worker processes on first use
     deps = RunnerDeps(
         settings=settings,
-        store=SQLiteStore(settings.database_path),
+        store=create_store(settings),
         http=http,
         storage=storage,
         timings=StageTimings(),

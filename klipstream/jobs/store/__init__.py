@@ -1,15 +1,19 @@
 """The durable job store: the interface the service uses, and the rows it stores.
 
 `JobStore` is what the job service and the runner call; `SQLiteStore` (klipstream.jobs.store.sqlite)
-is the embedded backend.
+is the embedded backend, `PostgresStore` (klipstream.jobs.store.postgres) the shared one that
+several instances can use at once. Both pass tests/test_store_contract.py.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from klipstream.models import Job, JobStatus
+
+if TYPE_CHECKING:
+    from klipstream.config import Settings
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
@@ -71,3 +75,16 @@ class JobRow(NamedTuple):
         """The row of a job just submitted, from the plain data it was encoded from."""
         created = doc["created_at"].timestamp()
         return cls(doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded)
+
+
+def create_store(settings: Settings) -> JobStore:
+    """PostgreSQL when KLIPSTREAM_DATABASE_URL is set, else SQLite in the data directory."""
+    if settings.database_url:
+        from klipstream.jobs.store.postgres import PostgresStore
+
+        return PostgresStore(
+            settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
+        )
+    from klipstream.jobs.store.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.database_path)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from klipstream.jobs.store import ACTIVE, IdempotencyRecord, JobRow
+from klipstream.jobs.store.migrations import upgrade_sqlite
 from klipstream.models import Job
 
 T = TypeVar("T")
@@ -33,39 +34,7 @@ CALL_TIMEOUT_SECONDS = 30.0  # a request the writer has not answered by then fai
 MAX_BATCH = 512  # requests per transaction
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY,  -- insertion order; rows are never deleted, so never reused
-    job_id TEXT NOT NULL UNIQUE,
-    video_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    priority TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    finished_at REAL,
-    doc TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
--- Only finished jobs are counted by time, so queued ones stay out of this index.
-DROP INDEX IF EXISTS jobs_finished;
-CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL;
-DROP INDEX IF EXISTS jobs_video;  -- deduplication is answered from memory
-CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY,
-    body_hash TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    response TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS stage_runs (
-    stage TEXT NOT NULL,
-    seconds REAL NOT NULL,
-    media_seconds REAL,
-    finished_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS stage_runs_time ON stage_runs (stage, finished_at);
-"""
+# The schema is versioned: klipstream/jobs/store/migrations/sqlite/*.sql, applied by open().
 
 
 class SQLiteStore:
@@ -107,7 +76,7 @@ class SQLiteStore:
             # Checkpoints fsync the database; done inline they stall every commit queued behind
             # them (the submission p99). A separate thread checkpoints passively instead.
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            conn.executescript(_SCHEMA)
+            upgrade_sqlite(conn)
         except Exception as exc:  # handed to the coroutine awaiting open()
             self._loop.call_soon_threadsafe(_settle, ready, None, exc)
             return

@@ -1,0 +1,363 @@
+"""The shared job store: PostgreSQL, through asyncpg (docs/decisions.md says why asyncpg).
+
+Writes are group-committed as in the SQLite store: the writes made during one turn of the event
+loop travel to the database together, in one transaction, and the writes made while that
+transaction is in flight form the next one. One writer task sends them in order, so a caller that
+awaited a write and then writes again is never overtaken. Consecutive writes of the same statement
+become one pipelined `executemany` (one round trip for the whole run); a batch that is one such run
+needs no BEGIN/COMMIT at all, since `executemany` is atomic. If a statement fails (a constraint),
+the batch is rolled back and each write runs again alone, so one failure stays local.
+
+Reads go straight to the pool, beside the writer: every caller's write has committed before its
+future resolved, so a read started afterwards sees it.
+
+Every call is bounded by the store's timeout. When PostgreSQL cannot be reached (refused, reset,
+shutting down, too many connections, or no answer in time) the call fails with
+`DatabaseUnavailable`, which the HTTP layer answers with 503 and Retry-After. A write whose caller
+has already been answered (its timeout passed) is dropped rather than written late.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import asyncpg
+
+from klipstream.errors import DatabaseUnavailable
+from klipstream.jobs.store import ACTIVE, IdempotencyRecord, JobRow
+from klipstream.jobs.store.migrations import upgrade_postgres
+from klipstream.models import Job
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+MAX_BATCH = 512  # writes per transaction
+RETRY_AFTER_SECONDS = 5
+
+# What "the database is not there" looks like: the socket (refused, reset, unreachable), the
+# protocol (connection lost mid-call), the server (shutting down, starting up, crash recovery:
+# SQLSTATE class 57; too many connections, out of memory or disk: class 53), or our timeout.
+UNAVAILABLE: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+)
+
+# A new job and, when the submission carried an Idempotency-Key, its record: one statement either
+# way, so a burst of submissions is one run of one statement whatever keys they carry.
+_INSERT_JOB = """
+WITH job AS (
+    INSERT INTO jobs (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+)
+INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at)
+SELECT $9::text, $10::text, $11::text, $12::text, $13::integer, $14::double precision
+WHERE $9::text IS NOT NULL
+"""
+_SAVE_JOB = (
+    "UPDATE jobs SET video_id=$1, status=$2, priority=$3, created_at=$4, updated_at=$5, finished_at=$6, doc=$7"
+    " WHERE job_id=$8"
+)
+_STAGE_RUN = "INSERT INTO stage_runs (stage, seconds, media_seconds, finished_at) VALUES ($1, $2, $3, $4)"
+_NO_KEY = (None, None, None, None, None, None)
+
+
+def redacted(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return parts._replace(netloc=netloc).geturl()
+
+
+class PostgresStore:
+    """JobStore on PostgreSQL: a pool of connections, one writer task committing batches."""
+
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+        self.url = url
+        self.pool_size = max(2, pool_size)  # the writer's connection and at least one for reads
+        self.timeout = timeout
+        self._pool: asyncpg.Pool | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: list[_Write] = []  # made during this turn of the event loop
+        self._batches: deque[_Batch] = deque()
+        self._wake = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # --- lifecycle ---
+    async def open(self) -> None:
+        """Apply the migrations (under the advisory lock), then open the pool and the writer."""
+        self._loop = asyncio.get_running_loop()
+        try:
+            conn = await asyncpg.connect(self.url, timeout=self.timeout)
+        except UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+        try:
+            await upgrade_postgres(conn)
+        finally:
+            await conn.close()
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.url,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=self.timeout,  # connecting
+                command_timeout=self.timeout,
+                max_inactive_connection_lifetime=300,
+            )
+        except UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+        self._closing = False
+        self._writer = asyncio.create_task(self._write_loop(), name="postgres-writer")
+
+    async def close(self) -> None:
+        if self._pool is None:
+            return
+        if self._pending:  # made in this loop turn: written before the pool closes
+            self._flush()
+        self._closing = True
+        self._wake.set()
+        if self._writer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._writer), self.timeout * 2)
+            self._writer.cancel()
+            self._writer = None
+        pool, self._pool = self._pool, None
+        try:
+            await asyncio.wait_for(pool.close(), self.timeout)
+        except TimeoutError:
+            pool.terminate()
+
+    def _unavailable(self, exc: BaseException) -> DatabaseUnavailable:
+        reason = type(exc).__name__ if isinstance(exc, TimeoutError) else f"{type(exc).__name__}: {exc}"
+        return DatabaseUnavailable(
+            f"The job database ({redacted(self.url)}) is unavailable ({reason}).",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
+
+    # --- writes: group commit ---
+    def _write(self, sql: str, args: Sequence[Any]) -> asyncio.Future[None]:
+        """Queue one statement; the future settles once the transaction holding it commits."""
+        if self._pool is None or self._loop is None or self._closing:
+            raise RuntimeError("store is not open")
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._pending.append(_Write(sql, args, future))
+        if len(self._pending) == 1:
+            self._loop.call_soon(self._flush)
+        return future
+
+    def _flush(self) -> None:
+        """Hand this loop turn's writes to the writer, with one timeout for all of them."""
+        assert self._loop is not None
+        if not self._pending:  # close() flushed them already
+            return
+        writes, self._pending = self._pending, []
+        timer = self._loop.call_later(self.timeout, self._expire, writes)
+        self._batches.append(_Batch(writes, timer))
+        self._wake.set()
+
+    def _expire(self, writes: list[_Write]) -> None:
+        error = DatabaseUnavailable(
+            f"The job database did not commit within {self.timeout:g} s.", retry_after=RETRY_AFTER_SECONDS
+        )
+        for write in writes:
+            if not write.future.done():
+                write.future.set_exception(error)
+
+    async def _write_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._batches:
+                batches = [self._batches.popleft()]
+                size = len(batches[0].writes)
+                while self._batches and size + len(self._batches[0].writes) <= MAX_BATCH:
+                    batches.append(self._batches.popleft())
+                    size += len(batches[-1].writes)
+                try:
+                    await self._commit([w for b in batches for w in b.writes if not w.future.done()])
+                except Exception:  # a bug here must not stop the writer: fail this batch, go on
+                    log.exception("postgres writer failed a batch")
+                    for batch in batches:
+                        for write in batch.writes:
+                            if not write.future.done():
+                                write.future.set_exception(RuntimeError("the store's writer failed"))
+                for batch in batches:
+                    batch.timer.cancel()
+            if self._closing:
+                return
+
+    async def _commit(self, writes: list[_Write]) -> None:
+        if not writes:  # every caller has been answered already (timed out)
+            return
+        assert self._pool is not None
+        failed: BaseException | None = None
+        try:
+            async with asyncio.timeout(self.timeout), self._pool.acquire() as conn:
+                try:
+                    await _execute(conn, writes)
+                except Exception as exc:
+                    if isinstance(exc, UNAVAILABLE):
+                        raise
+                    for write in writes:  # one statement failed: each write alone, so it stays local
+                        try:
+                            await _execute(conn, [write])
+                        except Exception as alone:  # this write's own failure, handed to its caller
+                            if isinstance(alone, UNAVAILABLE):
+                                raise
+                            _settle(write.future, alone)
+                        else:
+                            _settle(write.future, None)
+                    return
+        except UNAVAILABLE as exc:
+            failed = self._unavailable(exc)
+        for write in writes:
+            _settle(write.future, failed)
+
+    # --- reads ---
+    async def _read(self, query: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        if self._pool is None:
+            raise RuntimeError("store is not open")
+        try:
+            async with asyncio.timeout(self.timeout), self._pool.acquire() as conn:
+                return await query(conn)
+        except UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+
+    # --- jobs ---
+    async def ping(self) -> bool:
+        try:
+            return await self._read(lambda c: c.fetchval("SELECT 1")) == 1
+        except Exception:  # readiness reports an unreachable store as not ready
+            return False
+
+    async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None:
+        key = (
+            _NO_KEY
+            if idempotency is None
+            else (
+                idempotency.key,
+                idempotency.body_hash,
+                idempotency.job_id,
+                idempotency.response,
+                idempotency.status,
+                time.time(),
+            )
+        )
+        await self._write(_INSERT_JOB, (*row, *key))
+
+    async def save_job(self, job: Job) -> None:
+        job_id, *rest = JobRow.of(job)
+        await self._write(_SAVE_JOB, (*rest, job_id))
+
+    async def get_job(self, job_id: str) -> Job | None:
+        doc = await self._read(lambda c: c.fetchval("SELECT doc FROM jobs WHERE job_id=$1", job_id))
+        return Job.model_validate_json(doc) if doc is not None else None
+
+    async def list_jobs(self, status: str | None, limit: int, before_seq: int | None) -> list[tuple[int, Job]]:
+        sql = "SELECT seq, doc FROM jobs WHERE true"
+        params: list[Any] = []
+        if status:
+            params.append(status)
+            sql += f" AND status=${len(params)}"
+        if before_seq is not None:
+            params.append(before_seq)
+            sql += f" AND seq<${len(params)}"
+        params.append(limit)
+        sql += f" ORDER BY seq DESC LIMIT ${len(params)}"
+        rows = await self._read(lambda c: c.fetch(sql, *params))
+        return [(seq, Job.model_validate_json(doc)) for seq, doc in rows]
+
+    async def active_jobs(self) -> list[Job]:
+        rows = await self._read(
+            lambda c: c.fetch("SELECT doc FROM jobs WHERE status = ANY($1::text[]) ORDER BY seq", list(ACTIVE))
+        )
+        return [Job.model_validate_json(doc) for (doc,) in rows]
+
+    # --- idempotency ---
+    async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
+        row = await self._read(
+            lambda c: c.fetchrow("SELECT key, body_hash, job_id, response, status FROM idempotency WHERE key=$1", key)
+        )
+        return IdempotencyRecord(*row) if row else None
+
+    # --- statistics ---
+    async def record_stage_run(self, stage: str, seconds: float, media_seconds: float | None) -> None:
+        await self._write(_STAGE_RUN, (stage, seconds, media_seconds, time.time()))
+
+    async def stage_runs(self, since: float) -> list[tuple[str, float, float | None]]:
+        rows = await self._read(
+            lambda c: c.fetch(
+                "SELECT stage, seconds, media_seconds FROM stage_runs WHERE finished_at>=$1 ORDER BY finished_at",
+                since,
+            )
+        )
+        return [tuple(r) for r in rows]  # type: ignore[misc]
+
+    async def terminal_counts(self, since: float) -> dict[str, int]:
+        rows = await self._read(
+            lambda c: c.fetch("SELECT status, COUNT(*) FROM jobs WHERE finished_at>=$1 GROUP BY status", since)
+        )
+        return {status: count for status, count in rows}
+
+
+@dataclass(frozen=True, slots=True)
+class _Write:
+    sql: str
+    args: Sequence[Any]
+    future: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Batch:
+    writes: list[_Write]
+    timer: asyncio.TimerHandle
+
+
+def _runs(writes: list[_Write]) -> list[tuple[str, list[Sequence[Any]]]]:
+    """Consecutive writes of the same statement, as (statement, argument rows), in order."""
+    runs: list[tuple[str, list[Sequence[Any]]]] = []
+    for write in writes:
+        if runs and runs[-1][0] == write.sql:
+            runs[-1][1].append(write.args)
+        else:
+            runs.append((write.sql, [write.args]))
+    return runs
+
+
+async def _run(conn: asyncpg.Connection, sql: str, rows: list[Sequence[Any]]) -> None:
+    if len(rows) == 1:
+        await conn.execute(sql, *rows[0])
+    else:
+        await conn.executemany(sql, rows)  # pipelined, and atomic on its own
+
+
+async def _execute(conn: asyncpg.Connection, writes: list[_Write]) -> None:
+    """All the writes in one transaction: one round trip when they are one run of one statement."""
+    runs = _runs(writes)
+    if len(runs) == 1:
+        await _run(conn, *runs[0])
+        return
+    async with conn.transaction():
+        for sql, rows in runs:
+            await _run(conn, sql, rows)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(None)

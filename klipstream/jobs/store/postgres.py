@@ -52,6 +52,11 @@ UNAVAILABLE: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,
 )
 
+# A call the driver refuses before sending it, on a connection that is closed or still consuming
+# the server's shutdown message.
+_REFUSED_BY_CLIENT = (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)
+_NOT_THIS_WRITE = UNAVAILABLE + _REFUSED_BY_CLIENT  # failures of the connection, not of one write
+
 # A new job and, when the submission carried an Idempotency-Key, its record: one statement either
 # way, so a burst of submissions is one run of one statement whatever keys they carry.
 _INSERT_JOB = """
@@ -201,39 +206,44 @@ class PostgresStore:
     async def _commit(self, writes: list[_Write]) -> None:
         if not writes:  # every caller has been answered already (timed out)
             return
-        assert self._pool is not None
-        failed: BaseException | None = None
         try:
-            async with asyncio.timeout(self.timeout), self._pool.acquire() as conn:
-                try:
-                    await _execute(conn, writes)
-                except Exception as exc:
-                    if isinstance(exc, UNAVAILABLE):
-                        raise
-                    for write in writes:  # one statement failed: each write alone, so it stays local
-                        try:
-                            await _execute(conn, [write])
-                        except Exception as alone:  # this write's own failure, handed to its caller
-                            if isinstance(alone, UNAVAILABLE):
-                                raise
-                            _settle(write.future, alone)
-                        else:
-                            _settle(write.future, None)
-                    return
-        except UNAVAILABLE as exc:
-            failed = self._unavailable(exc)
+            await self._with_connection(lambda conn: _commit_on(conn, writes))
+        except DatabaseUnavailable as exc:
+            for write in writes:
+                _settle(write.future, exc)
+            return
         for write in writes:
-            _settle(write.future, failed)
+            _settle(write.future, None)
 
-    # --- reads ---
-    async def _read(self, query: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+    async def _with_connection(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """Run `work` on a pooled connection within the timeout; unavailability becomes
+        `DatabaseUnavailable`.
+
+        A pooled connection can turn out dead when used: the server shut down or restarted since
+        it was last used, and the loop reads the server's goodbye only now. asyncpg then refuses
+        the call before sending anything (the connection is closed, or its protocol is still
+        consuming that unsolicited error), so the work runs once more on a fresh connection: the
+        caller gets the database's real state, not a failure of a connection the pool should have
+        dropped.
+        """
         if self._pool is None:
             raise RuntimeError("store is not open")
         try:
-            async with asyncio.timeout(self.timeout), self._pool.acquire() as conn:
-                return await query(conn)
+            for attempt in range(2):
+                async with asyncio.timeout(self.timeout), self._pool.acquire() as conn:
+                    try:
+                        return await work(conn)
+                    except _REFUSED_BY_CLIENT as exc:
+                        conn.terminate()  # the pool opens a new one in its place
+                        if attempt == 1:
+                            raise ConnectionResetError(f"the database connection broke: {exc}") from exc
+            raise AssertionError("unreachable")
         except UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
+
+    # --- reads ---
+    async def _read(self, query: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        return await self._with_connection(query)
 
     # --- jobs ---
     async def ping(self) -> bool:
@@ -341,6 +351,28 @@ async def _run(conn: asyncpg.Connection, sql: str, rows: list[Sequence[Any]]) ->
         await conn.execute(sql, *rows[0])
     else:
         await conn.executemany(sql, rows)  # pipelined, and atomic on its own
+
+
+async def _commit_on(conn: asyncpg.Connection, writes: list[_Write]) -> None:
+    """Commit the writes not yet answered, together; if a statement fails, each write alone.
+
+    Writes committed or refused alone are settled here; the caller settles the rest together."""
+    writes = [w for w in writes if not w.future.done()]
+    try:
+        await _execute(conn, writes)
+        return
+    except Exception as exc:
+        if isinstance(exc, _NOT_THIS_WRITE) or conn.is_closed():
+            raise
+    for write in writes:  # one statement failed: each write alone, so the failure stays local
+        try:
+            await _execute(conn, [write])
+        except Exception as alone:
+            if isinstance(alone, _NOT_THIS_WRITE) or conn.is_closed():
+                raise
+            _settle(write.future, alone)  # this write's own failure, handed to its caller
+        else:
+            _settle(write.future, None)
 
 
 async def _execute(conn: asyncpg.Connection, writes: list[_Write]) -> None:

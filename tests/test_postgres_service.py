@@ -1,0 +1,98 @@
+"""The service on PostgreSQL through real HTTP: KLIPSTREAM_DATABASE_URL selects the store, jobs
+run and are served from it after a restart, and a database outage is a 503 with Retry-After (not
+a 500) until the server is back."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from typing import Any
+
+import asyncpg
+
+from klipstream.config import Settings
+from tests.pg_server import running_server
+from tests.scheduler_stages import Recorder, simple_pipeline
+
+URL = "https://www.twitch.tv/videos/"
+
+
+async def wait_status(client: Any, job_id: str, wanted: set[str], timeout: float = 10) -> dict[str, Any]:
+    async with asyncio.timeout(timeout):
+        while True:
+            resp = await client.get(f"/api/v1/analysis/{job_id}")
+            body = await resp.json()
+            if body.get("status") in wanted:
+                return body
+            await asyncio.sleep(0.02)
+
+
+async def test_jobs_run_and_are_served_from_postgres_after_a_restart(make_client, make_settings, postgres_url):
+    settings: Settings = make_settings(database_url=postgres_url)
+    client = await make_client(settings, simple_pipeline(Recorder()))
+    headers = {"Idempotency-Key": "order-1"}
+    resp = await client.post("/api/v1/analysis", json={"url": URL + "2000000001"}, headers=headers)
+    assert resp.status == 202
+    first = await resp.json()
+    job = await wait_status(client, first["job_id"], {"completed", "failed"})
+    assert job["status"] == "completed", job
+    replay = await client.post("/api/v1/analysis", json={"url": URL + "2000000001"}, headers=headers)
+    assert replay.status == 200 and (await replay.json())["job_id"] == first["job_id"]
+    await client.close()
+
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        row = await conn.fetchrow("SELECT status, video_id FROM jobs WHERE job_id=$1", first["job_id"])
+        assert (row["status"], row["video_id"]) == ("completed", "2000000001")
+        assert await conn.fetchval("SELECT job_id FROM idempotency WHERE key='order-1'") == first["job_id"]
+        assert await conn.fetchval("SELECT count(*) FROM stage_runs") == 5
+    finally:
+        await conn.close()
+    with sqlite3.connect(settings.database_path) as local:  # the webhook outbox's file holds no jobs
+        assert local.execute("SELECT count(*) FROM jobs").fetchone()[0] == 0
+
+    again = await make_client(settings, simple_pipeline(Recorder()))  # a new process on the same database
+    resp = await again.get(f"/api/v1/analysis/{first['job_id']}")
+    assert resp.status == 200 and (await resp.json())["status"] == "completed"
+    listed = await (await again.get("/api/v1/jobs?status=completed")).json()
+    assert [j["job_id"] for j in listed["jobs"]] == [first["job_id"]]
+    replay = await again.post("/api/v1/analysis", json={"url": URL + "2000000001"}, headers=headers)
+    assert replay.status == 200 and (await replay.json())["job_id"] == first["job_id"]
+
+
+async def test_database_outage_is_503_with_retry_after_and_the_service_recovers(make_client, make_settings):
+    with running_server() as server:
+        settings: Settings = make_settings(database_url=server.create_database(), database_timeout_seconds=3)
+        client = await make_client(settings, simple_pipeline(Recorder()))
+        resp = await client.post("/api/v1/analysis", json={"url": URL + "2000000001"})
+        assert resp.status == 202
+        done = await wait_status(client, (await resp.json())["job_id"], {"completed", "failed"})
+        assert done["status"] == "completed"
+        assert (await client.get("/health/ready")).status == 200
+
+        server.stop("fast")  # the database goes away mid-run
+        resp = await client.post("/api/v1/analysis", json={"url": URL + "2000000002"})
+        assert resp.status == 503
+        assert resp.headers["Retry-After"].isdigit()
+        body = await resp.json()
+        assert body["title"] == "Database unavailable" and "retry" in body["detail"]
+        keyed = await client.post(
+            "/api/v1/analysis", json={"url": URL + "2000000003"}, headers={"Idempotency-Key": "k"}
+        )
+        assert keyed.status == 503
+        assert (await client.get("/api/v1/analysis/0123456789abcdef01234567")).status == 503
+        assert (await client.get("/api/v1/jobs")).status == 503
+        assert (await client.get("/health/ready")).status == 503
+        assert (await client.get("/health")).status == 200  # liveness does no I/O: no restart loop
+
+        server.start()
+        resp = await client.post("/api/v1/analysis", json={"url": URL + "2000000002"})
+        assert resp.status == 202
+        done = await wait_status(client, (await resp.json())["job_id"], {"completed", "failed"})
+        assert done["status"] == "completed"
+        keyed = await client.post(
+            "/api/v1/analysis", json={"url": URL + "2000000003"}, headers={"Idempotency-Key": "k"}
+        )
+        assert keyed.status == 202  # the refused attempt left nothing behind
+        assert (await client.get("/health/ready")).status == 200
+        assert (await client.get("/api/v1/analysis/0123456789abcdef01234567")).status == 404

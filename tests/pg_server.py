@@ -168,11 +168,14 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
-    def start(self) -> PostgresServer:
+    def start(self, core: str | None = None) -> PostgresServer:
+        """Start postgres and wait until it accepts connections; `core` pins it (taskset) to CPUs."""
         options = " ".join(f"-c {key}={value!s}" for key, value in self.settings.items())
         options += f" -p {self.port}"
+        pin = ["taskset", "-c", core] if core is not None and shutil.which("taskset") else []
         done = subprocess.run(
-            _as_owner(
+            pin
+            + _as_owner(
                 [
                     str(bindir() / "pg_ctl"),
                     "start",
@@ -254,8 +257,8 @@ class PostgresServer:
 
 
 @contextlib.contextmanager
-def running_server(**settings: str) -> Iterator[PostgresServer]:
-    server = PostgresServer.create(**settings).start()
+def running_server(core: str | None = None, **settings: str) -> Iterator[PostgresServer]:
+    server = PostgresServer.create(**settings).start(core)
     try:
         yield server
     finally:

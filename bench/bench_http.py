@@ -125,6 +125,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds; medians are reported")
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--postgres", action="store_true", help="store jobs in a throwaway PostgreSQL server")
+    parser.add_argument(
+        "--postgres-core", default=CLIENT_CORE, help="CPU list the PostgreSQL server is pinned to, 'any' for none"
+    )
     args = parser.parse_args()
     seconds, conns = args.seconds, args.connections
     submit_lua, etag_lua = write_script(SUBMIT_LUA), write_script(ETAG_LUA)
@@ -142,7 +145,8 @@ def main() -> int:
             if args.postgres:
                 from tests.pg_server import running_server
 
-                database = stack.enter_context(running_server(core=CLIENT_CORE))
+                pg_core = None if args.postgres_core == "any" else args.postgres_core
+                database = stack.enter_context(running_server(core=pg_core))
                 store_env["KLIPSTREAM_DATABASE_URL"] = database_url = database.create_database("bench")
                 db_name = database_url.rsplit("/", 1)[1]
                 rows = lambda: int(database.psql("SELECT count(*) FROM jobs", db_name))  # noqa: E731

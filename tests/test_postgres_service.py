@@ -5,16 +5,27 @@ a 500) until the server is back."""
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import sqlite3
+import subprocess
+import sys
 from typing import Any
 
 import asyncpg
+import pytest
 
 from klipstream.config import Settings
 from tests.pg_server import running_server
 from tests.scheduler_stages import Recorder, simple_pipeline
 
 URL = "https://www.twitch.tv/videos/"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 async def wait_status(client: Any, job_id: str, wanted: set[str], timeout: float = 10) -> dict[str, Any]:
@@ -96,3 +107,34 @@ async def test_database_outage_is_503_with_retry_after_and_the_service_recovers(
         assert keyed.status == 202  # the refused attempt left nothing behind
         assert (await client.get("/health/ready")).status == 200
         assert (await client.get("/api/v1/analysis/0123456789abcdef01234567")).status == 404
+
+
+def test_database_url_selects_the_store_and_is_validated(tmp_path):
+    from klipstream.config import ConfigError
+    from klipstream.jobs.store import create_store
+    from klipstream.jobs.store.postgres import PostgresStore
+    from klipstream.jobs.store.sqlite import SQLiteStore
+
+    env = {"KLIPSTREAM_DATA_DIR": str(tmp_path)}
+    assert isinstance(create_store(Settings.from_env(env)), SQLiteStore)
+    url = "postgresql://klip:pw@db.internal:5432/klipstream"
+    store = create_store(Settings.from_env({**env, "KLIPSTREAM_DATABASE_URL": url}))
+    assert isinstance(store, PostgresStore) and store.url == url
+    with pytest.raises(ConfigError, match="KLIPSTREAM_DATABASE_URL"):
+        Settings.from_env({"KLIPSTREAM_DATABASE_URL": "mysql://db/klip"})
+
+
+def test_serve_with_the_database_down_exits_with_one_line(tmp_path):
+    env = {
+        **os.environ,
+        "KLIPSTREAM_DATA_DIR": str(tmp_path),
+        "KLIPSTREAM_DATABASE_URL": f"postgresql://postgres:s3cret@127.0.0.1:{free_port()}/klipstream",
+        "KLIPSTREAM_LOG_LEVEL": "error",
+        "PORT": str(free_port()),
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "klipstream", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 3
+    assert done.stderr.strip().startswith("klipstream: cannot start: The job database")
+    assert "Traceback" not in done.stderr and "s3cret" not in done.stderr

@@ -18,6 +18,7 @@ from klipstream.cli.common import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_USAGE,
 from klipstream.cli.local import cmd_analyze
 from klipstream.cli.remote import cmd_cancel, cmd_jobs, cmd_status, cmd_submit, cmd_watch
 from klipstream.config import ConfigError, Settings, env_table
+from klipstream.errors import DatabaseUnavailable
 from klipstream.models import JobStatus
 
 
@@ -223,7 +224,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         overrides["data_dir"] = Path(overrides["data_dir"])
     settings = Settings.from_env(**overrides)
     configure_logging(settings.log_level, settings.log_format)
-    run_server(settings)
+    try:
+        run_server(settings)
+    except DatabaseUnavailable as exc:  # e.g. PostgreSQL down at start: one line, exit 3
+        raise CliError(f"cannot start: {exc.message}") from None
     return 0
 
 

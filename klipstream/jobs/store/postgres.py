@@ -106,13 +106,10 @@ class PostgresStore:
         self._loop = asyncio.get_running_loop()
         try:
             conn = await asyncpg.connect(self.url, timeout=self.timeout)
-        except UNAVAILABLE as exc:
-            raise self._unavailable(exc) from exc
-        try:
-            await upgrade_postgres(conn)
-        finally:
-            await conn.close()
-        try:
+            try:
+                await upgrade_postgres(conn)  # no time limit: a migration takes what it takes
+            finally:
+                await conn.close()
             self._pool = await asyncpg.create_pool(
                 self.url,
                 min_size=1,
@@ -168,8 +165,9 @@ class PostgresStore:
         if not self._pending:  # close() flushed them already
             return
         writes, self._pending = self._pending, []
-        timer = self._loop.call_later(self.timeout, self._expire, writes)
-        self._batches.append(_Batch(writes, timer))
+        deadline = self._loop.time() + self.timeout
+        timer = self._loop.call_at(deadline, self._expire, writes)
+        self._batches.append(_Batch(writes, timer, deadline))
         self._wake.set()
 
     def _expire(self, writes: list[_Write]) -> None:
@@ -191,7 +189,8 @@ class PostgresStore:
                     batches.append(self._batches.popleft())
                     size += len(batches[-1].writes)
                 try:
-                    await self._commit([w for b in batches for w in b.writes if not w.future.done()])
+                    writes = [w for b in batches for w in b.writes if not w.future.done()]
+                    await self._commit(writes, batches[0].deadline)
                 except Exception:  # a bug here must not stop the writer: fail this batch, go on
                     log.exception("postgres writer failed a batch")
                     for batch in batches:
@@ -203,11 +202,13 @@ class PostgresStore:
             if self._closing:
                 return
 
-    async def _commit(self, writes: list[_Write]) -> None:
+    async def _commit(self, writes: list[_Write], deadline: float) -> None:
+        """Commit by the deadline at which the oldest caller is told the database did not answer,
+        so that a write is not committed after its caller heard it failed."""
         if not writes:  # every caller has been answered already (timed out)
             return
         try:
-            await self._with_connection(lambda conn: _commit_on(conn, writes))
+            await self._with_connection(lambda conn: _commit_on(conn, writes), deadline)
         except DatabaseUnavailable as exc:
             for write in writes:
                 _settle(write.future, exc)
@@ -215,9 +216,11 @@ class PostgresStore:
         for write in writes:
             _settle(write.future, None)
 
-    async def _with_connection(self, work: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
-        """Run `work` on a pooled connection within the timeout; unavailability becomes
-        `DatabaseUnavailable`.
+    async def _with_connection(
+        self, work: Callable[[asyncpg.Connection], Awaitable[T]], deadline: float | None = None
+    ) -> T:
+        """Run `work` on a pooled connection by `deadline` (loop time; default: the timeout from
+        now); unavailability becomes `DatabaseUnavailable`.
 
         A pooled connection can turn out dead when used: the server shut down or restarted since
         it was last used, and the loop reads the server's goodbye only now. asyncpg then refuses
@@ -226,11 +229,13 @@ class PostgresStore:
         caller gets the database's real state, not a failure of a connection the pool should have
         dropped.
         """
-        if self._pool is None:
+        if self._pool is None or self._loop is None:
             raise RuntimeError("store is not open")
+        if deadline is None:
+            deadline = self._loop.time() + self.timeout
         try:
             for attempt in range(2):
-                async with asyncio.timeout(self.timeout), self._pool.acquire() as conn:
+                async with asyncio.timeout_at(deadline), self._pool.acquire() as conn:
                     try:
                         return await work(conn)
                     except _REFUSED_BY_CLIENT as exc:
@@ -333,6 +338,7 @@ class _Write:
 class _Batch:
     writes: list[_Write]
     timer: asyncio.TimerHandle
+    deadline: float  # loop time at which the timer answers the callers
 
 
 def _runs(writes: list[_Write]) -> list[tuple[str, list[Sequence[Any]]]]:

@@ -138,3 +138,43 @@ def test_serve_with_the_database_down_exits_with_one_line(tmp_path):
     assert done.returncode == 3
     assert done.stderr.strip().startswith("klipstream: cannot start: The job database")
     assert "Traceback" not in done.stderr and "s3cret" not in done.stderr
+
+
+async def test_every_accepted_submission_survives_a_database_crash_mid_burst(make_client, make_settings):
+    """Submissions flow while PostgreSQL is killed (immediate stop: no shutdown checkpoint) and
+    started again: each answer is 202 or 503, and every 202's job is in the database."""
+    with running_server() as server:
+        url = server.create_database()
+        settings: Settings = make_settings(database_url=url, database_timeout_seconds=3)
+        client = await make_client(settings, [])  # no stages: jobs stay queued, only submissions count
+        await client.post("/api/v1/queue/pause")
+        answers: list[tuple[int, str | None]] = []
+        counter = iter(range(2_100_000_000, 2_200_000_000))
+
+        async def submitter() -> None:
+            for _ in range(40):
+                resp = await client.post("/api/v1/analysis", json={"url": URL + str(next(counter))})
+                body = await resp.json()
+                answers.append((resp.status, body.get("job_id")))
+                if resp.status == 503:
+                    assert resp.headers["Retry-After"].isdigit()
+                    await asyncio.sleep(0.05)
+
+        async def crash() -> None:
+            while len(answers) < 150:
+                await asyncio.sleep(0.005)
+            await asyncio.to_thread(server.stop, "immediate")
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(server.start)
+
+        await asyncio.gather(crash(), *(submitter() for _ in range(16)))
+        statuses = {status for status, _ in answers}
+        assert statuses <= {202, 503}, statuses
+        accepted = {job_id for status, job_id in answers if status == 202}
+        assert 503 in statuses and len(accepted) >= 150
+        conn = await asyncpg.connect(url)
+        try:
+            stored = {r["job_id"] for r in await conn.fetch("SELECT job_id FROM jobs")}
+        finally:
+            await conn.close()
+        assert accepted <= stored, f"{len(accepted - stored)} accepted jobs are not in the database"

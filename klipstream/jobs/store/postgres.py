@@ -112,7 +112,9 @@ class PostgresStore:
                 await conn.close()
             self._pool = await asyncpg.create_pool(
                 self.url,
-                min_size=1,
+                # No floor of idle connections: asyncpg would keep reconnecting to restore it
+                # during an outage, logging each failure; calls reconnect on demand instead.
+                min_size=0,
                 max_size=self.pool_size,
                 timeout=self.timeout,  # connecting
                 command_timeout=self.timeout,

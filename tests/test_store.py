@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.store import IdempotencyRecord, JobRow
 from klipstream.jobs.store import sqlite as store_module
 from klipstream.jobs.store.sqlite import SQLiteStore
@@ -59,7 +60,7 @@ async def test_a_request_the_writer_does_not_answer_times_out(tmp_path: Path, mo
     await store.open()
     release = threading.Event()
     stuck = store._call(lambda conn: release.wait(5))
-    with pytest.raises(TimeoutError, match="store did not answer"):
+    with pytest.raises(DatabaseUnavailable, match="store did not answer"):
         await asyncio.wait_for(stuck, 2)  # the guard of this test only; the store's own timer fires first
     release.set()
     assert await store.ping()  # the writer goes on once it is free again

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.store import ACTIVE, IdempotencyRecord, JobRow
 from klipstream.jobs.store.migrations import upgrade_sqlite
 from klipstream.models import Job
@@ -30,7 +31,7 @@ from klipstream.models import Job
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 CHECKPOINT_SECONDS = 2.0
-CALL_TIMEOUT_SECONDS = 30.0  # a request the writer has not answered by then fails with TimeoutError
+CALL_TIMEOUT_SECONDS = 30.0  # a request the writer has not answered by then fails (DatabaseUnavailable: 503)
 MAX_BATCH = 512  # requests per transaction
 
 
@@ -291,7 +292,8 @@ def _settle_all(outcomes: list[Outcome], timers: list[asyncio.TimerHandle]) -> N
 
 def _expire(requests: list[Request]) -> None:
     for _, future in requests:
-        _settle(future, None, TimeoutError(f"the store did not answer within {CALL_TIMEOUT_SECONDS:.0f} s"))
+        error = DatabaseUnavailable(f"The store did not answer within {CALL_TIMEOUT_SECONDS:.0f} s.", retry_after=5)
+        _settle(future, None, error)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

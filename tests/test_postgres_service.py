@@ -124,6 +124,16 @@ def test_database_url_selects_the_store_and_is_validated(tmp_path):
         Settings.from_env({"KLIPSTREAM_DATABASE_URL": "mysql://db/klip"})
 
 
+def test_a_local_analyze_run_keeps_its_own_store_when_a_shared_database_is_configured(tmp_path):
+    from klipstream.cli.local import local_settings
+    from klipstream.jobs.store import create_store
+    from klipstream.jobs.store.sqlite import SQLiteStore
+
+    shared = Settings.from_env({"KLIPSTREAM_DATABASE_URL": "postgresql://klip@db.internal/klipstream"})
+    local = local_settings(shared, tmp_path)
+    assert isinstance(create_store(local), SQLiteStore) and local.database_path.parent == tmp_path
+
+
 def test_serve_with_the_database_down_exits_with_one_line(tmp_path):
     env = {
         **os.environ,

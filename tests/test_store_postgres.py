@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 import sys
 import time
+from asyncio.subprocess import PIPE
 
 import asyncpg
 import pytest
 
 from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.store import JobRow
-from klipstream.jobs.store.migrations import POSTGRES, latest
+from klipstream.jobs.store.migrations import ADVISORY_LOCK_KEY, POSTGRES, latest
 from klipstream.jobs.store.postgres import PostgresStore
 from klipstream.models import Job, JobStatus
 from tests.pg_server import PostgresServer, running_server
+
+# Sessions waiting for the migrations' advisory lock (a bigint key shows as classid/objid halves).
+WAITING_ON_THE_LOCK = (
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+    " AND ((classid::bigint << 32) | objid::bigint) = $1"
+)
 
 
 def new_job(n: int) -> Job:
@@ -43,18 +49,31 @@ async def test_instances_starting_together_apply_each_migration_once(postgres_ur
         await store.close()
 
 
-def test_db_upgrade_commands_run_together_apply_each_migration_once(postgres_url: str):
-    """Two `klipstream db upgrade` processes at once: one applies, the other finds it done."""
+async def test_db_upgrade_commands_started_together_queue_on_the_advisory_lock(postgres_url: str):
+    """Two `klipstream db upgrade` processes held at the lock together: once it is free, one
+    applies the migrations and the other finds them applied."""
+    holder = await asyncpg.connect(postgres_url)
+    await holder.execute("SELECT pg_advisory_lock($1)", ADVISORY_LOCK_KEY)
     env = {**os.environ, "KLIPSTREAM_DATABASE_URL": postgres_url}
-    cmd = [sys.executable, "-m", "klipstream", "db", "upgrade"]
-    procs = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in "ab"]
-    outputs = [p.communicate(timeout=60) for p in procs]
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "klipstream", "db", "upgrade", env=env, stdout=PIPE, stderr=PIPE
+        )
+        for _ in "ab"
+    ]
+    try:
+        async with asyncio.timeout(60):
+            while await holder.fetchval(WAITING_ON_THE_LOCK, ADVISORY_LOCK_KEY) < 2:
+                await asyncio.sleep(0.05)
+    finally:
+        await holder.execute("SELECT pg_advisory_unlock($1)", ADVISORY_LOCK_KEY)
+        await holder.close()
+    outputs = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
-    said = sorted(out.strip().rsplit("(", 1)[1] for out, _ in outputs)
+    said = sorted(out.decode().strip().rsplit(" (", 1)[1] for out, _ in outputs)
     assert said == ["applied 1)", "up to date)"], outputs
-    assert all("schema version 1" in out for out, _ in outputs)
-    again = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert again.returncode == 0 and again.stdout.strip().endswith("schema version 1 (up to date)")
+    rows = await fetch(postgres_url, "SELECT version FROM schema_version")
+    assert [r["version"] for r in rows] == [1]
 
 
 async def test_writes_of_one_loop_turn_commit_in_one_transaction(postgres_url: str):

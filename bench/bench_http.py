@@ -14,7 +14,7 @@ With `--postgres` the service uses a throwaway PostgreSQL server (tests/pg_serve
 postgresql, initdb in a temporary directory, on loopback, pinned to the client core as a database on
 another machine would not take the server's core; fsync off and synchronous_commit on, the
 durability of the SQLite store's WAL with synchronous=NORMAL) instead of SQLite, and the goals are
-issue 14's.
+issue 14's; a second service on SQLite takes its submission turn in the same rounds, for reference.
 
 Run: `python bench/bench_http.py [--seconds 3] [--rounds 9] [--connections 64] [--postgres]`.
 """
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 import tempfile
 import time
@@ -171,6 +172,11 @@ def main() -> int:
                 ("bare POST", bare, bare.base + "/bare", submit_lua, (f"{run_tag}00",)),
                 ("submit", svc, svc.base + "/api/v1/analysis", submit_lua, (f"{run_tag}00",)),
             ]
+            if args.postgres:  # the SQLite store in the same rounds, for reference
+                lite = stack.enter_context(klipstream_server(real=real, KLIPSTREAM_MAX_QUEUED_JOBS="100000000"))
+                status, _ = request("POST", lite.base + "/api/v1/queue/pause")
+                assert status == 200, f"pause answered {status}"
+                submitting.append(("submit, SQLite", lite, lite.base + "/api/v1/analysis", submit_lua, ("",)))
             for phase in (polling, submitting):
                 for _name, _server, url, script, script_args in phase:  # warm-up, not counted
                     run_wrk(url, connections=conns, seconds=1, threads=1, script=script, script_args=script_args)
@@ -178,7 +184,7 @@ def main() -> int:
                 rows_before = rows()
                 for round_no in range(args.rounds):
                     for name, server, url, script, script_args in phase:
-                        if name == "submit":
+                        if name.startswith("submit"):
                             script_args = (f"{run_tag}{round_no + 1:02d}",)
                         runs.setdefault(name, []).append(measure(server, url, conns, seconds, script, script_args))
             time.sleep(0.5)
@@ -217,7 +223,12 @@ def print_report(
     real: bool,
     postgres: bool = False,
 ) -> None:
-    baseline = {"status 200": "bare GET", "status 304": "bare GET", "submit": "bare POST"}
+    baseline = {
+        "status 200": "bare GET",
+        "status 304": "bare GET",
+        "submit": "bare POST",
+        "submit, SQLite": "bare POST",
+    }
     rows = []
     for name, name_runs in runs.items():
         r = median_run(name_runs).wrk
@@ -237,6 +248,18 @@ def print_report(
     polling = median_ratio(runs["status 200"], runs["bare GET"])
     submit_ratio = median_ratio(runs["submit"], runs["bare POST"])
     p99s = sorted(r.wrk.latency_ms.get("99", float("nan")) for r in runs["submit"])
+    reference = []
+    if "submit, SQLite" in runs:
+        lite_p99s = sorted(r.wrk.latency_ms.get("99", float("nan")) for r in runs["submit, SQLite"])
+        lite_ratio = median_ratio(runs["submit, SQLite"], runs["bare POST"])
+        reference = [
+            [
+                "for reference: SQLite store, same rounds",
+                f"{lite_ratio:.2f}× bare POST, p99 {lite_p99s[len(lite_p99s) // 2]:.1f} ms",
+                "≥ 0.3×, ≤ 20 ms",
+                "",
+            ]
+        ]
     p99 = p99s[len(p99s) // 2]
     print(
         f"\n### HTTP ({conns} connections, {rounds} interleaved rounds of {seconds} s runs, medians; "
@@ -245,7 +268,8 @@ def print_report(
     print(
         f"Machine: {machine_note()}. Pipeline loaded by the server: "
         f"{'shipped default_pipeline' if real else 'bench-only stages (default_pipeline not importable)'}. "
-        f"Job store: {'PostgreSQL 15 on loopback (its own core: 1)' if postgres else 'SQLite'}.\n"
+        f"Job store: {'PostgreSQL 15 on loopback' if postgres else 'SQLite'}. "
+        f"Load average (1 min) at the end: {os.getloadavg()[0]:.1f}.\n"
     )
     submit_goal, p99_goal = (0.25, 25.0) if postgres else (0.3, 20.0)
     headers = ["run", "req/s", "ratio (median per round)", "p50 ms", "p99 ms", "errors/non-2xx", "core 0 used"]
@@ -281,6 +305,7 @@ def print_report(
                     "all",
                     verdict(failed == 0 and accepted >= submitted),
                 ],
+                *reference,
             ],
         )
     )

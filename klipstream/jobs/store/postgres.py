@@ -119,6 +119,7 @@ class PostgresStore:
                 timeout=self.timeout,  # connecting
                 command_timeout=self.timeout,
                 max_inactive_connection_lifetime=300,
+                reset=_keep_session,
             )
         except UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
@@ -327,6 +328,16 @@ class PostgresStore:
             lambda c: c.fetch("SELECT status, COUNT(*) FROM jobs WHERE finished_at>=$1 GROUP BY status", since)
         )
         return {status: count for status, count in rows}
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """The pool's reset of a released connection: nothing to undo.
+
+    The store never changes a pooled connection's session (no SET, LISTEN or session advisory
+    lock; the migrations use a connection of their own), and asyncpg still rolls back a
+    transaction left open. The default reset runs a query on every release, a round trip between
+    one batch's commit and the next batch.
+    """
 
 
 @dataclass(frozen=True, slots=True)

@@ -207,3 +207,23 @@ async def test_calls_after_close_are_refused(backend: Backend):
         await store.get_job("a")
     with pytest.raises(RuntimeError):
         await store.save_job(new_job(7))
+
+
+async def test_saves_of_a_job_from_successive_loop_turns_land_in_order(store: JobStore):
+    """Writes are not awaited one by one here (as a runner's background progress save and its
+    next state change are not): the last save made is the one the store keeps, even when the
+    earlier one is in a slower transaction still in flight."""
+    job = new_job(8)
+    await store.insert_job(JobRow.of(job))
+    for n in range(30):
+        # A slow batch whose save comes last, then a fast one with only a save: the second must
+        # not overtake the first.
+        slow = [store.insert_job(JobRow.of(new_job(1000 + n * 100 + i))) for i in range(60)]
+        job.warnings.append(f"step {n}a")
+        slow.append(store.save_job(job.model_copy(deep=True)))
+        first = asyncio.gather(*slow)
+        await asyncio.sleep(0.001)  # the slow batch is on its way
+        job.warnings.append(f"step {n}b")
+        await asyncio.gather(first, store.save_job(job.model_copy(deep=True)))
+        stored = await store.get_job(job.job_id)
+        assert stored is not None and stored.warnings == job.warnings, f"round {n}"

@@ -2,13 +2,14 @@
 
 Writes are group-committed as in the SQLite store: the writes made during one turn of the event
 loop travel to the database together, in one transaction, and the writes made while that
-transaction is in flight form the next one. One writer task sends them in order, so a caller that
-awaited a write and then writes again is never overtaken. Consecutive writes of the same statement
-become one pipelined `executemany` (one round trip for the whole run); a batch that is one such run
-needs no BEGIN/COMMIT at all, since `executemany` is atomic. If a statement fails (a constraint),
-the batch is rolled back and each write runs again alone, so one failure stays local.
+transaction is in flight form the next one. Two transactions can be in flight at once, but never
+two that write the same job, so writes of a job land in the order they were made. Consecutive
+writes of the same statement become one pipelined `executemany` (one round trip for the whole
+run); a batch that is one such run needs no BEGIN/COMMIT at all, since `executemany` is atomic.
+If a statement fails (a constraint), the batch is rolled back and each write runs again alone, so
+one failure stays local.
 
-Reads go straight to the pool, beside the writer: every caller's write has committed before its
+Reads go straight to the pool, beside the writers: every caller's write has committed before its
 future resolved, so a read started afterwards sees it.
 
 Every call is bounded by the store's timeout. When PostgreSQL cannot be reached (refused, reset,
@@ -39,6 +40,7 @@ from klipstream.models import Job
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 MAX_BATCH = 512  # writes per transaction
+WRITERS = 2  # write transactions in flight at once (on their own pooled connections)
 RETRY_AFTER_SECONDS = 5
 
 # What "the database is not there" looks like: the socket (refused, reset, unreachable), the
@@ -90,7 +92,7 @@ class PostgresStore:
 
     def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
         self.url = url
-        self.pool_size = max(2, pool_size)  # the writer's connection and at least one for reads
+        self.pool_size = max(WRITERS + 1, pool_size)  # the writers' connections and one for reads at least
         self.timeout = timeout
         self._pool: asyncpg.Pool | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -152,12 +154,15 @@ class PostgresStore:
         )
 
     # --- writes: group commit ---
-    def _write(self, sql: str, args: Sequence[Any]) -> asyncio.Future[None]:
-        """Queue one statement; the future settles once the transaction holding it commits."""
+    def _write(self, sql: str, args: Sequence[Any], key: str | None) -> asyncio.Future[None]:
+        """Queue one statement; the future settles once the transaction holding it commits.
+
+        `key` names the row it writes (a job id): writes of one key commit in the order they were
+        made; None for rows nothing writes twice (a stage record)."""
         if self._pool is None or self._loop is None or self._closing:
             raise RuntimeError("store is not open")
         future: asyncio.Future[None] = self._loop.create_future()
-        self._pending.append(_Write(sql, args, future))
+        self._pending.append(_Write(sql, args, key, future))
         if len(self._pending) == 1:
             self._loop.call_soon(self._flush)
         return future
@@ -182,6 +187,14 @@ class PostgresStore:
                 write.future.set_exception(error)
 
     async def _write_loop(self) -> None:
+        """Send batches in order, up to WRITERS transactions at once.
+
+        A batch starts while an earlier one is still committing unless they write a row in common
+        (a job id): then it waits for that one, so writes of a row land in the order they were
+        made. Overlapping two transactions hides the round trips and the server's work of one
+        behind the other when the database, not this process, is what submissions wait for.
+        """
+        in_flight: dict[asyncio.Task[None], set[str]] = {}
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -191,19 +204,29 @@ class PostgresStore:
                 while self._batches and size + len(self._batches[0].writes) <= MAX_BATCH:
                     batches.append(self._batches.popleft())
                     size += len(batches[-1].writes)
-                try:
-                    writes = [w for b in batches for w in b.writes if not w.future.done()]
-                    await self._commit(writes, batches[0].deadline)
-                except Exception:  # a bug here must not stop the writer: fail this batch, go on
-                    log.exception("postgres writer failed a batch")
-                    for batch in batches:
-                        for write in batch.writes:
-                            if not write.future.done():
-                                write.future.set_exception(RuntimeError("the store's writer failed"))
-                for batch in batches:
-                    batch.timer.cancel()
+                keys = {w.key for b in batches for w in b.writes if w.key is not None}
+                while len(in_flight) >= WRITERS or any(keys & busy for busy in in_flight.values()):
+                    done, _ = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        del in_flight[task]
+                in_flight[asyncio.create_task(self._commit_batches(batches))] = keys
             if self._closing:
+                if in_flight:
+                    await asyncio.wait(in_flight)
                 return
+
+    async def _commit_batches(self, batches: list[_Batch]) -> None:
+        try:
+            writes = [w for b in batches for w in b.writes if not w.future.done()]
+            await self._commit(writes, batches[0].deadline)
+        except Exception:  # a bug here must not stop the writer: fail this batch, go on
+            log.exception("postgres writer failed a batch")
+            for batch in batches:
+                for write in batch.writes:
+                    _settle(write.future, RuntimeError("the store's writer failed"))
+        finally:
+            for batch in batches:
+                batch.timer.cancel()
 
     async def _commit(self, writes: list[_Write], deadline: float) -> None:
         """Commit by the deadline at which the oldest caller is told the database did not answer,
@@ -261,7 +284,7 @@ class PostgresStore:
             return False
 
     async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None:
-        key = (
+        record = (
             _NO_KEY
             if idempotency is None
             else (
@@ -273,11 +296,11 @@ class PostgresStore:
                 time.time(),
             )
         )
-        await self._write(_INSERT_JOB, (*row, *key))
+        await self._write(_INSERT_JOB, (*row, *record), row.job_id)
 
     async def save_job(self, job: Job) -> None:
         job_id, *rest = JobRow.of(job)
-        await self._write(_SAVE_JOB, (*rest, job_id))
+        await self._write(_SAVE_JOB, (*rest, job_id), job_id)
 
     async def get_job(self, job_id: str) -> Job | None:
         doc = await self._read(lambda c: c.fetchval("SELECT doc FROM jobs WHERE job_id=$1", job_id))
@@ -312,7 +335,7 @@ class PostgresStore:
 
     # --- statistics ---
     async def record_stage_run(self, stage: str, seconds: float, media_seconds: float | None) -> None:
-        await self._write(_STAGE_RUN, (stage, seconds, media_seconds, time.time()))
+        await self._write(_STAGE_RUN, (stage, seconds, media_seconds, time.time()), None)
 
     async def stage_runs(self, since: float) -> list[tuple[str, float, float | None]]:
         rows = await self._read(
@@ -344,6 +367,7 @@ async def _keep_session(conn: asyncpg.Connection) -> None:
 class _Write:
     sql: str
     args: Sequence[Any]
+    key: str | None  # the row written (job id), for ordering across transactions in flight
     future: asyncio.Future[None]
 
 

@@ -23,6 +23,11 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     KLIPSTREAM_DATA_DIR=/var/lib/klipstream \
     KLIPSTREAM_LOG_FORMAT=json
 
+# ffmpeg with libass and a font: vertical clips burn their captions in (klipstream/clips).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ffmpeg fonts-dejavu-core \
+    && rm -rf /var/lib/apt/lists/*
+
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin klipstream \
     && install -d -o klipstream -g klipstream /var/lib/klipstream
 

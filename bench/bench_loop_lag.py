@@ -10,7 +10,11 @@ loopback, while an SSE subscriber follows it. Only samples taken while the job r
 `--pipeline bench` runs the BENCH-ONLY stages of bench/sse_server.py instead (used when the
 shipped pipeline does not import).
 
-Run: `python bench/bench_loop_lag.py [--repeat 4] [--pipeline real|bench]`.
+With `--chat-messages N` the job also gets a chat archive of N messages (TwitchDownloader JSON,
+served by the same file server) as its chat_url, so the chat stage's conversion and the chat
+analysis run while the lag is measured.
+
+Run: `python bench/bench_loop_lag.py [--repeat 4] [--pipeline real|bench] [--chat-messages 500000]`.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import subprocess
 import sys
 import tempfile
@@ -37,6 +42,33 @@ from klipstream.metrics import LoopLagMonitor, Metrics
 from klipstream.server import create_app
 
 TERMINAL = ("completed", "failed", "cancelled")
+
+
+def make_chat(directory: Path, messages: int, hours: float = 8.0) -> str:
+    """A TwitchDownloader chat archive: `messages` over `hours`, 20,000 chatters, repeated emotes and
+    unique lines as real chat has them."""
+    rng = random.Random(5)
+    words = ["KEKW", "Pog", "LUL", "gg", "nice", "what", "no way", "monkaS", "F", "lol", "W", "omg"]
+    path = directory / "chat.json"
+    with open(path, "w", encoding="utf-8") as out:
+        out.write(json.dumps({"video": {"id": "1", "length": int(hours * 3600)}})[:-1] + ',"comments":[')
+        for i in range(messages):
+            t = round(i * hours * 3600 / messages + rng.random(), 2)
+            text = rng.choice(words) if rng.random() < 0.7 else f"{rng.choice(words)} message {i}"
+            user = f"viewer{rng.randrange(20000)}"
+            out.write(
+                ("," if i else "")
+                + json.dumps(
+                    {
+                        "_id": f"c{i}",
+                        "content_offset_seconds": t,
+                        "commenter": {"name": user, "display_name": user, "_id": str(i % 20000)},
+                        "message": {"body": text, "fragments": [{"text": text, "emoticon": None}]},
+                    }
+                )
+            )
+        out.write("]}")
+    return path.name
 
 
 def make_fixture(directory: Path, repeat: int, pipeline: str) -> str:
@@ -69,7 +101,9 @@ async def follow(http: aiohttp.ClientSession, url: str) -> tuple[str, dict[str, 
     return "stream ended early", counts
 
 
-async def run(args: argparse.Namespace, media_url: str, data_dir: Path, pipeline: str) -> None:
+async def run(
+    args: argparse.Namespace, media_url: str, data_dir: Path, pipeline: str, chat_url: str | None = None
+) -> None:
     settings = Settings.from_env(
         {}, data_dir=data_dir, host="127.0.0.1", port=0, allow_private_urls=True, log_level="warning"
     )
@@ -94,7 +128,8 @@ async def run(args: argparse.Namespace, media_url: str, data_dir: Path, pipeline
             fine.samples.clear()
             shipped.samples.clear()
             started = time.monotonic()
-            async with http.post(f"{base}/api/v1/analysis", json={"url": media_url}) as resp:
+            body = {"url": media_url, **({"chat_url": chat_url} if chat_url else {})}
+            async with http.post(f"{base}/api/v1/analysis", json=body) as resp:
                 job = await resp.json()
                 assert resp.status == 202, job
             outcome, counts = await follow(http, base + job["stream_url"])
@@ -133,7 +168,7 @@ def report(
         f"shipped default_pipeline on speech.ogg x{args.repeat} ({31.5 * args.repeat:.0f} s of audio)"
         if pipeline == "real"
         else "BENCH-ONLY stages of bench/sse_server.py on 48 MB"
-    )
+    ) + (f", chat_url archive of {args.chat_messages:,} messages" if args.chat_messages else "")
     print("\n### Event-loop lag while a job runs\n")
     print(
         f"Machine: {machine_note()}; not pinned (stages use threads and worker processes). Pipeline: {what}. "
@@ -176,6 +211,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=4, help="how many copies of the 31 s speech fixture")
     parser.add_argument("--pipeline", choices=("real", "bench"), help="default: real when it imports")
+    parser.add_argument("--chat-messages", type=int, default=0, help="also analyse a chat archive this big")
     args = parser.parse_args()
     pipeline = args.pipeline or ("real" if real_pipeline_available() else "bench")
     import uvloop
@@ -184,9 +220,11 @@ def main() -> int:
         media = Path(tmp) / "media"
         media.mkdir()
         name = make_fixture(media, args.repeat, pipeline)
+        chat = make_chat(media, args.chat_messages) if args.chat_messages else None
         proc, port = serve_media(media)
         try:
-            uvloop.run(run(args, f"http://127.0.0.1:{port}/{name}", Path(tmp) / "data", pipeline))
+            chat_url = f"http://127.0.0.1:{port}/{chat}" if chat else None
+            uvloop.run(run(args, f"http://127.0.0.1:{port}/{name}", Path(tmp) / "data", pipeline, chat_url))
         finally:
             proc.terminate()
             proc.wait(10)

@@ -179,7 +179,8 @@ def service_env(data_dir: Path, port: int, **extra: str) -> dict[str, str]:
         KLIPSTREAM_LOG_FORMAT="text",
         PYTHONPATH=str(ROOT),
     )
-    env.pop("KLIPSTREAM_ADMIN_TOKEN", None)  # admin routes then answer loopback clients
+    env.pop("KLIPSTREAM_ADMIN_TOKEN", None)
+    env["KLIPSTREAM_ADMIN_LOOPBACK"] = "true"  # the benches read the queue stats from loopback
     env.pop("KLIPSTREAM_API_KEYS", None)
     env.update(extra)
     return env

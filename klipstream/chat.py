@@ -7,6 +7,19 @@ nothing after the chat stage cares where the chat came from.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class SystemEvent(StrEnum):
+    """Chat lines Twitch generates for channel events. They are not reactions to the stream: a gift
+    bomb or a raid floods chat without anything happening on screen."""
+
+    SUB = "sub"  # subscriptions and resubscriptions, Prime included
+    GIFT = "gift"  # gifted subscriptions, single or mass
+    RAID = "raid"  # another channel's viewers arriving
+    BITS = "bits"  # cheers
+    ANNOUNCEMENT = "announcement"  # moderator announcements, highlighted messages
+    OTHER = "other"  # any other Twitch notice (hype train, charity, rituals, ...)
 
 
 @dataclass(frozen=True, slots=True)
@@ -33,6 +46,8 @@ class ChatMessage:
     badges: tuple[Badge, ...] = ()
     color: str | None = None
     created_at: str | None = None
+    system: str | None = None  # a Twitch notice (SystemEvent value), not something a viewer typed
+    bits: int = 0  # bits cheered with the message
 
     @property
     def username(self) -> str:

@@ -7,7 +7,7 @@ a job hours later.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -51,6 +51,13 @@ def _positive_float(raw: str) -> float:
     return value
 
 
+def _non_negative_float(raw: str) -> float:
+    value = float(raw)
+    if not value >= 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
 def _port(raw: str) -> int:
     value = int(raw)
     if not 0 <= value <= 65535:
@@ -75,9 +82,13 @@ def _database_url(raw: str) -> str:
     return value
 
 
-def _env(name: str, parse: Callable[[str], Any] = str, **kwargs: Any) -> Any:
-    """A dataclass field read from `name`; parse() turns the raw string into the value."""
-    return field(metadata={"env": name, "parse": parse}, **kwargs)
+_X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
+
+
+def _env(name: str, parse: Callable[[str], Any] = str, *, secret: bool = False, **kwargs: Any) -> Any:
+    """A dataclass field read from `name`; parse() turns the raw string into the value. A `secret`
+    is removed from the process environment once read, so no child process inherits it."""
+    return field(metadata={"env": name, "parse": parse, "secret": secret}, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -90,19 +101,23 @@ class Settings:
     log_level: str = _env("KLIPSTREAM_LOG_LEVEL", _choice("debug", "info", "warning", "error"), default="info")
     log_format: str = _env("KLIPSTREAM_LOG_FORMAT", _choice("json", "text"), default="json")
     # --- job store: SQLite in the data directory unless a PostgreSQL URL is given ---
-    database_url: str = _env("KLIPSTREAM_DATABASE_URL", _database_url, default="")
+    database_url: str = _env("KLIPSTREAM_DATABASE_URL", _database_url, secret=True, default="")
     database_pool_size: int = _env("KLIPSTREAM_DATABASE_POOL_SIZE", _positive_int, default=10)
     database_timeout_seconds: float = _env("KLIPSTREAM_DATABASE_TIMEOUT_SECONDS", _positive_float, default=5.0)
     # --- access ---
-    admin_token: str = _env("KLIPSTREAM_ADMIN_TOKEN", default="")
-    api_keys: tuple[str, ...] = _env("KLIPSTREAM_API_KEYS", _list, default=())
+    admin_token: str = _env("KLIPSTREAM_ADMIN_TOKEN", secret=True, default="")
+    admin_loopback: bool = _env("KLIPSTREAM_ADMIN_LOOPBACK", _bool, default=False)  # no token: loopback may use admin
+    api_keys: tuple[str, ...] = _env("KLIPSTREAM_API_KEYS", _list, secret=True, default=())
     stream_token_seconds: int = _env("KLIPSTREAM_STREAM_TOKEN_SECONDS", _positive_int, default=3600)
+    # an event topic nobody has watched for this long is dropped (a finished job's answers 204 till then)
+    stream_idle_seconds: float = _env("KLIPSTREAM_STREAM_IDLE_SECONDS", _positive_float, default=600.0)
     cors_origins: tuple[str, ...] = _env("KLIPSTREAM_CORS_ORIGINS", _list, default=("*",))
     allow_private_urls: bool = _env("KLIPSTREAM_ALLOW_PRIVATE_URLS", _bool, default=False)
     allow_local_files: bool = _env("KLIPSTREAM_ALLOW_LOCAL_FILES", _bool, default=False)
     max_body_bytes: int = _env("KLIPSTREAM_MAX_BODY_BYTES", _positive_int, default=64 * 1024)
     legacy_routes: bool = _env("KLIPSTREAM_LEGACY_ROUTES", _bool, default=True)  # POST /, /run_pipeline, /list_files
     legacy_wait_seconds: float = _env("KLIPSTREAM_LEGACY_WAIT_SECONDS", _positive_float, default=3300.0)
+    legacy_max_waiting: int = _env("KLIPSTREAM_LEGACY_MAX_WAITING", _positive_int, default=64)
     # --- queue and workers ---
     max_running_jobs: int = _env("KLIPSTREAM_MAX_RUNNING_JOBS", _positive_int, default=2)
     max_queued_jobs: int = _env("KLIPSTREAM_MAX_QUEUED_JOBS", _positive_int, default=1000)
@@ -114,10 +129,34 @@ class Settings:
     stage_timeout_seconds: float = _env("KLIPSTREAM_STAGE_TIMEOUT_SECONDS", _positive_float, default=4 * 3600.0)
     shutdown_seconds: float = _env("KLIPSTREAM_SHUTDOWN_SECONDS", _positive_float, default=7.0)
     keep_workdirs: bool = _env("KLIPSTREAM_KEEP_WORKDIRS", _bool, default=False)
+    # --- retention (the janitor); 0 keeps that kind of data forever ---
+    janitor_interval_seconds: float = _env("KLIPSTREAM_JANITOR_INTERVAL_SECONDS", _positive_float, default=600.0)
+    retain_workdirs_seconds: float = _env("KLIPSTREAM_RETAIN_WORKDIRS_SECONDS", _non_negative_float, default=86400.0)
+    retain_jobs_seconds: float = _env("KLIPSTREAM_RETAIN_JOBS_SECONDS", _non_negative_float, default=30 * 86400.0)
+    retain_idempotency_seconds: float = _env(
+        "KLIPSTREAM_RETAIN_IDEMPOTENCY_SECONDS", _non_negative_float, default=86400.0
+    )
+    retain_stage_runs_seconds: float = _env(
+        "KLIPSTREAM_RETAIN_STAGE_RUNS_SECONDS", _non_negative_float, default=30 * 86400.0
+    )
+    retain_webhooks_seconds: float = _env(
+        "KLIPSTREAM_RETAIN_WEBHOOKS_SECONDS", _non_negative_float, default=7 * 86400.0
+    )
+    retain_artifacts_seconds: float = _env(
+        "KLIPSTREAM_RETAIN_ARTIFACTS_SECONDS", _non_negative_float, default=30 * 86400.0
+    )
     # --- media ---
     max_video_seconds: float = _env("KLIPSTREAM_MAX_VIDEO_SECONDS", _positive_float, default=12 * 3600.0)
     video_height: int = _env("KLIPSTREAM_VIDEO_HEIGHT", _positive_int, default=480)
     download_fragments: int = _env("KLIPSTREAM_DOWNLOAD_FRAGMENTS", _positive_int, default=8)
+    # --- clips (options.clips) ---
+    clip_height: int = _env("KLIPSTREAM_CLIP_HEIGHT", _positive_int, default=720)  # or the source's if lower
+    vertical_height: int = _env("KLIPSTREAM_VERTICAL_HEIGHT", _positive_int, default=1920)  # width: 9/16 of it
+    clip_encoder: str = _env("KLIPSTREAM_CLIP_ENCODER", _choice("auto", "libx264", "h264_nvenc"), default="auto")
+    clip_preset: str = _env("KLIPSTREAM_CLIP_PRESET", _choice(*_X264_PRESETS), default="veryfast")
+    vertical_preset: str = _env("KLIPSTREAM_VERTICAL_PRESET", _choice(*_X264_PRESETS), default="superfast")
+    clip_crf: int = _env("KLIPSTREAM_CLIP_CRF", _non_negative_int, default=21)
+    ffmpeg_path: str = _env("KLIPSTREAM_FFMPEG", default="ffmpeg")  # the ffmpeg program of the vertical versions
     # --- chat ---
     twitch_gql_url: str = _env("KLIPSTREAM_TWITCH_GQL_URL", default="https://gql.twitch.tv/gql")
     twitch_client_id: str = _env("KLIPSTREAM_TWITCH_CLIENT_ID", default="kd1unb4b3q4t58fwlpcbzcbnm76a8fp")
@@ -141,7 +180,7 @@ class Settings:
     # --- analysis ---
     top_highlights: int = _env("KLIPSTREAM_TOP_HIGHLIGHTS", _positive_int, default=10)
     llm_base_url: str = _env("KLIPSTREAM_LLM_BASE_URL", default="")
-    llm_api_key: str = _env("KLIPSTREAM_LLM_API_KEY", default="")
+    llm_api_key: str = _env("KLIPSTREAM_LLM_API_KEY", secret=True, default="")
     llm_model: str = _env("KLIPSTREAM_LLM_MODEL", default="")
     llm_concurrency: int = _env("KLIPSTREAM_LLM_CONCURRENCY", _positive_int, default=4)
     # --- artifact storage ---
@@ -156,9 +195,9 @@ class Settings:
     upload_concurrency: int = _env("KLIPSTREAM_UPLOAD_CONCURRENCY", _positive_int, default=4)
     # --- Convex status mirror (off unless CONVEX_URL is set) ---
     convex_url: str = _env("CONVEX_URL", default="")
-    convex_secret: str = _env("KLIPSTREAM_CONVEX_SECRET", default="")
+    convex_secret: str = _env("KLIPSTREAM_CONVEX_SECRET", secret=True, default="")
     # --- webhooks for callback_url ---
-    webhook_secrets: tuple[str, ...] = _env("KLIPSTREAM_WEBHOOK_SECRET", _list, default=())
+    webhook_secrets: tuple[str, ...] = _env("KLIPSTREAM_WEBHOOK_SECRET", _list, secret=True, default=())
     webhook_timeout_seconds: float = _env("KLIPSTREAM_WEBHOOK_TIMEOUT_SECONDS", _positive_float, default=10.0)
     webhook_max_age_seconds: float = _env("KLIPSTREAM_WEBHOOK_MAX_AGE_SECONDS", _positive_float, default=24 * 3600.0)
     webhook_retry_base_seconds: float = _env("KLIPSTREAM_WEBHOOK_RETRY_BASE_SECONDS", _positive_float, default=5.0)
@@ -182,6 +221,12 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.clip_crf > 51:
+            raise ConfigError(f"KLIPSTREAM_CLIP_CRF={self.clip_crf}: must be 0-51")
+        if not 144 <= self.clip_height <= 2160:
+            raise ConfigError(f"KLIPSTREAM_CLIP_HEIGHT={self.clip_height}: must be 144-2160")
+        if not 320 <= self.vertical_height <= 3840:
+            raise ConfigError(f"KLIPSTREAM_VERTICAL_HEIGHT={self.vertical_height}: must be 320-3840")
         if self.llm_base_url and not self.llm_model:
             raise ConfigError("KLIPSTREAM_LLM_BASE_URL is set but KLIPSTREAM_LLM_MODEL is empty")
 
@@ -196,6 +241,22 @@ class Settings:
     @property
     def database_path(self) -> Path:
         return self.data_dir / "klipstream.sqlite3"
+
+
+def secret_variables() -> tuple[str, ...]:
+    return tuple(f.metadata["env"] for f in fields(Settings) if f.metadata["secret"])
+
+
+def remove_secrets_from_environment(environ: MutableMapping[str, str] | None = None) -> None:
+    """Drop the secret variables from the process environment once the settings hold them.
+
+    Child processes inherit the environment: the download children get an explicit minimal one
+    (klipstream.proc.child_env), but multiprocessing's spawned transcription workers can only
+    inherit this process's, so the secrets must not be in it when they start.
+    """
+    environ = os.environ if environ is None else environ
+    for name in secret_variables():
+        environ.pop(name, None)
 
 
 def env_table() -> list[tuple[str, str, str]]:

@@ -84,6 +84,14 @@ class ProcessingTimeout(KlipstreamError):
     default_action = "Retry the job; if it keeps timing out, the service is overloaded."
 
 
+class TimeLimitExceeded(ProcessingTimeout):
+    """A step ran past its whole time budget. Not retried: another attempt would take as long
+    (a stalled transfer is retried inside the step, by yt-dlp's and the clients' own retries)."""
+
+    retryable = False
+    default_action = "The step exceeded its time limit; raise KLIPSTREAM_STAGE_TIMEOUT_SECONDS or submit a shorter VOD."
+
+
 class InsufficientResources(KlipstreamError):
     error_type = ErrorType.INSUFFICIENT_RESOURCES
     retryable = True
@@ -121,6 +129,25 @@ class DatabaseUnavailable(KlipstreamError):
 
 class InternalError(KlipstreamError):
     error_type = ErrorType.INTERNAL_ERROR
+
+
+ERROR_CLASSES: dict[ErrorType, type[KlipstreamError]] = {
+    cls.error_type: cls
+    for cls in (
+        NetworkError,
+        InvalidVideoUrl,
+        VideoNotFound,
+        VideoUnavailable,
+        VideoTooLong,
+        ProcessingTimeout,
+        InsufficientResources,
+        TranscriptionError,
+        ExternalServiceError,
+        StorageError,
+        InternalError,
+    )
+}
+"""The class of each error type, so an error can cross a process boundary as plain data."""
 
 
 class StageUnavailable(Exception):

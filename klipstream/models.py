@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from klipstream.errors import ErrorType
 
@@ -82,6 +82,37 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class VerticalFill(StrEnum):
+    BLUR = "blur"  # gameplay fit to the width over a blurred copy of itself
+    CROP = "crop"  # gameplay scaled to cover the 9:16 frame, centre kept
+
+
+class FacecamBox(Strict):
+    """Where the facecam is in the source frame, in fractions of its width and height."""
+
+    x: float = Field(..., ge=0, lt=1)
+    y: float = Field(..., ge=0, lt=1)
+    width: float = Field(..., gt=0, le=1)
+    height: float = Field(..., gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _inside(self) -> FacecamBox:
+        if self.x + self.width > 1.0001 or self.y + self.height > 1.0001:
+            raise ValueError("the facecam box must lie inside the frame (x + width <= 1, y + height <= 1)")
+        return self
+
+
+class ClipOptions(Strict):
+    vertical: bool = Field(False, description="Also make a 9:16 version with burned-in word-by-word captions.")
+    fill: VerticalFill = Field(VerticalFill.BLUR, description="How the vertical version fills the frame.")
+    facecam: FacecamBox | None = Field(None, description="Facecam region, stacked above the gameplay.")
+    captions: bool = Field(True, description="Burn captions into the vertical version.")
+    height: int | None = Field(None, ge=144, le=2160, description="Clip height (default KLIPSTREAM_CLIP_HEIGHT).")
+    vertical_height: int | None = Field(
+        None, ge=320, le=3840, description="Vertical height; width is 9/16 of it (default KLIPSTREAM_VERTICAL_HEIGHT)."
+    )
+
+
 class JobOptions(Strict):
     force: bool = Field(False, description="Run even if the same video is already queued or running.")
     include_video: bool = Field(False, description="Also download a video rendition.")
@@ -90,6 +121,32 @@ class JobOptions(Strict):
     initial_prompt: str | None = Field(None, max_length=1000)
     top_n: int | None = Field(None, ge=1, le=100, description="How many highlights to return.")
     webhook_progress: bool = Field(False, description="Also send throttled job.progress webhooks.")
+    clips: ClipOptions | bool | None = Field(
+        None,
+        description="Cut a clip, thumbnail, captions and edit lists per highlight: true, or the clip options. "
+        "Implies include_video.",
+    )
+
+    @model_validator(mode="after")
+    def _clips_need_video(self) -> JobOptions:
+        """`clips: true` is the default clip options; asking for clips means fetching the video."""
+        if self.clips is True:
+            self.clips = ClipOptions()
+        elif self.clips is False:
+            self.clips = None
+        if self.clips is not None:
+            self.include_video = True
+        return self
+
+    @property
+    def clip_options(self) -> ClipOptions | None:
+        return self.clips if isinstance(self.clips, ClipOptions) else None
+
+
+# Options that change how a job is run or reported, not what it produces: two submissions that
+# differ only in these share one job. Every other option (and any option added later) is part of
+# the deduplication key.
+RESULT_NEUTRAL_OPTIONS = frozenset({"force", "webhook_progress"})
 
 
 class SubmitRequest(Strict):
@@ -134,6 +191,7 @@ class VideoInfo(BaseModel):
     id: str | None = None
     title: str | None = None
     channel: str | None = None
+    channel_login: str | None = None  # the channel's Twitch login, when the source has one
     duration_seconds: float | None = None
     published_at: str | None = None
     thumbnail_url: str | None = None
@@ -146,6 +204,16 @@ class Job(BaseModel):
     url: str
     chat_url: str | None = None
     callback_url: str | None = None
+    callbacks: list[str] = Field(
+        default_factory=list,
+        description="Callback URLs of later submissions that were deduplicated onto this job; "
+        "each receives the job's events from the time it was attached.",
+    )
+    dedup_key: str = Field(
+        "",
+        description="Video id plus a digest of the result-affecting options: submissions with the same key "
+        "share one active job.",
+    )
     priority: Priority = Priority.NORMAL
     options: JobOptions = Field(default_factory=JobOptions)
     status: JobStatus = JobStatus.QUEUED
@@ -233,3 +301,6 @@ class QueueStats(BaseModel):
     last_hour: dict[str, int]
     stage_durations: dict[str, dict[str, float]]
     webhook_backlog: int = 0
+    streams: dict[str, int] = Field(
+        default_factory=dict, description="Event topics, stream subscribers and asyncio tasks in this process."
+    )

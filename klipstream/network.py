@@ -1,8 +1,15 @@
-"""URL rules: which URLs a job may fetch, and the video id a URL names.
+"""The one network policy for user-supplied URLs, and the video id a URL names.
 
-Submission only checks syntax and literal addresses (no DNS in the request path); fetchers call
-`ensure_public_url` at fetch time, which resolves the host and checks every address, so a name
-that resolves (or re-resolves) to a private address is still refused.
+Which addresses count as public is decided here only (`is_public_address`), for every fetch of a
+URL a user supplied: media (yt-dlp's name resolution, in the metadata thread and the download
+child), chat archives and webhook callbacks. The LLM base URL, Convex and Cloud Storage are
+operator settings and are not subject to it.
+
+Submission checks syntax and literal addresses (no DNS in the request path). At fetch time the
+HTTP clients connect through `user_url_session`, whose resolver refuses an answer with any
+non-public address: the address checked is the address connected to, on every redirect hop, so a
+name that re-resolves to a private address between a check and the connection (DNS rebinding) is
+refused too. `ensure_public_url` is the early check that gives the clear message first.
 """
 
 from __future__ import annotations
@@ -12,8 +19,12 @@ import hashlib
 import ipaddress
 import re
 import socket
-from typing import TYPE_CHECKING
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from klipstream.errors import InvalidVideoUrl
 
@@ -24,19 +35,52 @@ if TYPE_CHECKING:
 MAX_URL_LENGTH = 2048
 _TWITCH_HOSTS = {"twitch.tv", "www.twitch.tv", "m.twitch.tv", "player.twitch.tv", "clips.twitch.tv"}
 _TWITCH_VIDEO = re.compile(r"^/(?:[^/]+/)?(?:videos?|v)/(\d{5,15})/?$")
+# twitch.tv/<channel> (and /<channel>/live): the live broadcast, never a finished VOD.
+_TWITCH_CHANNEL = re.compile(r"^/(?!videos?/?$)[A-Za-z0-9_]{2,25}(?:/live)?/?$")
 # Metadata services that clouds expose at non-private-looking addresses.
 _METADATA_HOSTS = {"metadata.google.internal", "metadata", "instance-data"}
 
 
+_NAT64_WELL_KNOWN = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: IPv4 in the last 32 bits
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")  # RFC 8215: local-use NAT64, never global
+_IPV4_COMPATIBLE = ipaddress.ip_network("::/96")  # deprecated ::a.b.c.d
+_IPV4_TRANSLATED = ipaddress.ip_network("::ffff:0:0:0/96")  # SIIT ::ffff:0:a.b.c.d (RFC 2765)
+
+
+def embedded_ipv4(ip: ipaddress.IPv6Address) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address carries, which is where its packets really go: mapped,
+    compatible and translated forms, NAT64 (64:ff9b::/96), 6to4 (2002::/16) and Teredo (the
+    client address)."""
+    found = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found.append(ip.teredo[1])
+    if ip in _NAT64_WELL_KNOWN or ip in _IPV4_COMPATIBLE or ip in _IPV4_TRANSLATED:
+        found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def is_public_address(address: str) -> bool:
-    """True when `address` is a global unicast address (not private, loopback, link-local...)."""
+    """True when `address` is a global unicast address (not private, loopback, link-local...),
+    and, for IPv6 forms that carry an IPv4 address, when that one is too."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_global and not ip.is_multicast
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip in _NAT64_LOCAL:
+            return False
+        inner = embedded_ipv4(ip)
+        if inner:
+            return all(_global(v4) for v4 in inner) and (ip.ipv4_mapped is not None or not ip.is_multicast)
+    return _global(ip)
+
+
+def _global(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return ip.is_global and not ip.is_multicast and not ip.is_unspecified
 
 
 def check_url_syntax(url: str, *, allow_private: bool, what: str = "url") -> str:
@@ -95,6 +139,60 @@ async def ensure_public_url(url: str, *, allow_private: bool) -> None:
             raise InvalidVideoUrl(f"{host} resolves to a private or local address.", code="private_address")
 
 
+class PrivateAddressRefused(OSError):
+    """A host of a user-supplied URL resolved to a private, loopback, link-local or metadata
+    address (or one that embeds such an IPv4 address): no connection was made."""
+
+
+class PublicOnlyResolver(AbstractResolver):
+    """Resolves like aiohttp's threaded resolver, then refuses the whole answer if any address is
+    not public. The connector connects only to addresses this returned, so the address checked is
+    the address connected to."""
+
+    def __init__(self) -> None:
+        self._inner = aiohttp.ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        answers = await self._inner.resolve(host, port, family)
+        for answer in answers:
+            if not is_public_address(answer["host"]):
+                raise PrivateAddressRefused(f"{host} resolves to a non-public address")
+        return answers
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def user_url_session(*, allow_private: bool, **session_options: Any) -> aiohttp.ClientSession:
+    """The HTTP client for every user-supplied URL (chat archives, webhook callbacks). With
+    KLIPSTREAM_ALLOW_PRIVATE_URLS (tests, a private deployment) it resolves normally."""
+    resolver: AbstractResolver = aiohttp.ThreadedResolver() if allow_private else PublicOnlyResolver()
+    connector = aiohttp.TCPConnector(resolver=resolver, use_dns_cache=False, limit=100)
+    return aiohttp.ClientSession(connector=connector, **session_options)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    todo = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        for linked in (current.__cause__, current.__context__, getattr(current, "os_error", None)):
+            if isinstance(linked, BaseException):
+                todo.append(linked)
+
+
+def refused_private(exc: BaseException) -> bool:
+    """Whether a client error was the public-only resolver refusing a private address."""
+    return any(isinstance(item, PrivateAddressRefused) for item in _chain(exc))
+
+
 def twitch_video_id(url: str) -> str | None:
     """The numeric VOD id of a twitch.tv/videos/<id> URL (any of its host and query forms)."""
     try:
@@ -113,6 +211,19 @@ def twitch_video_id(url: str) -> str | None:
         if video.isdigit():
             return video
     return None
+
+
+def is_twitch_live_url(url: str) -> bool:
+    """A Twitch channel or player-channel URL: what it plays is the live broadcast."""
+    try:
+        parts = urlsplit(url.strip())
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    if host == "player.twitch.tv":
+        query = dict(p.split("=", 1) for p in parts.query.split("&") if "=" in p)
+        return "channel" in query and not query.get("video")
+    return host in _TWITCH_HOSTS and host != "clips.twitch.tv" and bool(_TWITCH_CHANNEL.match(parts.path))
 
 
 def video_id_for(url: str) -> str:
@@ -134,6 +245,12 @@ def validate_urls(body: SubmitRequest, settings: Settings) -> None:
     is_local = settings.allow_local_files and (url.startswith("/") or url.startswith("file://"))
     if not is_local:
         check_url_syntax(url, allow_private=allow_private, what="url")
+        if is_twitch_live_url(url):
+            raise InvalidVideoUrl(
+                "url is a Twitch channel: it plays the live broadcast. Only finished VODs are analysed; "
+                "submit a VOD link (https://www.twitch.tv/videos/<id>).",
+                code="live_stream",
+            )
     if body.chat_url:
         chat_local = settings.allow_local_files and body.chat_url.startswith("/")
         if not chat_local:

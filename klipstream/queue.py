@@ -38,8 +38,12 @@ class JobQueue:
         self.maxsize = maxsize
         self.aging_seconds = aging_seconds
         self._lanes: dict[Priority, SortedList[Entry]] = {p: SortedList() for p in Priority}
-        self._entries: dict[str, tuple[Priority, Entry]] = {}
+        # job id -> (priority value, entry). Plain strings and numbers only: the cyclic garbage
+        # collector stops tracking such tuples, so 100,000 queued jobs add nothing to the objects
+        # a full collection walks (an enum member in the tuple kept every one of them tracked).
+        self._entries: dict[str, tuple[str, Entry]] = {}
         self._seq = 0
+        self._reserved = 0  # places promised to submissions and retries still writing to the store
         self._changed = asyncio.Event()
         self.paused = False
         # Places already computed, valid while the queue is unchanged: jobs run for minutes, so
@@ -61,14 +65,34 @@ class JobQueue:
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._entries
 
-    def push(self, job_id: str, priority: Priority, *, waited: float = 0.0, force: bool = False) -> None:
-        """Add a job; `waited` credits time already spent queued (kept across restarts)."""
-        if not force and len(self._entries) >= self.maxsize:
+    def reserve(self) -> None:
+        """Promise one place before an await (the store write), so concurrent submissions and
+        retries cannot all pass the bound check and overfill the queue. Undo with `release()`, or
+        consume with `push(..., reserved=True)`."""
+        if len(self._entries) + self._reserved >= self.maxsize:
+            raise QueueFull
+        self._reserved += 1
+
+    def release(self) -> None:
+        self._reserved = max(0, self._reserved - 1)
+
+    def full(self) -> bool:
+        return len(self._entries) + self._reserved >= self.maxsize
+
+    def push(
+        self, job_id: str, priority: Priority, *, waited: float = 0.0, force: bool = False, reserved: bool = False
+    ) -> None:
+        """Add a job; `waited` credits time already spent queued (kept across restarts).
+
+        `reserved`: the place was promised by `reserve()`; `force`: ignore the bound (recovery)."""
+        if reserved:
+            self.release()
+        elif not force and self.full():
             raise QueueFull
         self._seq += 1
         entry = (time.monotonic() - max(0.0, waited), self._seq, job_id)
         self._lanes[priority].add(entry)
-        self._entries[job_id] = (priority, entry)
+        self._entries[job_id] = (priority.value, entry)
         self._version += 1
         self._changed.set()
 
@@ -82,7 +106,7 @@ class JobQueue:
         if found is None:
             return False
         priority, entry = found
-        self._lanes[priority].remove(entry)
+        self._lanes[Priority(priority)].remove(entry)
         self._forget(job_id)
         return True
 
@@ -124,7 +148,7 @@ class JobQueue:
         known = self._places.get(job_id)
         if known is not None and known[0] == self._version:
             return known[1]
-        place = self._place(*found)
+        place = self._place(Priority(found[0]), found[1])
         self._places[job_id] = (self._version, place)
         return place
 

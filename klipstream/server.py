@@ -12,7 +12,10 @@ import asyncio
 import gc
 import json
 import logging
+import os
 import signal
+import socket
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 
@@ -35,6 +38,7 @@ from klipstream.api.context import (
     TOKENS,
     AppState,
 )
+from klipstream.api.jobs import job_document
 from klipstream.api.middleware import cors_headers, http_middleware
 from klipstream.api.openapi import Route, openapi_document
 from klipstream.api.routes import all_routes
@@ -49,7 +53,14 @@ from klipstream.metrics import LoopLagMonitor, Metrics
 log = logging.getLogger(__name__)
 
 GC_YOUNG_THRESHOLD = 10_000  # net allocations between young collections (CPython default: 700)
+
+
+class StartupError(Exception):
+    """The service cannot start: the message is the one line the operator sees."""
+
+
 SSE_HEARTBEAT_SECONDS = 15.0
+SSE_REAP_SECONDS = 1.0  # how soon the stream of a client that went away is ended
 
 
 def create_app(
@@ -72,7 +83,7 @@ def create_app(
     app[STATE] = AppState()
     app[STATUS_CACHE] = {}
     app[METRICS] = Metrics()
-    app[BROADCASTER] = Broadcaster()
+    app[BROADCASTER] = Broadcaster(idle_seconds=settings.stream_idle_seconds)
     app[TOKENS] = StreamTokens(settings)
     app[LAG] = LoopLagMonitor(app[METRICS])
     app[STAGES] = stages
@@ -103,7 +114,7 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
     # a job's stream before its submission has been answered.
     subscriptions = [
         Subscription(app[METRICS].job_event, new_jobs=False),
-        Subscription(broadcast_listener(app[BROADCASTER]), new_jobs=False),
+        Subscription(broadcast_listener(app[BROADCASTER], lambda job: job_document(app, job)), new_jobs=False),
     ]
     async with job_runtime(settings, app[STAGES], stream_url=stream_url, subscriptions=subscriptions) as runtime:
         app[RUNTIME] = runtime
@@ -118,14 +129,19 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _heartbeat_and_prune(broadcaster: Broadcaster) -> None:
-    """One timer for every open stream's keep-alive, and forgetting finished unwatched topics."""
+    """One timer for all open streams: every second, end the streams of clients that went away
+    (their handlers otherwise wait for the next event); every 15 s, the keep-alive comment and
+    forgetting topics nobody watches."""
     ticks = 0
+    per_beat = max(1, round(SSE_HEARTBEAT_SECONDS / SSE_REAP_SECONDS))
     while True:
-        await asyncio.sleep(SSE_HEARTBEAT_SECONDS)
-        broadcaster.heartbeat()
+        await asyncio.sleep(SSE_REAP_SECONDS)
         ticks += 1
-        if ticks % 4 == 0:
+        if ticks % per_beat == 0:
+            broadcaster.heartbeat()
             broadcaster.prune()
+        else:
+            broadcaster.reap()
 
 
 async def _drain(app: web.Application) -> None:
@@ -157,10 +173,19 @@ async def serve(
 ) -> None:
     """Serve until a signal. Drain before closing the listener, so that requests arriving during the
     drain get a clear 503 instead of a refused connection."""
+    # The port is taken first: a port in use is reported before anything else starts.
+    try:
+        sock = socket.create_server((settings.host, settings.port), reuse_port=False)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {_reason(exc)}") from None
     app = create_app(settings, stages=stages)
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=1.0)
-    await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_address=True)
+    try:
+        await runner.setup()
+    except (OSError, sqlite3.Error) as exc:
+        sock.close()
+        raise StartupError(f"cannot open the data directory {settings.data_dir}: {_reason(exc)}") from None
+    site = web.SockSite(runner, sock)
     await site.start()
     port = runner.addresses[0][1] if runner.addresses else settings.port
     log.info("listening on %s:%s", settings.host, port)
@@ -177,19 +202,41 @@ async def serve(
     await runner.cleanup()
 
 
+def _reason(exc: BaseException) -> str:
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def preflight(settings: Settings, stages: list[Stage] | None = None) -> None:
+    """What would otherwise fail later with a traceback: a data directory the process cannot write,
+    and a Whisper model that is not on disk (nothing downloads weights at run time)."""
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        probe = settings.data_dir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise StartupError(f"the data directory {settings.data_dir} is not writable: {_reason(exc)}") from None
+    from klipstream.jobs.stage import Resource
+
+    if stages is None or any(s.resource is Resource.TRANSCRIPTION for s in stages):
+        from klipstream.transcription.worker import ModelUnavailable, resolve_model
+
+        try:
+            resolve_model(settings.whisper_model)
+        except ModelUnavailable as exc:
+            raise StartupError(str(exc)) from None
+
+
 def tune_gc() -> None:
     """Keep cyclic collections rare and short under load (docs/decisions.md: "Garbage collector").
 
     Young collections run every GC_YOUNG_THRESHOLD net allocations: with many requests in flight
-    the default threshold walked thousands of live request objects every few dozen requests. After
-    each full collection the survivors are frozen so later collections do not walk queued jobs again.
+    the default threshold walked thousands of live request objects every few dozen requests.
+    What exists once the server has started (modules, the app, the route table) is frozen once, so
+    full collections do not walk it again. Only once: freezing again later would also freeze
+    whatever was in a reference cycle at that moment (requests, job tasks, exceptions with their
+    tracebacks) and it would never be collected.
     """
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 20)
-    gc.callbacks.append(_freeze_after_full_collection)
-
-
-def _freeze_after_full_collection(phase: str, info: dict[str, int]) -> None:
-    if phase == "stop" and info.get("generation") == 2:
-        gc.freeze()

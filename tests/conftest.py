@@ -25,6 +25,7 @@ def make_settings(tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         overrides.setdefault("data_dir", tmp_path / "data")
         overrides.setdefault("allow_private_urls", True)
+        overrides.setdefault("admin_loopback", True)  # tests reach the admin routes from loopback
         overrides.setdefault("retry_base_seconds", 0.05)
         overrides.setdefault("log_format", "text")
         return Settings.from_env({}, **overrides)

@@ -13,7 +13,9 @@ The chat is `comments` deterministic messages at seeded random offsets over `dur
 
 Failure injection (FakeChat fields; counters apply to comment requests and count down):
 `fail_500`, `throttle_429` (+ `retry_after`), `null_pages`, `null_nodes_every`, `integrity`,
-`video_null`, `slow_seconds`, `expose_length`.
+`video_null`, `slow_seconds`, `expose_length`, `clips_fail`. Viewer clips (`clips`) answer the raw
+`query{user(login:"..."){clips(first:N,after:"C",criteria:{...}){pageInfo{hasNextPage},edges{cursor,
+node{id,title,viewCount,durationSeconds,videoOffsetSeconds,video{id}}}}}}` in pages.
 
 Run standalone for benchmarks (a separate process, so the client is measured alone):
     python tests/fake_twitch_gql.py --comments 100000 --duration 36000
@@ -42,6 +44,7 @@ from aiohttp import web
 DEFAULT_CLIENT_ID = "kd1unb4b3q4t58fwlpcbzcbnm76a8fp"
 DEFAULT_HASH = "b70a3591ff0f4e0313d126c6a1502d79a1c02baebb288227c582044aa76adf6a"
 _VIDEO_QUERY = re.compile(r'video\(\s*id\s*:\s*"(\d+)"\s*\)')
+_CLIPS_QUERY = re.compile(r'user\(\s*login\s*:\s*"(\w+)"\s*\)\s*\{\s*clips\(first:(\d+)(?:,after:"([^"]*)")?')
 _WORDS = ("gg", "lol", "PogChamp", "what a play", "no way", "clip it", "hello chat", "W", "L", "ez")
 _STARTED = datetime(2025, 3, 1, 18, 0, tzinfo=UTC)
 
@@ -66,10 +69,15 @@ class FakeChat:
     video_null: bool = False  # the video does not exist
     slow_seconds: float = 0.0  # delay before answering each comment request
     expose_length: bool = True  # answer the video query with lengthSeconds
+    # Viewer clips of the channel, most viewed first: {id, title, viewCount, durationSeconds,
+    # videoOffsetSeconds, video_id}; clips of other videos are listed too, as Twitch does.
+    clips: list[dict[str, Any]] = field(default_factory=list)
+    clips_fail: bool = False  # the clips query answers a GraphQL error
     # --- observed ---
     requests: int = 0
     comment_requests: int = 0
     video_requests: int = 0
+    clips_requests: int = 0
     inflight: int = 0
     max_inflight: int = 0
     offsets_requested: list[int] = field(default_factory=list)
@@ -185,7 +193,34 @@ class FakeChat:
         comments = {"edges": edges, "pageInfo": page_info}
         return {"data": {"video": self._video(comments)}, "extensions": _ext(op)}
 
+    def answer_clips(self, match: re.Match[str]) -> dict[str, Any]:
+        if self.clips_fail:
+            return {"errors": [{"message": "service error", "path": ["user", "clips"]}], "data": {"user": None}}
+        if match.group(1) != "fakestreamer":
+            return {"data": {"user": None}, "extensions": {}}
+        first, start = int(match.group(2)), int(match.group(3) or 0)
+        page = self.clips[start : start + first]
+        edges = [
+            {
+                "cursor": str(start + i + 1),
+                "node": {
+                    "id": c["id"],
+                    "title": c["title"],
+                    "viewCount": c["viewCount"],
+                    "durationSeconds": c["durationSeconds"],
+                    "videoOffsetSeconds": c["videoOffsetSeconds"],
+                    "video": {"id": c["video_id"]},
+                },
+            }
+            for i, c in enumerate(page)
+        ]
+        info = {"hasNextPage": start + first < len(self.clips)}
+        return {"data": {"user": {"clips": {"pageInfo": info, "edges": edges}}}, "extensions": {}}
+
     def answer_query(self, op: dict[str, Any]) -> dict[str, Any]:
+        clips = _CLIPS_QUERY.search(str(op.get("query")))
+        if clips:
+            return self.answer_clips(clips)
         match = _VIDEO_QUERY.search(str(op.get("query")))
         if not match:
             return {"errors": [{"message": "Cannot query field on type Query", "locations": []}]}
@@ -242,6 +277,8 @@ def make_app(chat: FakeChat) -> web.Application:
                         status=429,
                         headers={"Retry-After": chat.retry_after},
                     )
+            elif any(_CLIPS_QUERY.search(str(op.get("query"))) for op in ops):
+                chat.clips_requests += 1
             else:
                 chat.video_requests += 1
             answers = [chat.answer_query(op) if _is_raw_query(op) else chat.answer_comments(op) for op in ops]

@@ -191,9 +191,145 @@ async def media_server(tmp_path: Path) -> AsyncIterator[MediaServer]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     server.base_url = f"http://127.0.0.1:{port}"
     try:
         yield server
     finally:
         await runner.cleanup()
+
+
+# --------------------------------------------------------------------------------------------------
+# A video whose every frame says which frame it is, and whose audio says where each second starts.
+# --------------------------------------------------------------------------------------------------
+
+COUNTER_BITS = 20  # enough for an hour at 60 fps
+BEEP_SECONDS = 0.1  # a beep starts exactly on every whole second of the source
+
+
+def counter_frame(index: int, width: int, height: int) -> np.ndarray:
+    """A moving pattern with the frame number burned in as a row of black/white blocks (bit 0 left).
+
+    Blocks survive lossy compression and scaling, so a test can read the number back from a
+    decoded frame with `read_counter`.
+    """
+    y = np.arange(height, dtype=np.int32)[:, None]
+    x = np.arange(width, dtype=np.int32)[None, :]
+    shift = index * 4
+    image = np.empty((height, width, 3), dtype=np.uint8)
+    image[..., 0] = ((x + shift) * 255 // max(1, width)) % 256
+    image[..., 1] = ((y * 2 + shift) % 256).astype(np.uint8)
+    image[..., 2] = (((x // 16 + y // 16 + index) % 2) * 160).astype(np.uint8)
+    band = counter_band(height)
+    block = width // COUNTER_BITS
+    image[:band] = 128
+    for bit in range(COUNTER_BITS):
+        image[:band, bit * block : (bit + 1) * block] = 255 if (index >> bit) & 1 else 0
+    return image
+
+
+def counter_band(height: int) -> int:
+    return max(8, height // 10)
+
+
+def beep_onsets(samples: np.ndarray, rate: int) -> list[float]:
+    """Seconds (from the first sample) where a beep starts: loud 1 ms blocks after ≥ 0.3 s of quiet."""
+    block = rate // 1000
+    n = samples.size // block
+    loud = np.abs(samples[: n * block]).reshape(n, block).max(axis=1) > 0.1
+    onsets, quiet = [], 0  # a beep cut at the very start is not an onset
+    for i, on in enumerate(loud):
+        if on and quiet >= 300:
+            # refine inside the block: the first sample above the threshold
+            part = np.abs(samples[i * block : (i + 1) * block]) > 0.1
+            onsets.append((i * block + int(np.argmax(part))) / rate)
+        quiet = 0 if on else quiet + 1
+    return onsets
+
+
+def read_counter(gray: np.ndarray) -> int:
+    """The frame number burned into a decoded frame (as a 2-D luma array) by `counter_frame`."""
+    height, width = gray.shape
+    band = counter_band(height)
+    block = width / COUNTER_BITS  # the frame may have been scaled since it was written
+    value = 0
+    for bit in range(COUNTER_BITS):
+        left, right = round((bit + 0.3) * block), round((bit + 0.7) * block)
+        cell = gray[band // 4 : max(band // 4 + 1, band * 3 // 4), left : max(left + 1, right)]
+        if float(cell.mean()) > 128:
+            value |= 1 << bit
+    return value
+
+
+def beeps(seconds: float, rate: int = 48_000) -> np.ndarray:
+    """Silence with a 1 kHz beep of BEEP_SECONDS starting exactly at every whole second."""
+    t = np.arange(int(seconds * rate)) / rate
+    on = (t % 1.0) < BEEP_SECONDS
+    return (0.6 * on * np.sin(2 * np.pi * 1000.0 * t)).astype(np.float32)
+
+
+def write_counter_video(
+    path: Path,
+    seconds: float,
+    *,
+    width: int = 320,
+    height: int = 180,
+    fps: int = 30,
+    gop: int = 30,
+    bframes: int = 2,
+    audio: bool = True,
+    audio_codec: str = "aac",
+    sound: np.ndarray | None = None,
+) -> Path:
+    """H.264 (closed GOPs of `gop` frames, B-frames like a streaming encoder) plus AAC beeps
+    (or `sound`: mono float samples at 48 kHz).
+
+    MPEG-TS unless the name ends in .mp4, like Twitch's HLS renditions.
+    """
+    container = "mp4" if path.suffix == ".mp4" else "mpegts"
+    with av.open(str(path), "w", format=container) as out:
+        video = out.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = width, height, "yuv420p"
+        video.codec_context.options = {
+            "preset": "ultrafast" if bframes == 0 else "superfast",
+            "x264-params": f"keyint={gop}:min-keyint={gop}:scenecut=0:bframes={bframes}:open-gop=0",
+        }
+        audio_stream = out.add_stream(audio_codec, rate=48_000, layout="stereo") if audio else None
+        rate = 48_000
+        signal = (sound if sound is not None else beeps(seconds, rate)) if audio else np.zeros(0, np.float32)
+        chunk = rate // fps
+        for i in range(round(seconds * fps)):
+            frame = av.VideoFrame.from_ndarray(counter_frame(i, width, height), format="rgb24")
+            frame.pts = i
+            for packet in video.encode(frame):
+                out.mux(packet)
+            if audio_stream is not None:
+                part = signal[i * chunk : (i + 1) * chunk]
+                if part.size:
+                    planes = np.stack([part, part])
+                    if audio_codec == "mp2":  # MP2 takes interleaved 16-bit samples
+                        pcm = (planes.T.reshape(1, -1) * 32767).astype(np.int16)
+                        aframe = av.AudioFrame.from_ndarray(pcm, format="s16", layout="stereo")
+                    else:
+                        aframe = av.AudioFrame.from_ndarray(planes, format="fltp", layout="stereo")
+                    aframe.sample_rate = rate
+                    aframe.pts = i * chunk
+                    for packet in audio_stream.encode(aframe):
+                        out.mux(packet)
+        for packet in video.encode(None):
+            out.mux(packet)
+        if audio_stream is not None:
+            for packet in audio_stream.encode(None):
+                out.mux(packet)
+    return path
+
+
+def read_mono(path: Path, rate: int = 48_000) -> np.ndarray:
+    """A sound file as mono float32 samples at `rate`."""
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+    chunks = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(audio=0):
+            chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+    chunks += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    return np.concatenate(chunks).astype(np.float32)

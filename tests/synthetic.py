@@ -138,7 +138,7 @@ _EMOTE_NAMES = {
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # hype, laugh, fail (planted) or loud, bot_burst (distractors)
+    kind: str  # hype, laugh, fail (planted) or loud, bot_burst, gift_bomb (distractors)
     start: float
     end: float
 
@@ -156,6 +156,8 @@ class SyntheticStream:
     transcript: dict[str, Any]
     chat: dict[str, Any]
     events: list[Event] = field(default_factory=list)
+    voice_dbfs: np.ndarray | None = None
+    pitch_hz: np.ndarray | None = None
 
     @property
     def moments(self) -> list[Event]:
@@ -181,6 +183,7 @@ class SyntheticStream:
                 loudness_dbfs=self.loudness_dbfs,
                 centroid_hz=self.centroid_hz,
                 flux=self.flux,
+                **({"voice_dbfs": self.voice_dbfs, "pitch_hz": self.pitch_hz} if self.pitch_hz is not None else {}),
                 duration_seconds=np.float64(self.duration),
                 sample_rate=np.int64(16000),
             )
@@ -217,6 +220,8 @@ def generate(
     chat: bool = True,
     users: int = 400,
     unique_fraction: float = 0.1,
+    chat_delay: float = 0.0,
+    gift_bomb: bool = False,
 ) -> SyntheticStream:
     """A synthetic stream of `duration` seconds with 3 planted moments and 2 distractors.
 
@@ -234,11 +239,16 @@ def generate(
     loud = -38.0 + drift + rng.normal(0, 1.5, frames)  # room tone + game ambience
     centroid = 1200.0 + rng.normal(0, 150, frames)
     flux = rng.lognormal(0.0, 0.35, frames)
+    voice = loud - 6.0 + rng.normal(0, 1.0, frames)  # game sound leaks into the voice band
+    pitch = np.zeros(frames)
     segments = _background_speech(rng, duration, events) if speech else []
     for seg in segments:
         a, b = int(seg["start"] / HOP_SECONDS), int(seg["end"] / HOP_SECONDS)
         loud[a:b] += 11.0 + rng.normal(0, 1.0)
+        voice[a:b] = loud[a:b] - 2.0
         centroid[a:b] += 600
+        voiced = rng.random(b - a) < 0.7  # consonants and pauses are unvoiced
+        pitch[a:b] = np.where(voiced, 115.0 * 2 ** (rng.normal(0, 2.0, b - a) / 12), 0.0)
     for _ in range(int(duration / 25)):  # small game sounds nobody reacts to
         c = int(rng.uniform(0, duration) / HOP_SECONDS)
         w = int(rng.uniform(0.3, 2.0) / HOP_SECONDS)
@@ -247,6 +257,11 @@ def generate(
 
     for e in events:
         a, b = int(e.start / HOP_SECONDS), int(e.end / HOP_SECONDS)
+        if speech and e.kind in ("hype", "laugh", "fail"):  # the streamer reacts: higher, wider, louder
+            lift = {"hype": 6.0, "laugh": 4.0, "fail": 3.0}[e.kind]
+            voiced = rng.random(b - a) < 0.8
+            pitch[a:b] = np.where(voiced, 115.0 * 2 ** ((lift + rng.normal(0, 4.0, b - a)) / 12), 0.0)
+            voice[a:b] += lift + 6.0
         if e.kind == "hype":
             loud[a:b] += rng.uniform(10, 16)
             flux[a:b] *= rng.uniform(3, 6)
@@ -262,10 +277,13 @@ def generate(
             flux[a:b] *= rng.uniform(2, 4)
             centroid[a:b] += 1500
     loud = np.clip(loud, -90.0, 0.0)
+    voice = np.clip(voice, -90.0, 0.0)
 
     transcript = _transcript(rng, segments, events, duration) if speech else _transcript(rng, [], [], duration)
     chat_doc = (
-        _chat(rng, events, duration, chat_rate, users, unique_fraction) if chat else {"comments": [], "video": {}}
+        _chat(rng, events, duration, chat_rate, users, unique_fraction, chat_delay)
+        if chat
+        else {"comments": [], "video": {}}
     )
     return SyntheticStream(
         duration=float(duration),
@@ -275,6 +293,8 @@ def generate(
         transcript=transcript,
         chat=chat_doc,
         events=events,
+        voice_dbfs=voice.astype(np.float32),
+        pitch_hz=pitch.astype(np.float32),
     )
 
 
@@ -286,7 +306,7 @@ def _place(rng: np.random.Generator, kinds: list[str], duration: float) -> list[
     events = []
     for i, kind in enumerate(order):
         start = 60.0 + i * slot + rng.uniform(0.15, 0.55) * slot
-        length = {"hype": 8.0, "laugh": 7.0, "fail": 6.0, "loud": 30.0, "bot_burst": 15.0}[str(kind)]
+        length = {"hype": 8.0, "laugh": 7.0, "fail": 6.0, "loud": 30.0, "bot_burst": 15.0, "gift_bomb": 20.0}[str(kind)]
         events.append(Event(str(kind), round(start, 2), round(start + length, 2)))
     return events
 
@@ -347,11 +367,13 @@ def _chat(
     rate: float,
     n_users: int,
     unique_fraction: float,
+    delay: float = 0.0,
 ) -> dict[str, Any]:
     weights = 1.0 / np.arange(1, n_users + 1) ** 0.8  # a few chatters talk a lot
     weights /= weights.sum()
     names = [f"viewer{i:05d}" for i in range(n_users)]
     messages: list[tuple[float, str, str]] = []
+    notices: list[tuple[float, str, str]] = []
 
     def pick_user() -> str:
         return names[int(rng.choice(n_users, p=weights))]
@@ -376,7 +398,7 @@ def _chat(
     banks = {"hype": _CHAT_HYPE, "laugh": _CHAT_LAUGH, "fail": _CHAT_FAIL}
     for e in events:
         if e.kind in banks:
-            lag = rng.uniform(2.0, 8.0)  # the burst starts 2-8 s after the moment, lasts 10-20 s
+            lag = delay + rng.uniform(2.0, 8.0)  # the burst starts 2-8 s after the moment, lasts 10-20 s
             length = rng.uniform(10.0, 20.0)
             extra_rate = max(1.5, rate * rng.uniform(3.0, 6.0))
             for _ in range(rng.poisson(extra_rate * length)):
@@ -388,12 +410,27 @@ def _chat(
                 messages.append((rng.uniform(e.start, e.end), pick_user(), str(rng.choice(_BOT_COMMANDS))))
             for _ in range(10):
                 messages.append((rng.uniform(e.start, e.end + 5), "nightbot", str(rng.choice(_BOT_REPLIES))))
+        elif e.kind == "gift_bomb":
+            gifter = pick_user()
+            notices.append((e.start, gifter, "submysterygift"))
+            for k in range(20):
+                notices.append((e.start + 0.1 * k, gifter, "subgift"))
+            for _ in range(rng.poisson(max(2.0, rate * 5) * (e.end - e.start))):  # chat thanks the gifter
+                thanks = str(
+                    rng.choice(["thanks for the gifts PogChamp", "ty for the sub", "PogChamp gifts", "W gifter"])
+                )
+                messages.append((rng.uniform(e.start + 1, e.end), pick_user(), thanks))
     for k in range(int(duration / 600)):  # periodic bot announcements
         messages.append((300.0 + k * 600.0, "streamelements", "Remember to follow the channel!"))
 
     messages = [m for m in messages if 0 <= m[0] < duration]
     messages.sort(key=lambda m: m[0])
     comments = [_comment(i, t, user, text) for i, (t, user, text) in enumerate(messages)]
+    for i, (t, user, kind) in enumerate(notices):
+        notice = _comment(len(comments) + i, t, user, f"{user} gifted a Tier 1 sub!")
+        notice["message"]["user_notice_params"] = {"msg-id": kind}
+        comments.append(notice)
+    comments.sort(key=lambda c: c["content_offset_seconds"])
     return {
         "streamer": {"name": "synthetic", "id": 1},
         "video": {"id": "123456789", "title": "synthetic stream", "length": duration, "start": 0, "end": duration},

@@ -8,15 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from klipstream.acquisition.chat_archive import parse_archive
-from klipstream.analysis.chat_scoring import (
-    CHAT_SENTIMENT_COLUMNS,
-    ChatSignals,
-    filter_messages,
-    write_chat_sentiment_csv,
-)
+from klipstream.acquisition.chat_archive import ArchiveHeader, iter_archive
+from klipstream.analysis.chat_scoring import CHAT_SENTIMENT_COLUMNS, LEARNED, ChatSignals, write_chat_sentiment_csv
 from klipstream.analysis.lexicon import EMOTIONS, LexiconError, load_lexicon, parse_lexicon
-from klipstream.analysis.pipeline import analyze_chat
+from klipstream.analysis.pipeline import analyze_messages
+from klipstream.analysis.reactions import canonical, classify_message
 from klipstream.analysis.text_scoring import NO_TEXT, TextScorer
 from klipstream.chat import ChatMessage
 
@@ -119,7 +115,7 @@ def _comment(t: float, user: str, body: str, emote: bool = False) -> dict:
     }
 
 
-def test_filter_keeps_short_reactions_and_counts_emote_fragments() -> None:
+def test_filter_keeps_short_reactions_and_counts_emote_fragments(tmp_path: Path) -> None:
     doc = {
         "comments": [
             _comment(12.5, "alice", "KEKW", emote=True),
@@ -129,19 +125,23 @@ def test_filter_keeps_short_reactions_and_counts_emote_fragments() -> None:
             _comment(7.0, "dave", "F"),
         ]
     }
-    messages = parse_archive(json.dumps(doc).encode(), max_bytes=1 << 20).messages
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    _, stream = iter_archive(path, 1 << 20, ArchiveHeader())
+    messages = sorted(stream, key=lambda m: m.time)
     assert [m.time for m in messages] == [3.0, 4.0, 5.0, 7.0, 12.5]
     assert messages[-1].emote_fragments == 1 and messages[0].emote_fragments == 0
-    kept, stats = filter_messages(messages, ("Nightbot",))
-    assert [m.text for m in kept] == ["gg", "F", "KEKW"]  # short reactions are signals
-    assert (stats.kept, stats.bot_messages, stats.commands) == (3, 1, 1)
+    result = analyze_messages(messages, 20.0, ("Nightbot",))
+    stats = result.stats
+    assert (stats.kept, stats.bot_messages, stats.commands) == (3, 1, 1)  # short reactions are signals
+    assert result.signals.count[[5, 7, 12]].tolist() == [1, 1, 1]
 
 
 def test_windows_are_anchored_at_zero_and_csv_shape(tmp_path: Path) -> None:
     # The first message is at 95 s: windows must still start at 0, 30, 60, 90...
     messages = [ChatMessage(95.0 + i * 0.5, f"u{i % 3}", "KEKW") for i in range(10)]
     messages += [ChatMessage(130.0, "u9", "hello there")]
-    result = analyze_chat(messages, 150.0, ())
+    result = analyze_messages(messages, 150.0, ())
     rows = result.rows
     assert [r["start_time"] for r in rows] == [0.0, 30.0, 60.0, 90.0, 120.0]
     assert rows[0]["message_count"] == 0 and rows[0]["avg_sentiment"] is None
@@ -159,7 +159,7 @@ def test_windows_are_anchored_at_zero_and_csv_shape(tmp_path: Path) -> None:
 
 def test_per_second_signals_roundtrip(tmp_path: Path) -> None:
     messages = [ChatMessage(t, "u", "Pog") for t in (0.2, 0.7, 5.1)] + [ChatMessage(5.5, "v", "F\nF")]
-    signals = analyze_chat(messages, 10.0, ()).signals
+    signals = analyze_messages(messages, 10.0, ()).signals
     assert signals.seconds == 10
     assert signals.count.tolist() == [2, 0, 0, 0, 0, 2, 0, 0, 0, 0]
     assert signals.users.tolist()[5] == 2 and signals.users.tolist()[0] == 1
@@ -168,7 +168,7 @@ def test_per_second_signals_roundtrip(tmp_path: Path) -> None:
     signals.save(path)
     loaded = ChatSignals.load(path)
     np.testing.assert_array_equal(loaded.count, signals.count)
-    assert [m.text for m in loaded.messages] == ["Pog", "Pog", "Pog", "F F"]
+    assert loaded.message_seconds.tolist() == [0, 0, 5, 5] and len(set(loaded.message_users.tolist())) == 2
     assert loaded.fit(12).count.shape == (12,) and loaded.fit(4).emotion_sums.shape == (6, 4)
 
 
@@ -182,3 +182,62 @@ def test_synthetic_chat_json_is_twitchdownloader_shaped(tmp_path: Path) -> None:
     assert {"_id", "content_offset_seconds", "commenter", "message"} <= set(c)
     assert {"display_name", "_id", "name"} <= set(c["commenter"])
     assert {"body", "fragments", "user_badges", "user_color"} <= set(c["message"])
+
+
+def test_twitch_notices_and_clip_requests_are_set_apart(tmp_path: Path) -> None:
+    notice = _comment(10.0, "gifter", "gifter gifted a Tier 1 sub to someone!")
+    notice["message"]["user_notice_params"] = {"msg-id": "subgift"}
+    cheer = _comment(11.0, "fan", "Cheer100 what a play")
+    old_style = _comment(12.0, "twitchnotify", "viewer just subscribed with Twitch Prime!")
+    doc = {
+        "comments": [
+            notice,
+            cheer,
+            old_style,
+            _comment(13.0, "a", "!clip"),
+            _comment(14.0, "b", "!clip that"),
+            _comment(15.0, "c", "!uptime"),
+            _comment(16.0, "d", "KEKW"),
+        ]
+    }
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    _, stream = iter_archive(path, 1 << 20, ArchiveHeader())
+    messages = list(stream)
+    assert [m.system for m in messages[:3]] == ["gift", "bits", "sub"] and messages[1].bits == 100
+    result = analyze_messages(messages, 30.0, ())
+    stats = result.stats
+    assert (stats.system_events, stats.commands, stats.kept) == (3, 3, 1)
+    assert result.signals.clip_commands[13:15].tolist() == [1, 1]
+    assert result.signals.system.sum() == 3 and result.signals.count.sum() == 1
+    assert sum(r["system_events"] for r in result.rows) == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "laughter"),
+    [("lol", True), ("jajajaja", True), ("kkkkk", True), ("ㅋㅋㅋ", True), ("www", True), ("草", True),
+     ("哈哈哈", True), ("555555", True), ("xDDD", True), ("what a game", False), ("hello", False)],
+)  # fmt: skip
+def test_laughter_in_many_languages(text: str, laughter: bool) -> None:
+    assert classify_message(text, 0).laughter is laughter
+
+
+def test_reaction_markers_need_no_lexicon() -> None:
+    assert classify_message("!!!!!!", 0).burst and classify_message("GGGGGGG", 0).reaction
+    assert classify_message("zonkaW", 1).reaction  # a channel emote Twitch marked, unknown to the lexicon
+    assert not classify_message("is the stream laggy for anyone", 0).reaction
+    assert canonical("7777777") == canonical("77777") == "777"
+
+
+def test_each_vod_learns_its_own_reaction_tokens() -> None:
+    rng = np.random.default_rng(3)
+    messages = [
+        ChatMessage(float(t), f"u{rng.integers(300)}", "just chatting here") for t in rng.uniform(0, 3600, 1800)
+    ]
+    for moment in (600, 1500, 2400, 3300):  # surges where many chatters type the channel's catchphrase
+        for k in range(60):
+            messages.append(ChatMessage(moment + k * 0.3, f"fan{k}", "zonkaHYPE zonkaHYPE"))
+    messages.sort(key=lambda m: m.time)
+    signals = analyze_messages(messages, 3600.0, ()).signals
+    assert "zonkaHYPE" in signals.learned_tokens and "chatting" not in signals.learned_tokens
+    assert int(((signals.message_flags & LEARNED) > 0).sum()) == 240

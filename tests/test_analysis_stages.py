@@ -74,7 +74,7 @@ async def test_all_stages_write_their_artifacts(tmp_path: Path, stream: syntheti
 
     integrated = json.loads(out["integrated_json"].read_text())
     assert integrated["windows"] and set(integrated["signals"]) == {
-        "loudness", "flux", "speech", "chat_surge", "chat_emotion",
+        "loudness", "flux", "speech", "voice", "chat_surge",
     }  # fmt: skip
     assert all(0 <= w["highlight_score"] <= 1 for w in integrated["windows"])
 
@@ -130,7 +130,7 @@ async def test_highlights_with_audio_only(tmp_path: Path, stream: synthetic.Synt
     files = stream.write(tmp_path / "in")
     out, highlights = await _run_all(tmp_path, {"features": files["features"]}, top_n=3)
     assert len(highlights) == 3
-    assert set(json.loads(out["integrated_json"].read_text())["signals"]) == {"loudness", "flux"}
+    assert set(json.loads(out["integrated_json"].read_text())["signals"]) == {"loudness", "flux", "voice"}
 
 
 def test_stage_declarations() -> None:
@@ -142,19 +142,16 @@ def test_stage_declarations() -> None:
     assert HIGHLIGHTS.provides == ("integrated_json", "highlights_json", "top_highlights_csv")
 
 
-def test_worker_threads_stop_when_cancelled(stream: synthetic.SyntheticStream) -> None:
+def test_analysis_stops_when_cancelled(stream: synthetic.SyntheticStream, tmp_path: Path) -> None:
     import threading
 
-    from klipstream.acquisition.chat_archive import parse_archive
+    from klipstream.acquisition.chat_archive import iter_chat
     from klipstream.analysis.cancel import Cancelled
-    from klipstream.analysis.pipeline import analyze_chat
+    from klipstream.analysis.pipeline import analyze_messages
 
+    path = tmp_path / "chat.json"
+    path.write_text(json.dumps(stream.chat), encoding="utf-8")
     cancelled = threading.Event()
     cancelled.set()
     with pytest.raises(Cancelled):
-        analyze_chat(
-            parse_archive(json.dumps(stream.chat).encode(), max_bytes=1 << 30).messages,
-            stream.duration,
-            (),
-            cancelled=cancelled,
-        )
+        analyze_messages(list(iter_chat(path)), stream.duration, (), cancelled=cancelled)

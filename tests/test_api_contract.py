@@ -312,12 +312,18 @@ async def test_api_keys_guard_job_routes_and_stream_token(make_client, make_sett
     await problem_of(await client.get(forged), 401)
 
 
+async def metrics_text(client: Any) -> str:
+    return await (await client.get("/metrics")).text()
+
+
 async def test_metrics_are_prometheus_exposition(client, recorder):
     recorder.gate("download").set()
     job = await (await client.post("/api/v1/analysis", json={"url": URL})).json()
     assert (await client.post("/api/v1/analysis", json={"url": URL})).status == 200  # a duplicate
     await wait_status(client, job["job_id"], {"completed"})
-    text = await (await client.get("/metrics")).text()
+    async with asyncio.timeout(5):  # the job shows completed a moment before its event is counted
+        while 'klipstream_jobs_finished_total{status="completed"} 1.0' not in (text := await metrics_text(client)):
+            await asyncio.sleep(0.02)
     for name in (
         'klipstream_jobs_submitted_total{priority="normal"} 1.0',
         'klipstream_jobs_finished_total{status="completed"} 1.0',

@@ -15,14 +15,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from klipstream.acquisition.chat_archive import ChatVideo
-from klipstream.acquisition.twitch_chat import (
-    GqlClient,
-    GqlConfig,
-    RangeSpool,
-    split_ranges,
-    write_merged,
-)
+from klipstream.acquisition.chat_archive import ChatSpool, ChatVideo, write_artifacts
+from klipstream.acquisition.twitch_chat import GqlClient, GqlConfig, split_ranges
 from klipstream.chat import ChatMessage, Fragment
 from klipstream.errors import ExternalServiceError, InvalidVideoUrl, StageUnavailable
 from klipstream.jobs.stage import StageContext
@@ -113,6 +107,30 @@ async def test_four_ranges_fetch_every_comment_once_in_order(http: aiohttp.Clien
     assert no_spools(tmp_path)
 
 
+async def test_viewer_clips_of_the_vod_are_kept(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    def clip(n: int, video: str, offset: float, views: int) -> dict[str, Any]:
+        return {"id": f"Clip{n}", "title": f"clip {n}", "viewCount": views, "durationSeconds": 30.0,
+                "videoOffsetSeconds": offset, "video_id": video}  # fmt: skip
+
+    clips = [clip(i, "123456789" if i % 3 else "555", 10.0 * i, 1000 - i) for i in range(150)]  # two pages
+    chat = FakeChat(comments=200, duration=3600, clips=clips)
+    async with serve(chat) as fake:
+        ctx, sink = await run_twitch(fake, http, tmp_path)
+    doc = json.loads(ctx.outputs["viewer_clips"].read_text(encoding="utf-8"))
+    assert len(doc["clips"]) == 100 and chat.clips_requests == 2  # the other video's clips are dropped
+    first = doc["clips"][0]
+    assert first == {"id": "Clip1", "title": "clip 1", "vod_offset": 10.0, "duration": 30.0, "views": 999}
+    assert sink.warnings == []
+
+
+async def test_viewer_clips_failure_is_a_warning(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    chat = FakeChat(comments=200, duration=600, clips_fail=True)
+    async with serve(chat) as fake:
+        ctx, sink = await run_twitch(fake, http, tmp_path)
+    assert "chat_json" in ctx.outputs and "viewer_clips" not in ctx.outputs
+    assert any("viewer clips" in w for w in sink.warnings)
+
+
 async def test_artifact_shapes_are_twitchdownloader_and_csv_quoted(http: aiohttp.ClientSession, tmp_path: Path) -> None:
     chat = FakeChat(comments=200, duration=600)
     async with serve(chat) as fake:
@@ -137,9 +155,9 @@ async def test_artifact_shapes_are_twitchdownloader_and_csv_quoted(http: aiohttp
 async def test_known_duration_skips_the_length_query(http: aiohttp.ClientSession, tmp_path: Path) -> None:
     chat = FakeChat(comments=800, duration=1200)
     async with serve(chat) as fake:
-        video = VideoInfo(id="123456789", title="From yt-dlp", duration_seconds=1200.0)
+        video = VideoInfo(id="123456789", title="From yt-dlp", duration_seconds=1200.0, channel_login="fakestreamer")
         ctx, _ = await run_twitch(fake, http, tmp_path, video=video, chat_ranges=3)
-    assert chat.video_requests == 0
+    assert chat.video_requests == 0 and chat.clips_requests == 1
     assert sorted(chat.offsets_requested) == [0, 400, 800]
     assert_complete(ctx, chat)
     assert read_json(ctx)["video"]["title"] == "From yt-dlp"
@@ -266,12 +284,12 @@ def test_split_ranges_cover_the_vod_disjointly() -> None:
 def test_spool_merge_keeps_awkward_text_exact_and_sorts_a_disordered_range(tmp_path: Path) -> None:
     bodies = ["a\rb", 'q"uo\r\nte', "c\u2028d\x85e", "x,\ny", "plain"]
     offsets = [0.0, 2.0, 1.0, 3.0, 4.0]  # range 0 arrives out of order; range 1 is in order
-    spools = [RangeSpool(tmp_path, i, "v") for i in range(2)]
+    spools = [ChatSpool(tmp_path, f"range{i}", "v") for i in range(2)]
     for i, (body, offset) in enumerate(zip(bodies, offsets, strict=True)):
         message = ChatMessage(offset, "login", body, display_name='D"n', id=str(i), fragments=(Fragment(body),))
         spools[0 if i < 3 else 1].add(message, None)
     assert [s.ordered for s in spools] == [False, True]
-    write_merged(spools, tmp_path / "v_chat.json", tmp_path / "v_chat.csv", ChatVideo("v"), len(bodies))
+    write_artifacts(spools, tmp_path / "v_chat.json", tmp_path / "v_chat.csv", ChatVideo("v"), source="twitch")
     order = [0, 2, 1, 3, 4]
     expected = [(offsets[i], 'D"n', bodies[i]) for i in order]
     assert list(iter_csv(tmp_path / "v_chat.csv")) == expected

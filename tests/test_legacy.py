@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from klipstream.errors import VideoNotFound
 from tests.scheduler_stages import Recorder, simple_pipeline
 from tests.test_api_basics import URL
@@ -39,3 +41,21 @@ async def test_legacy_bad_input_and_switch(make_client, make_settings):
     assert (await client.post("/", json={"url": "ftp://x"})).status == 422
     off = await make_client(make_settings(legacy_routes=False), simple_pipeline(Recorder()))
     assert (await off.post("/run_pipeline", json={"url": URL})).status == 404
+
+
+async def test_waiting_legacy_requests_are_bounded(make_client, make_settings):
+    """Issue 13, item 19: each legacy request holds a connection until its job ends; beyond the
+    bound a caller gets 503 with Retry-After at once instead of one more held connection."""
+    recorder = Recorder()
+    client = await make_client(make_settings(legacy_max_waiting=1), simple_pipeline(recorder, download=True))
+    first = asyncio.create_task(client.post("/", json={"url": URL}))
+    async with asyncio.timeout(5):
+        while not (await (await client.get("/api/v1/jobs")).json())["jobs"]:
+            await asyncio.sleep(0.02)
+    second = await asyncio.wait_for(client.post("/run_pipeline", json={"url": "https://example.com/b.mp4"}), 5)
+    assert second.status == 503 and second.headers["Retry-After"]
+    assert len((await (await client.get("/api/v1/jobs")).json())["jobs"]) == 1  # nothing was submitted
+    recorder.gate("download").set()
+    assert (await asyncio.wait_for(first, 10)).status == 200
+    third = await asyncio.wait_for(client.post("/", json={"url": URL}), 10)
+    assert third.status == 200  # the place is free again

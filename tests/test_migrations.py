@@ -64,7 +64,82 @@ async def test_a_database_from_before_migrations_keeps_its_rows(tmp_path: Path):
     assert [d["id"] for d in await outbox.history(job.job_id)] == ["msg_1"]
     assert await outbox.backlog() == 1
     await outbox.close()
-    assert versions(path) == [(1, "initial")]
+    assert versions(path) == [(m.version, m.name) for m in migrations(SQLITE)]
+
+
+async def test_a_database_from_the_hardening_release_keeps_its_rows(tmp_path: Path):
+    """That release added `dedup_key` and `owner` at open, before migrations existed: migration 2
+    meets the columns already there and keeps their values."""
+    path = tmp_path / "klipstream.sqlite3"
+    job = Job(
+        job_id="hard1", video_id="2000000002", url="https://www.twitch.tv/videos/2000000002", dedup_key="2000000002:ab"
+    )
+    conn = sqlite3.connect(path)
+    conn.executescript((FIXTURES / "sqlite_schema_hardening.sql").read_text())
+    created = job.created_at.timestamp()
+    conn.execute(
+        "INSERT INTO jobs (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc, dedup_key)"
+        " VALUES (?, ?, 'queued', 'normal', ?, ?, NULL, ?, ?)",
+        (job.job_id, job.video_id, created, created, job.model_dump_json(), job.dedup_key),
+    )
+    conn.execute("INSERT INTO idempotency VALUES ('o:k', 'hash', 'hard1', '{}', 202, ?, 'o')", (created,))
+    conn.commit()
+    conn.close()
+    store = SQLiteStore(path)
+    await store.open()
+    assert await store.get_job(job.job_id) == job
+    record = await store.get_idempotency("o:k")
+    assert record is not None and (record.job_id, record.owner) == ("hard1", "o")
+    await store.close()
+    assert versions(path) == [(m.version, m.name) for m in migrations(SQLITE)]
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("SELECT dedup_key FROM jobs").fetchone()[0] == "2000000002:ab"
+
+
+def schema_shape(path: Path) -> dict[str, object]:
+    """Tables with their columns and indexes with their columns and uniqueness, whatever the SQL
+    text that made them (an `ALTER TABLE … ADD COLUMN` reads back differently from a CREATE)."""
+    with sqlite3.connect(path) as conn:
+        tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table' ORDER BY name")]
+        shape: dict[str, object] = {}
+        for table in tables:
+            if table == "schema_version":
+                continue
+            shape[table] = [tuple(r[1:]) for r in conn.execute(f"PRAGMA table_info({table})")]
+            for _, index, unique, origin, partial in conn.execute(f"PRAGMA index_list({table})"):
+                columns = [r[2] for r in conn.execute(f"PRAGMA index_info({index})")]
+                shape[f"{table}.{index}"] = (unique, origin, partial, columns)
+        return shape
+
+
+async def test_files_of_every_earlier_release_upgrade_to_the_schema_of_a_new_file(tmp_path: Path):
+    """A new file, a file from before migrations, one from the hardening release (columns added at
+    open) and one at version 1 (phase 1's migrations) all end with the same tables and indexes."""
+    fresh = tmp_path / "fresh.sqlite3"
+    before = tmp_path / "before.sqlite3"
+    hardening = tmp_path / "hardening.sqlite3"
+    version1 = tmp_path / "version1.sqlite3"
+    legacy_database(before)
+    with sqlite3.connect(hardening) as conn:
+        conn.executescript((FIXTURES / "sqlite_schema_hardening.sql").read_text())
+    conn = sqlite3.connect(version1, isolation_level=None)
+    for statement in sqlite_statements(migrations(SQLITE)[0].sql):
+        conn.execute(statement)
+    conn.execute(
+        "CREATE TABLE schema_version (version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at REAL NOT NULL)"
+    )
+    conn.execute("INSERT INTO schema_version VALUES (1, 'initial', 0)")
+    conn.close()
+    for path in (fresh, before, hardening, version1):
+        conn = sqlite3.connect(path, isolation_level=None)
+        upgrade_sqlite(conn)
+        conn.close()
+        assert versions(path) == [(m.version, m.name) for m in migrations(SQLITE)], path.name
+    expected = schema_shape(fresh)
+    assert "dedup_key" in [column[0] for column in expected["jobs"]]  # type: ignore[union-attr]
+    assert "owner" in [column[0] for column in expected["idempotency"]]  # type: ignore[union-attr]
+    for path in (before, hardening, version1):
+        assert schema_shape(path) == expected, path.name
 
 
 def test_openers_racing_on_a_new_file_apply_each_migration_once(tmp_path: Path):
@@ -135,8 +210,10 @@ def test_db_upgrade_command_on_sqlite(tmp_path: Path):
     cmd = [sys.executable, "-m", "klipstream", "db", "upgrade"]
     first = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
     assert first.returncode == 0, first.stderr
-    assert first.stdout.strip() == f"{data / 'klipstream.sqlite3'}: schema version 1 (applied 1)"
+    latest = len(migrations(SQLITE))
+    applied = ", ".join(str(n) for n in range(1, latest + 1))
+    assert first.stdout.strip() == f"{data / 'klipstream.sqlite3'}: schema version {latest} (applied {applied})"
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
-    assert second.stdout.strip().endswith("schema version 1 (up to date)")
+    assert second.stdout.strip().endswith(f"schema version {latest} (up to date)")
     with sqlite3.connect(data / "klipstream.sqlite3") as conn:
         assert json.loads(conn.execute("SELECT doc FROM jobs").fetchone()[0])["job_id"] == "legacy1"

@@ -66,6 +66,7 @@ def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         log_level="error",
         retry_base_seconds=0.05,
         max_queued_jobs=100_000,
+        admin_loopback=True,  # the fuzzer calls the admin routes from loopback
     )
     server = ThreadServer(create_app(config, stages=simple_pipeline(Recorder())))
     url = server.start()

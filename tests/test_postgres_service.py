@@ -55,7 +55,7 @@ async def test_jobs_run_and_are_served_from_postgres_after_a_restart(make_client
     try:
         row = await conn.fetchrow("SELECT status, video_id FROM jobs WHERE job_id=$1", first["job_id"])
         assert (row["status"], row["video_id"]) == ("completed", "2000000001")
-        assert await conn.fetchval("SELECT job_id FROM idempotency WHERE key='order-1'") == first["job_id"]
+        assert await conn.fetchval("SELECT job_id FROM idempotency WHERE key=':order-1'") == first["job_id"]
         assert await conn.fetchval("SELECT count(*) FROM stage_runs") == 5
     finally:
         await conn.close()

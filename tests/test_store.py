@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from klipstream.errors import DatabaseUnavailable
-from klipstream.jobs.store import IdempotencyRecord, JobRow
+from klipstream.jobs.store import IdempotencyRecord, JobRow, StoreStalled, StoreTimeout
 from klipstream.jobs.store import sqlite as store_module
 from klipstream.jobs.store.sqlite import SQLiteStore
 from klipstream.models import Job, JobStatus
@@ -54,16 +54,26 @@ async def test_calls_after_close_are_refused(tmp_path: Path):
 
 
 async def test_a_request_the_writer_does_not_answer_times_out(tmp_path: Path, monkeypatch):
-    """Every wait has a timeout: a stuck writer fails the waiting requests instead of hanging them."""
+    """Every wait has a timeout. A request the stuck writer never started fails with StoreTimeout
+    and is never run; the stuck one fails with StoreStalled, whose outcome still arrives."""
     monkeypatch.setattr(store_module, "CALL_TIMEOUT_SECONDS", 0.2)
     store = SQLiteStore(tmp_path / "jobs.sqlite3")
     await store.open()
     release = threading.Event()
     stuck = store._call(lambda conn: release.wait(5))
-    with pytest.raises(DatabaseUnavailable, match="store did not answer"):
+    await asyncio.sleep(0.05)  # the writer has taken the stuck request
+    job = Job(job_id="never", video_id="v", url="https://example.com/a.mp4")
+    waiting = asyncio.ensure_future(store.insert_job(JobRow.of(job)))
+    with pytest.raises(StoreStalled, match="has not finished") as stalled:
         await asyncio.wait_for(stuck, 2)  # the guard of this test only; the store's own timer fires first
+    with pytest.raises(StoreTimeout, match="did not take") as timed_out:
+        await asyncio.wait_for(waiting, 2)
+    # Both are the store being unavailable to the HTTP layer: 503 with Retry-After.
+    assert isinstance(stalled.value, DatabaseUnavailable) and timed_out.value.retry_after
     release.set()
+    assert await asyncio.wait_for(stalled.value.outcome, 2) is True  # the real outcome
     assert await store.ping()  # the writer goes on once it is free again
+    assert await store.get_job("never") is None  # the request that timed out was never run
     await store.close()
 
 

@@ -60,7 +60,7 @@ async def test_new_job_row_from_plain_data(store: JobStore):
     """The submission path stores the JSON it encoded; reading it back gives the same job."""
     job = new_job(2)
     doc = job.model_dump(mode="python", exclude_defaults=True)
-    doc.update(priority=job.priority.value, created_at=job.created_at)
+    doc.update(priority=job.priority.value, created_at=job.created_at, dedup_key=job.dedup_key)
     await store.insert_job(JobRow.new(doc, job.model_dump_json(exclude_defaults=True)))
     assert await store.get_job(job.job_id) == job
 
@@ -227,3 +227,44 @@ async def test_saves_of_a_job_from_successive_loop_turns_land_in_order(store: Jo
         await asyncio.gather(first, store.save_job(job.model_copy(deep=True)))
         stored = await store.get_job(job.job_id)
         assert stored is not None and stored.warnings == job.warnings, f"round {n}"
+
+
+async def test_dedup_key_and_key_owner_read_back(store: JobStore):
+    job = new_job(9, dedup_key="v9:0123456789abcdef")
+    record = IdempotencyRecord("owner-a:key", "hash", job.job_id, "{}", 202, "owner-a")
+    await store.insert_job(JobRow.of(job), record)
+    assert (await store.get_job(job.job_id)).dedup_key == "v9:0123456789abcdef"  # type: ignore[union-attr]
+    assert await store.get_idempotency("owner-a:key") == record
+
+
+async def test_retention_deletes_only_what_ended_before_the_cutoff(store: JobStore):
+    """The janitor's deletes: finished jobs by their end, in bounded batches; active jobs never;
+    idempotency records and stage runs by age."""
+    jobs = [new_job(n) for n in range(6)]
+    for job in jobs:
+        await store.insert_job(JobRow.of(job), IdempotencyRecord(f"k{job.job_id}", "h", job.job_id, "{}", 202))
+    old = utcnow() - timedelta(hours=2)
+    for job, status in zip(jobs, ["completed", "failed", "cancelled", "completed", "running", "queued"], strict=True):
+        job.status = JobStatus(status)
+        if job.status.terminal:
+            job.finished_at = old if job.job_id != "job0003" else utcnow()
+        await store.save_job(job)
+    states = await store.job_states(["job0000", "job0004", "job0005", "missing"])
+    assert states["job0000"] == ("completed", old.timestamp())
+    assert states["job0004"] == ("running", None) and states["job0005"] == ("queued", None)
+    assert "missing" not in states
+    assert await store.job_states([]) == {}
+    cutoff = (utcnow() - timedelta(hours=1)).timestamp()
+    first = await store.delete_finished_jobs(cutoff, 2)
+    second = await store.delete_finished_jobs(cutoff, 2)
+    assert len(first) == 2 and sorted(first + second) == ["job0000", "job0001", "job0002"]
+    assert await store.delete_finished_jobs(cutoff, 2) == []
+    left = await store.job_states([j.job_id for j in jobs])
+    assert sorted(left) == ["job0003", "job0004", "job0005"]
+    assert await store.delete_idempotency(utcnow().timestamp() - 3600) == 0
+    assert await store.delete_idempotency(utcnow().timestamp() + 60) == 6
+    assert await store.get_idempotency("kjob0003") is None
+    await store.record_stage_run("download", 1.0, None)
+    assert await store.delete_stage_runs(utcnow().timestamp() - 3600) == 0
+    assert await store.delete_stage_runs(utcnow().timestamp() + 60) == 1
+    assert await store.stage_runs(0) == []

@@ -21,8 +21,9 @@ from aiohttp import web
 
 from klipstream.config import ConfigError, Settings
 from klipstream.integrations.outbox import Outbox
-from klipstream.integrations.webhooks import PrivateAddressRefused, PublicOnlyResolver, WebhookDispatcher, secret_key
+from klipstream.integrations.webhooks import WebhookDispatcher, secret_key
 from klipstream.models import Job, JobError, JobOptions, JobStatus
+from klipstream.network import PrivateAddressRefused, PublicOnlyResolver
 
 SECRET_A = "whsec_" + base64.b64encode(b"A" * 24).decode()
 SECRET_B = "whsec_" + base64.b64encode(os.urandom(32)).decode()

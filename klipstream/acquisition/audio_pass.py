@@ -175,12 +175,29 @@ class WaveformSummary:
 # --------------------------------------------------------------------------------------------------
 
 
+VOICE_BAND_HZ = (300.0, 3400.0)  # where speech energy is, and most game sound is not
+PITCH_HZ = (75.0, 400.0)  # fundamental frequency of adult speech, shouting included
+PITCH_RATE = 8_000  # pitch is read from the spectrum below 4 kHz, as if sampled at 8 kHz
+VOICED = 0.35  # autocorrelation peak (relative to lag 0) above which a frame is voiced
+
+
 class FeatureFrames:
-    """Per-HOP_SAMPLES frame features of 16 kHz mono int16 audio, computed batch by batch."""
+    """Per-HOP_SAMPLES frame features of 16 kHz mono int16 audio, computed batch by batch.
+
+    Besides loudness, spectral centroid and flux: the voice-band level and the pitch, the prosody
+    of excited or shouted speech (transcripts rarely show it: Whisper writes few capitals or
+    exclamation marks). Pitch is the strongest autocorrelation lag in the speech range, taken
+    from the frame's power spectrum below 4 kHz (one small inverse FFT per frame); 0 when the
+    frame is not voiced.
+    """
 
     def __init__(self) -> None:
         self._window = np.hanning(HOP_SAMPLES).astype(np.float32)
         self._freqs = np.fft.rfftfreq(HOP_SAMPLES, 1.0 / PCM_RATE).astype(np.float32)
+        self._voice = (self._freqs >= VOICE_BAND_HZ[0]) & (self._freqs <= VOICE_BAND_HZ[1])
+        self._pitch_bins = HOP_SAMPLES * PITCH_RATE // PCM_RATE // 2 + 1  # spectrum bins below 4 kHz
+        self._pitch_size = HOP_SAMPLES * PITCH_RATE // PCM_RATE
+        self._lags = (int(PITCH_RATE / PITCH_HZ[1]), int(PITCH_RATE / PITCH_HZ[0]))
         # Normalise magnitudes so a full-scale sine peaks near 1 whatever the frame length.
         self._scale = np.float32(2.0 / self._window.sum())
         self._pending = np.zeros(0, dtype=np.float32)
@@ -188,6 +205,8 @@ class FeatureFrames:
         self._loudness: list[np.ndarray] = []
         self._centroid: list[np.ndarray] = []
         self._flux: list[np.ndarray] = []
+        self._voice_db: list[np.ndarray] = []
+        self._pitch: list[np.ndarray] = []
 
     def add(self, samples: np.ndarray) -> None:
         x = samples.astype(np.float32) * np.float32(1.0 / 32768.0)
@@ -214,6 +233,8 @@ class FeatureFrames:
             "loudness_dbfs": joined(self._loudness),
             "centroid_hz": joined(self._centroid),
             "flux": joined(self._flux),
+            "voice_dbfs": joined(self._voice_db),
+            "pitch_hz": joined(self._pitch),
         }
 
     def _frames(self, frames: np.ndarray, lengths: np.ndarray) -> None:
@@ -227,6 +248,16 @@ class FeatureFrames:
         diff = np.diff(np.concatenate((previous, mag)), axis=0)
         self._flux.append(np.sqrt((np.maximum(diff, 0.0) ** 2).sum(axis=1)).astype(np.float32))
         self._previous = mag[-1:].copy()
+        power = mag * mag
+        voice = power[:, self._voice].sum(axis=1)
+        self._voice_db.append((10.0 * np.log10(np.maximum(voice, 1e-12))).astype(np.float32))
+        autocorr = np.fft.irfft(power[:, : self._pitch_bins], n=self._pitch_size, axis=1)
+        low, high = self._lags
+        segment = autocorr[:, low : high + 1]
+        best = segment.argmax(axis=1)
+        peak = segment[np.arange(len(best)), best]
+        voiced = peak > VOICED * np.maximum(autocorr[:, 0], 1e-12)
+        self._pitch.append(np.where(voiced, PITCH_RATE / (low + best), 0.0).astype(np.float32))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import socket
 import sys
 import threading
@@ -28,21 +27,21 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from klipstream.errors import (
-    ErrorType,
     InternalError,
     InvalidVideoUrl,
     KlipstreamError,
     NetworkError,
+    ProcessingTimeout,
+    TimeLimitExceeded,
     VideoNotFound,
     VideoUnavailable,
 )
 from klipstream.models import VideoInfo
 from klipstream.network import ensure_public_url, is_public_address
-from klipstream.proc import ProcessFailed, run_process
+from klipstream.proc import ProcessFailed, child_env, error_line, parse_error_line, run_process
 
 PROGRESS_PREFIX = "KSPROGRESS"
 FILE_PREFIX = "KSFILE"
-ERROR_PREFIX = "KSERROR"
 SOCKET_TIMEOUT = 20.0
 
 # Twitch serves an audio-only HLS rendition named Audio_Only; other sites usually have bestaudio.
@@ -173,6 +172,8 @@ def extract_metadata(url: str, *, allow_private: bool) -> MediaMetadata:
             raise classify_ytdlp_error(exc) from None
     if not isinstance(info, dict):
         raise InvalidVideoUrl("yt-dlp returned nothing for this URL.", code="not_media")
+    if info.get("is_live") or info.get("live_status") in ("is_live", "is_upcoming", "post_live"):
+        raise live_refusal()
     if info.get("_type") in ("playlist", "multi_video"):
         raise InvalidVideoUrl(
             "The URL is a playlist or channel, not a single video.",
@@ -188,6 +189,14 @@ def extract_metadata(url: str, *, allow_private: bool) -> MediaMetadata:
     )
 
 
+def live_refusal() -> InvalidVideoUrl:
+    return InvalidVideoUrl(
+        "This URL is a live stream (or a channel that is live). Only finished VODs are analysed.",
+        code="live_stream",
+        suggested_action="Wait until the broadcast ends, then submit its VOD (https://www.twitch.tv/videos/<id>).",
+    )
+
+
 def video_info(info: dict[str, Any]) -> VideoInfo:
     duration = info.get("duration")
     published = None
@@ -200,6 +209,9 @@ def video_info(info: dict[str, Any]) -> VideoInfo:
         id=str(info["id"]) if info.get("id") is not None else None,
         title=info.get("title") or None,
         channel=info.get("uploader") or info.get("channel") or info.get("uploader_id") or None,
+        channel_login=(info.get("uploader_id") or None)
+        if "twitch" in str(info.get("extractor") or "").lower()
+        else None,
         duration_seconds=float(duration) if isinstance(duration, int | float) and math.isfinite(duration) else None,
         published_at=published,
         thumbnail_url=info.get("thumbnail") or None,
@@ -324,31 +336,6 @@ def _short(exc: BaseException) -> str:
     return text[:300].rstrip(".")
 
 
-_ERROR_CLASSES: dict[str, type[KlipstreamError]] = {
-    ErrorType.INVALID_VIDEO_URL: InvalidVideoUrl,
-    ErrorType.VIDEO_NOT_FOUND: VideoNotFound,
-    ErrorType.VIDEO_UNAVAILABLE: VideoUnavailable,
-    ErrorType.NETWORK_ERROR: NetworkError,
-}
-
-
-def error_line(error: KlipstreamError) -> str:
-    return (
-        ERROR_PREFIX + " " + json.dumps({"type": error.error_type.value, "message": error.message, "code": error.code})
-    )
-
-
-def parse_error_line(line: str) -> KlipstreamError | None:
-    if not line.startswith(ERROR_PREFIX + " "):
-        return None
-    try:
-        data = json.loads(line[len(ERROR_PREFIX) + 1 :])
-        cls = _ERROR_CLASSES.get(data["type"], NetworkError)
-        return cls(str(data["message"]), code=str(data.get("code") or "") or None)
-    except (ValueError, KeyError, TypeError):
-        return None
-
-
 # --------------------------------------------------------------------------------------------------
 # Download child
 # --------------------------------------------------------------------------------------------------
@@ -464,12 +451,17 @@ async def run_download(
                 on_progress(progress)
         elif line.startswith(FILE_PREFIX + " "):
             written.append(line[len(FILE_PREFIX) + 1 :])
-        elif (parsed := parse_error_line(line)) is not None:
+        elif (parsed := parse_error_line(line, NetworkError)) is not None:
             error.append(parsed)
 
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = child_env(PYTHONUNBUFFERED="1")
     try:
         await run_process(args, on_line=on_line, timeout=time_limit, env=env)
+    except ProcessingTimeout:
+        # The whole budget is gone; yt-dlp already retried stalled fragments inside it.
+        raise TimeLimitExceeded(
+            f"The download did not finish within {time_limit:.0f} s.", code="download_timeout"
+        ) from None
     except ProcessFailed as exc:
         if error:
             raise error[-1] from None

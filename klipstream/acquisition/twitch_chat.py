@@ -8,7 +8,8 @@ concurrently on the one shared aiohttp session; a range stops as soon as its cha
 range's end. Ranges are disjoint, so ordering the output is concatenation, not a sort.
 
 Comments are spooled to per-range files as they arrive (already encoded in the artifact format),
-so memory holds only the ids used for de-duplication, whatever the size of the chat.
+so memory holds only the ids used for de-duplication and a few bytes per message for the merge,
+whatever the size of the chat.
 
 Twitch refusing (integrity check, unknown persisted query, 4xx, no such video) raises
 `ChatRefused`, a StageUnavailable: the chat stage ends `unavailable` and the job goes on.
@@ -22,15 +23,16 @@ import asyncio
 import contextlib
 import json
 import math
+import re
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 import aiohttp
 
-from klipstream.acquisition.chat_archive import ChatVideo, CsvSink, artifact_files, encode_comment
+from klipstream.acquisition.chat_archive import ChatSpool, ChatVideo, cheered_bits, system_event
 from klipstream.chat import Badge, ChatMessage, Fragment
 from klipstream.errors import ExternalServiceError, KlipstreamError, NetworkError, StageUnavailable
 from klipstream.retry import RetryPolicy, parse_retry_after
@@ -66,6 +68,7 @@ class GqlConfig:
 
 GQL_RETRY = RetryPolicy(attempts=8, base_seconds=0.25, cap_seconds=8.0)
 VIDEO_RETRY = RetryPolicy(attempts=3, base_seconds=0.25, cap_seconds=8.0)  # the length is optional
+CLIP_PAGES = 10  # pages of 100 clips read per channel
 GQL_TIMEOUT = aiohttp.ClientTimeout(total=30, sock_connect=10, sock_read=20)
 
 
@@ -121,6 +124,10 @@ def _s(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 def _obj(value: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -148,10 +155,13 @@ def node_to_message(node: Any) -> ChatMessage | None:
     # A deleted account leaves commenter null; the message still counts as chat activity.
     commenter = _obj(node.get("commenter"))
     display_name = (_s(commenter.get("displayName")) or "").strip()
+    login = (_s(commenter.get("login")) or display_name).lower()
+    text = "".join(f.text for f in fragments)
+    bits = cheered_bits(text)
     return ChatMessage(
         time=float(offset),
-        user=(_s(commenter.get("login")) or display_name).lower(),
-        text="".join(f.text for f in fragments),
+        user=login,
+        text=text,
         display_name=display_name,
         id=comment_id,
         user_id=_s(commenter.get("id")) or "",
@@ -159,6 +169,8 @@ def node_to_message(node: Any) -> ChatMessage | None:
         badges=badges,
         color=_s(message.get("userColor")),
         created_at=_s(node.get("createdAt")),
+        system=system_event(login, text, None, bits),
+        bits=bits,
     )
 
 
@@ -292,7 +304,60 @@ class GqlClient:
             channel=_s(owner.get("displayName")) or _s(owner.get("login")),
             channel_id=_s(owner.get("id")),
             created_at=_s(video.get("createdAt")),
+            channel_login=_s(owner.get("login")),
         )
+
+    async def clips(self, login: str, video_id: str, *, max_pages: int = CLIP_PAGES) -> list[dict[str, Any]]:
+        """Clips viewers made of this VOD: the channel's clips, most viewed first, kept when they
+        come from `video_id`. Twitch lists clips per channel, not per video, so this reads up to
+        `max_pages` pages of 100 (the clips that matter are the watched ones, on the first pages).
+        """
+        if not re.fullmatch(r"[A-Za-z0-9_]{1,25}", login):
+            return []
+        found: list[dict[str, Any]] = []
+        cursor: str | None = None
+        for _ in range(max_pages):
+            after = f',after:"{cursor}"' if cursor else ""
+            query = (
+                f'query{{user(login:"{login}"){{clips(first:100{after},criteria:{{period:ALL_TIME,sort:VIEWS_DESC}})'
+                "{pageInfo{hasNextPage},edges{cursor,node{id,title,viewCount,durationSeconds,videoOffsetSeconds,"
+                "video{id}}}}}}"
+            )
+
+            async def attempt(query: str = query) -> dict[str, Any]:
+                payload = await self._post_once({"query": query, "variables": {}})
+                _errors(payload)
+                return payload
+
+            payload = await self.retrying(attempt, "the VOD's clips", VIDEO_RETRY)
+            user = _obj(_obj(payload.get("data")).get("user"))
+            clips = _obj(user.get("clips"))
+            edges = clips.get("edges") or []
+            for edge in edges:
+                node = _obj(_obj(edge).get("node"))
+                if _s(_obj(node.get("video")).get("id")) != video_id:
+                    continue
+                offset, duration, views = (
+                    node.get("videoOffsetSeconds"),
+                    node.get("durationSeconds"),
+                    node.get("viewCount"),
+                )
+                if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (offset, duration, views)):
+                    continue
+                found.append(
+                    {
+                        "id": _s(node.get("id")) or "",
+                        "title": _s(node.get("title")) or "",
+                        "vod_offset": float(offset),
+                        "duration": float(duration),
+                        "views": int(views),
+                    }
+                )
+            cursor = _s(_obj(edges[-1]).get("cursor")) if edges else None
+            if not _obj(clips.get("pageInfo")).get("hasNextPage") or not cursor:
+                break
+        found.sort(key=lambda c: c["vod_offset"])
+        return found
 
     async def comments(self, video_id: str, *, offset: int | None = None, cursor: str | None = None) -> Page:
         """One page of comments; by offset for the first page of a chain, by cursor afterwards."""
@@ -352,39 +417,6 @@ def _page(video: dict[str, Any], comments: dict[str, Any]) -> Page:
 # ---------------------------------------------------------------------------------------------
 
 
-class RangeSpool:
-    """One range's comments on disk, in artifact form, in arrival order."""
-
-    def __init__(self, directory: Path, index: int, video_id: str) -> None:
-        self.json_path = directory / f".chat_range_{index}.jsonl"
-        self.csv_path = directory / f".chat_range_{index}.csv"
-        self.video_id = video_id
-        self._json = open(self.json_path, "w", encoding="utf-8", newline="", buffering=1 << 20)
-        self._csv_file = open(self.csv_path, "w", encoding="utf-8", newline="", buffering=1 << 20)
-        self._csv = CsvSink(self._csv_file)
-        self.count = 0
-        self.ordered = True  # Twitch pages are ordered by offset; checked, not assumed
-        self.last_offset = -1.0
-
-    def add(self, message: ChatMessage, channel_id: str | None) -> None:
-        if message.time < self.last_offset:
-            self.ordered = False
-        self.last_offset = max(self.last_offset, message.time)
-        self._json.write(encode_comment(message, self.video_id, channel_id))
-        self._json.write("\n")
-        self._csv.row(message)
-        self.count += 1
-
-    def close(self) -> None:
-        self._json.close()
-        self._csv_file.close()
-
-    def remove(self) -> None:
-        self.close()
-        self.json_path.unlink(missing_ok=True)
-        self.csv_path.unlink(missing_ok=True)
-
-
 @dataclass
 class RangeState:
     range: ChatRange
@@ -395,7 +427,7 @@ class RangeState:
 
 @dataclass
 class FetchResult:
-    spools: list[RangeSpool]
+    spools: list[ChatSpool]
     count: int
     channel_id: str | None
     requests: int
@@ -432,7 +464,7 @@ class ChatFetch:
         return min(1.0, covered / self.duration)
 
     async def run(self) -> FetchResult:
-        spools = [RangeSpool(self.spool_dir, s.range.index, self.video_id) for s in self.states]
+        spools = [ChatSpool(self.spool_dir, f"chat_range_{s.range.index}", self.video_id) for s in self.states]
         try:
             async with asyncio.TaskGroup() as group:
                 for state, spool in zip(self.states, spools, strict=True):
@@ -448,7 +480,7 @@ class ChatFetch:
             spool.close()
         return FetchResult(spools, self.count, self.channel_id, self.client.requests, self.client.retries)
 
-    async def _fetch_range(self, state: RangeState, spool: RangeSpool) -> None:
+    async def _fetch_range(self, state: RangeState, spool: ChatSpool) -> None:
         rng = state.range
         cursor: str | None = None
         while True:
@@ -485,59 +517,6 @@ def _first(exc: BaseException, kind: type[E]) -> E | None:
             if found is not None:
                 return found
     return None
-
-
-def merged_lines(spools: list[RangeSpool], cancelled: Callable[[], bool]) -> Iterator[tuple[str, list[str]]]:
-    """(JSON comment, CSV line) pairs in offset order: range order, sorted within a range if Twitch was not."""
-    for spool in spools:
-        with (
-            open(spool.json_path, encoding="utf-8", newline="") as js,
-            open(spool.csv_path, encoding="utf-8", newline="") as cs,
-        ):
-            pairs: Iterator[tuple[str, list[str]]] = zip(js, _csv_records(cs), strict=True)
-            if not spool.ordered:  # one range in memory, only in this unexpected case
-                pairs = iter(sorted(pairs, key=lambda p: json.loads(p[0])["content_offset_seconds"]))
-            for i, (line, record) in enumerate(pairs):
-                if i % 4096 == 0 and cancelled():
-                    raise InterruptedError("chat writing cancelled")
-                yield line.rstrip("\n"), record
-
-
-def _csv_records(stream: Any) -> Iterator[list[str]]:
-    """Physical CSV lines grouped into records (a quoted message may span lines)."""
-    record: list[str] = []
-    quotes = 0
-    for line in stream:
-        record.append(line)
-        quotes += line.count('"')
-        if quotes % 2 == 0:
-            yield record
-            record, quotes = [], 0
-    if record:
-        yield record
-
-
-def write_merged(
-    spools: list[RangeSpool],
-    json_path: Path,
-    csv_path: Path,
-    video: ChatVideo,
-    count: int,
-    cancelled: Callable[[], bool] = lambda: False,
-) -> None:
-    """Concatenate range spools into the two artifacts (atomic renames); blocking, run in a thread."""
-    for spool in spools:
-        spool.close()  # flush: a spool still open for writing would read back short
-    try:
-        with artifact_files(json_path, csv_path, video, source="twitch", count=count) as (js, sink):
-            for i, (line, record) in enumerate(merged_lines(spools, cancelled)):
-                if i:
-                    js.write(",")
-                js.write(line)
-                sink.encoded_rows(record)
-    finally:
-        for spool in spools:
-            spool.remove()
 
 
 async def report_progress(fetch: ChatFetch, report: Callable[[float, str], None], interval: float = 0.5) -> None:

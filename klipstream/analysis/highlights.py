@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from klipstream.analysis.baselines import centered_mean
-from klipstream.analysis.lexicon import EMOTIONS, load_lexicon
-from klipstream.analysis.signals import ChatSignalSet, SpeechSignals
+from klipstream.analysis.lexicon import EMOTIONS
+from klipstream.analysis.reactions import CATEGORIES, canonical, classify_message, dominant_category
+from klipstream.analysis.signals import ChatSignalSet, SpeechSignals, ViewerMarks, VoiceSignal
 from klipstream.chat import ChatMessage
 from klipstream.transcript import Segment
 
@@ -33,19 +34,17 @@ WEIGHTS: dict[str, float] = {
     "loudness": 0.15,
     "flux": 0.10,
     "speech": 0.30,
-    "chat_surge": 0.25,
-    "chat_emotion": 0.20,
+    "voice": 0.20,
+    "chat_surge": 0.45,
+    "viewer_marks": 0.30,
 }
 """Fusion weights. Chat gets the most because viewers reacting is the best evidence of a moment
-worth clipping; audio the least because loud is often just loud (cutscenes, music)."""
-
-_SIGNAL_PHRASES = {
-    "loudness": "loudness",
-    "flux": "sudden sound",
-    "speech": "streamer's reaction",
-    "chat_surge": "chat activity",
-    "chat_emotion": "chat emotion",
-}
+worth clipping; moments viewers marked themselves (Twitch clips of the VOD, `!clip` requests)
+count as much as the streamer's own words; the streamer's voice (prosody: raised level, higher
+pitch, wider melody) a little less; audio the least because loud is often just loud (cutscenes,
+music). What chat says (its reaction vocabulary, emotions) names the moment's
+category and emotion but does not rank it: on real labelled chat, weighting it in made the
+ranking worse at every weight tried (docs/decisions.md, "Highlights on real chat")."""
 
 
 @dataclass
@@ -59,6 +58,8 @@ class Timeline:
     emotions: np.ndarray  # (6, n) combined speech + chat emotions for dominant_emotion
     loudness_db_above: np.ndarray  # dB above the trailing median, for explanations
     chat: ChatSignalSet | None = None
+    marks: ViewerMarks | None = None
+    voice: VoiceSignal | None = None
 
     def contributions(self, t: int) -> dict[str, float]:
         return {k: self.weights[k] * float(centered_mean(v, 5)[t]) for k, v in self.signals.items()}
@@ -70,6 +71,8 @@ def fuse(
     speech: SpeechSignals | None,
     chat: ChatSignalSet | None,
     weights: dict[str, float] | None = None,
+    marks: ViewerMarks | None = None,
+    voice: VoiceSignal | None = None,
 ) -> Timeline:
     weights = dict(weights or WEIGHTS)
     seconds = len(loudness_db_above)
@@ -80,8 +83,11 @@ def fuse(
         emotion_parts.append(speech.emotions)
     if chat is not None and chat.present:
         signals["chat_surge"] = chat.surge
-        signals["chat_emotion"] = chat.emotion
         emotion_parts.append(chat.emotions)
+    if marks is not None and marks.present:
+        signals["viewer_marks"] = marks.score[:seconds]
+    if voice is not None and voice.present:
+        signals["voice"] = voice.score[:seconds]
     present = {k: weights[k] for k in signals}
     total = sum(present.values())
     present = {k: w / total for k, w in present.items()}
@@ -89,7 +95,15 @@ def fuse(
     score = np.clip(centered_mean(np.asarray(raw), 5), 0.0, 1.0)
     emotions = np.mean(emotion_parts, axis=0) if emotion_parts else np.zeros((len(EMOTIONS), seconds))
     return Timeline(
-        seconds, signals, present, score, emotions, loudness_db_above, chat if chat and chat.present else None
+        seconds,
+        signals,
+        present,
+        score,
+        emotions,
+        loudness_db_above,
+        chat if chat and chat.present else None,
+        marks if marks is not None and marks.present else None,
+        voice if voice is not None and voice.present else None,
     )
 
 
@@ -240,12 +254,15 @@ class Highlight:
     peak_time: float
     score: float
     dominant_emotion: str
+    category: str | None  # hype, funny, fail, clutch, wholesome, rage, scary; None without evidence
+    category_confidence: float
     contributions: dict[str, float]
     reason: str
     transcript_excerpt: str
     chat_samples: list[str]
     audience_reaction: float | None
     streamer_emotion_intensity: float
+    evidence: dict[str, Any] = field(default_factory=dict)  # the measured facts behind the reason
     signals: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -256,9 +273,12 @@ class Highlight:
             "duration": round(self.end_time - self.start_time, 2),
             "peak_time": round(self.peak_time, 2),
             "score": round(self.score, 4),
+            "category": self.category,
+            "category_confidence": round(self.category_confidence, 4),
             "dominant_emotion": self.dominant_emotion,
             "contributions": {k: round(v, 4) for k, v in self.contributions.items()},
             "signals": {k: round(v, 4) for k, v in self.signals.items()},
+            "evidence": self.evidence,
             "reason": self.reason,
             "transcript_excerpt": self.transcript_excerpt,
             "chat_samples": self.chat_samples,
@@ -267,12 +287,16 @@ class Highlight:
         }
 
 
+ChatSamples = Callable[[float, float], list[ChatMessage]]
+"""The chat messages in [start, end), read from wherever the chat lives."""
+
+
 def detect(
     timeline: Timeline,
     top_n: int,
     *,
     segments: Sequence[Segment] = (),
-    messages: Sequence[ChatMessage] = (),
+    samples: ChatSamples | None = None,
     min_separation: float = 60.0,
 ) -> list[Highlight]:
     """The top `top_n` highlights of a fused timeline, ranked, snapped and explained."""
@@ -287,7 +311,6 @@ def detect(
     chosen = non_max_suppression(candidates, min_separation, top_n)
     word_starts, word_ends = speech_pauses(segments)
     smoothed = {k: centered_mean(v, 5) for k, v in timeline.signals.items()}
-    message_times = np.array([m.time for m in messages]) if messages else np.array([])
     out = []
     for rank, c in enumerate(chosen, start=1):
         start, end = snap_to_pauses(c.start, c.end, word_starts, word_ends)
@@ -297,13 +320,14 @@ def detect(
         contributions = {k: (v / total * c.score if total > 0 else 0.0) for k, v in raw_contrib.items()}
         emotion = _dominant_emotion(timeline.emotions, int(start), math.ceil(end))
         excerpt = _excerpt(segments, start, end)
-        samples = _chat_samples(messages, message_times, c.peak, end)
-        audience = None
-        if "chat_surge" in values:
-            audience = max(values["chat_surge"], values["chat_emotion"])
-        streamer = values["loudness"]
-        if "speech" in values:
-            streamer = 0.6 * values["speech"] + 0.4 * values["loudness"]
+        reaction = _reaction_messages(timeline, samples, c.peak, end)
+        chat_texts = _chat_samples(reaction)
+        evidence = _evidence(timeline, c.peak, reaction)
+        category, confidence = _category(timeline, c.peak, excerpt)
+        audience = values.get("chat_surge")
+        shares = {"speech": 0.5, "voice": 0.3, "loudness": 0.2}
+        present = {k: w for k, w in shares.items() if k in values}
+        streamer = sum(w * values[k] for k, w in present.items()) / sum(present.values())
         out.append(
             Highlight(
                 rank=rank,
@@ -312,12 +336,15 @@ def detect(
                 peak_time=float(c.peak),
                 score=c.score,
                 dominant_emotion=emotion,
+                category=category,
+                category_confidence=confidence,
                 contributions=contributions,
-                reason=_reason(timeline, c.peak, contributions, emotion, samples),
+                reason=_reason(timeline, c.peak, contributions, evidence, category, excerpt),
                 transcript_excerpt=excerpt,
-                chat_samples=samples,
+                chat_samples=chat_texts,
                 audience_reaction=audience,
                 streamer_emotion_intensity=streamer,
+                evidence=evidence,
                 signals=values,
             )
         )
@@ -347,17 +374,91 @@ def _excerpt(segments: Sequence[Segment], start: float, end: float, limit: int =
     return text if len(text) <= limit else text[: limit - 1].rsplit(" ", 1)[0] + "…"
 
 
-def _chat_samples(messages: Sequence[ChatMessage], times: np.ndarray, peak: int, end: float, k: int = 5) -> list[str]:
-    """The most repeated messages of the reaction (peak + 2 s .. peak + 20 s or the clip's end)."""
-    if len(times) == 0:
+def _reaction_window(timeline: Timeline, peak: int, end: float) -> tuple[float, float]:
+    """Where chat reacts to a moment at `peak`: its lag range after it."""
+    lag = timeline.chat.lag if timeline.chat is not None else None
+    low, high = (lag.low, lag.high) if lag is not None else (2, 20)
+    return peak + low, max(end, peak + high)
+
+
+def _reaction_messages(timeline: Timeline, samples: ChatSamples | None, peak: int, end: float) -> list[ChatMessage]:
+    if samples is None or timeline.chat is None:
         return []
-    lo = np.searchsorted(times, peak + 1.0)
-    hi = np.searchsorted(times, max(end, peak + 20.0))
-    counts = Counter(messages[i].text.strip() for i in range(lo, hi) if messages[i].text.strip())
+    start, stop = _reaction_window(timeline, peak, end)
+    return samples(start, stop)
+
+
+def _chat_samples(messages: Sequence[ChatMessage], k: int = 5) -> list[str]:
+    """The most repeated messages of the reaction."""
+    counts = Counter(m.text.strip() for m in messages if m.text.strip() and m.system is None)
     return [text for text, _ in counts.most_common(k)]
 
 
-def _reason(timeline: Timeline, peak: int, contributions: dict[str, float], emotion: str, samples: list[str]) -> str:
+def _evidence(timeline: Timeline, peak: int, reaction: Sequence[ChatMessage]) -> dict[str, Any]:
+    """The measured facts a reason may cite."""
+    out: dict[str, Any] = {}
+    chat = timeline.chat
+    if chat is not None:
+        lo, hi = peak + chat.lag.low, min(timeline.seconds, peak + chat.lag.high + 1)
+        if hi > lo:
+            best = lo + int(np.argmax(chat.chatters[lo:hi]))
+            out["chatters"] = round(float(chat.chatters[best]))
+            out["usual_chatters"] = round(float(chat.chatters_baseline[best]), 1)
+            out["chat_lag_seconds"] = best - peak
+            if chat.channel_events[lo:hi].any():
+                out["during_gift_bomb_or_raid"] = True
+        out["chat_lag_source"] = chat.lag.source
+        tokens = Counter(
+            token for m in reaction for token in {canonical(w) for w in m.text.split()} if token in chat.learned
+        )
+        if tokens:
+            out["reaction_tokens"] = [t for t, _ in tokens.most_common(3)]
+    marks = timeline.marks
+    if marks is not None:
+        window = slice(max(0, peak - 5), min(timeline.seconds, peak + 30))
+        clips = int(marks.clips[window].max(initial=0))
+        if clips:
+            out["viewer_clips"] = clips
+            out["viewer_clip_views"] = int(marks.views[window].max(initial=0))
+        requests = round(float(marks.commands[peak]))
+        if requests:
+            out["clip_requests"] = requests
+    db = float(timeline.loudness_db_above[peak])
+    if db >= 3.0:
+        out["loudness_db_above_usual"] = round(db, 1)
+    voice = timeline.voice
+    if voice is not None:
+        window = slice(max(0, peak - 3), min(timeline.seconds, peak + 6))
+        pitch = float(voice.pitch_semitones_above[window].max(initial=0.0))
+        level = float(voice.level_db_above[window].max(initial=0.0))
+        if pitch >= 1.0:
+            out["voice_pitch_semitones_above_usual"] = round(pitch, 1)
+        if level >= 3.0:
+            out["voice_db_above_usual"] = round(level, 1)
+    return out
+
+
+def _category(timeline: Timeline, peak: int, excerpt: str) -> tuple[str | None, float]:
+    """The category the moment's reaction votes for: chat's votes in its reaction window, plus the
+    streamer's own words in the clip (counted like a chatter's)."""
+    votes = np.zeros(len(CATEGORIES))
+    if timeline.chat is not None:
+        votes += timeline.chat.categories[:, peak]
+    if excerpt:
+        for category in classify_message(excerpt, 0).categories:
+            votes[CATEGORIES.index(category)] += 1.0
+    category, confidence = dominant_category(votes)
+    return (category.value if category is not None else None), confidence
+
+
+def _reason(
+    timeline: Timeline,
+    peak: int,
+    contributions: dict[str, float],
+    evidence: dict[str, Any],
+    category: str | None,
+    excerpt: str,
+) -> str:
     """One sentence naming the signals that carried the pick, with their evidence."""
     ranked = sorted(contributions.items(), key=lambda kv: -kv[1])
     total = sum(contributions.values()) or 1.0
@@ -365,49 +466,40 @@ def _reason(timeline: Timeline, peak: int, contributions: dict[str, float], emot
     for name, value in ranked:
         if value < 0.15 * total and parts:
             break
-        if name == "chat_surge" and timeline.chat is not None:
-            window = slice(peak + 2, min(timeline.seconds, peak + 21))
-            rate = float(timeline.chat.rate[window].max(initial=0.0))
-            base = float(timeline.chat.baseline_rate[peak])
-            ratio = rate / base if base > 0 else math.inf
-            parts.append(
-                f"chat jumped to {rate * 60:.0f} messages a minute"
-                + (f" ({ratio:.1f}x its usual pace)" if math.isfinite(ratio) else " from near silence")
-                + " right after it"
+        if name == "chat_surge" and "chatters" in evidence:
+            usual = evidence["usual_chatters"]
+            ratio = evidence["chatters"] / usual if usual > 0 else math.inf
+            part = f"{evidence['chatters']} people wrote in chat within half a minute" + (
+                f" ({ratio:.1f}x the usual {usual:.0f})" if math.isfinite(ratio) else " after a quiet stretch"
             )
-        elif name == "chat_emotion":
-            emotes = _reaction_tokens(samples)
-            parts.append("viewers reacted with " + (", ".join(emotes) if emotes else f"{emotion} messages"))
+            if evidence.get("reaction_tokens"):
+                part += ", reacting with " + ", ".join(evidence["reaction_tokens"])
+            parts.append(part)
+        elif name == "viewer_marks":
+            if "viewer_clips" in evidence:
+                views = evidence.get("viewer_clip_views", 0)
+                parts.append(f"viewers clipped it ({views:,} views)")
+            if "clip_requests" in evidence:
+                parts.append(f"{evidence['clip_requests']} viewers asked for a clip")
+        elif name == "voice" and (
+            "voice_pitch_semitones_above_usual" in evidence or "voice_db_above_usual" in evidence
+        ):
+            bits = []
+            if "voice_pitch_semitones_above_usual" in evidence:
+                bits.append(f"rose {evidence['voice_pitch_semitones_above_usual']:.0f} semitones")
+            if "voice_db_above_usual" in evidence:
+                bits.append(f"got {evidence['voice_db_above_usual']:.0f} dB louder")
+            parts.append("the streamer's voice " + " and ".join(bits))
         elif name == "speech":
-            parts.append(f"the streamer sounded {_adjective(emotion)}")
-        elif name == "loudness":
-            db = float(timeline.loudness_db_above[peak])
-            parts.append(f"the audio was {db:.0f} dB above the stream's recent level")
+            words = f' ("{excerpt[:60].rstrip()}…")' if excerpt else ""
+            parts.append(f"the streamer reacted{words}")
+        elif name == "loudness" and "loudness_db_above_usual" in evidence:
+            parts.append(f"the audio was {evidence['loudness_db_above_usual']:.0f} dB above the stream's usual level")
         elif name == "flux":
             parts.append("there was a burst of sudden sound")
-        if len(parts) == 3:
+        if len(parts) >= 3:
             break
     if not parts:
         return "Picked as the strongest remaining peak of the combined signals."
     body = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
     return "Picked because " + body + "."
-
-
-def _reaction_tokens(samples: list[str], k: int = 3) -> list[str]:
-    lexicon = load_lexicon()
-    seen: list[str] = []
-    for text in samples:
-        for token in text.split():
-            if (token in lexicon.emotes or token.lower() in lexicon.words) and token not in seen:
-                seen.append(token)
-    return seen[:k]
-
-
-def _adjective(emotion: str) -> str:
-    return {
-        "excitement": "excited",
-        "funny": "amused",
-        "happiness": "happy",
-        "anger": "angry",
-        "sadness": "upset",
-    }.get(emotion, "animated")

@@ -9,10 +9,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from klipstream.api.auth import require_admin
-from klipstream.api.context import METRICS, RUNTIME, SERVICE, SETTINGS, STATE, service_of
+from klipstream.api.context import BROADCASTER, METRICS, RUNTIME, SERVICE, SETTINGS, STATE, service_of
 from klipstream.api.openapi import Route
 from klipstream.api.problems import model_response
-from klipstream.config import Settings
 from klipstream.models import TERMINAL_STATUSES, Problem, QueueStats
 
 
@@ -31,17 +30,12 @@ async def queue_stats(request: web.Request) -> web.Response:
         running=service.running_summary(),
         resources={
             "jobs": {"in_use": len(service.pool.running), "limit": service.pool.size},
-            **{
-                r.value: {
-                    "in_use": _in_use(sem, _limit(service.settings, r.value)),
-                    "limit": _limit(service.settings, r.value),
-                }
-                for r, sem in limits.items()
-            },
+            **{r.value: {"in_use": limit.in_use, "limit": limit.size} for r, limit in limits.items()},
         },
         last_hour={s.value: counts.get(s.value, 0) for s in sorted(TERMINAL_STATUSES)},
         stage_durations=service.deps.timings.percentiles(),
         webhook_backlog=backlog,
+        streams=stream_stats(request.app),
     )
     return model_response(stats)
 
@@ -50,16 +44,15 @@ def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-def _limit(settings: Settings, resource: str) -> int:
+def stream_stats(app: web.Application) -> dict[str, int]:
+    """What open streams hold: event topics, subscribers, and the process's asyncio tasks (a
+    leak of any shows here first)."""
+    topics = app[BROADCASTER].topics
     return {
-        "network": settings.network_concurrency,
-        "cpu": settings.cpu_concurrency,
-        "transcription": settings.transcribe_workers,
-    }[resource]
-
-
-def _in_use(semaphore: asyncio.Semaphore, limit: int) -> int:
-    return limit - semaphore._value
+        "topics": len(topics),
+        "subscribers": sum(t.subscribers for t in topics.values()),
+        "tasks": len(asyncio.all_tasks()),
+    }
 
 
 async def pause_queue(request: web.Request) -> web.Response:
@@ -97,28 +90,32 @@ async def metrics(request: web.Request) -> web.Response:
 
 ROUTES = [
     Route(
-        "GET", "/api/v1/queue/stats", queue_stats, "Queue statistics (admin)", responses={200: QueueStats, 401: Problem}
+        "GET",
+        "/api/v1/queue/stats",
+        queue_stats,
+        "Queue statistics (admin)",
+        responses={200: QueueStats, 401: Problem, 403: Problem},
     ),
     Route(
         "POST",
         "/api/v1/queue/pause",
         pause_queue,
         "Stop dispatching queued jobs (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
     ),
     Route(
         "POST",
         "/api/v1/queue/resume",
         resume_queue,
         "Resume dispatching (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
     ),
     Route(
         "POST",
         "/api/v1/queue/drain",
         drain_queue,
         "Stop dispatching and report not ready (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
     ),
     Route("GET", "/metrics", metrics, "Prometheus metrics", responses={200: "text/plain"}),
 ]

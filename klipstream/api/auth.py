@@ -31,6 +31,15 @@ def _matches_any(token: str | None, allowed: tuple[str, ...]) -> bool:
     return any([hmac.compare_digest(token.encode(), key.encode()) for key in allowed])
 
 
+def key_owner(request: web.Request, settings: Settings) -> str:
+    """Who made the request, for scoping Idempotency-Keys: a hash of its API key ("" without keys).
+    Only the hash is stored, never the key."""
+    if not settings.api_keys:
+        return ""
+    token = bearer(request) or ""
+    return hashlib.sha256(b"klipstream-key-owner\n" + token.encode()).hexdigest()[:32]
+
+
 def api_key_ok(request: web.Request, settings: Settings) -> bool:
     return not settings.api_keys or _matches_any(bearer(request), settings.api_keys)
 
@@ -44,20 +53,37 @@ def is_loopback(request: web.Request) -> bool:
 
 
 def admin_ok(request: web.Request, settings: Settings) -> bool:
-    """Admin routes need the admin token; with none configured, only loopback clients get in."""
+    """Admin routes need the admin token. Without one they are off, unless
+    KLIPSTREAM_ADMIN_LOOPBACK turns them on for loopback clients: behind a proxy on the same host
+    every client is a loopback client, so that must be an explicit choice."""
     if settings.admin_token:
         return _matches_any(bearer(request), (settings.admin_token,))
-    return is_loopback(request)
+    return settings.admin_loopback and is_loopback(request)
 
 
 class StreamTokens:
     """HMAC-signed `job_id.expiry` tokens; the key lives only in this process (and its replicas'
-    API-key set), so tokens are derived from the configured API keys to stay valid across instances."""
+    API-key set), so tokens are derived from the configured API keys to stay valid across instances.
+
+    The same key signs artifact links (`/files/...?expires=...&signature=...`): with API keys on,
+    a result URL works without the key until it expires, like a Cloud Storage signed URL.
+    """
 
     def __init__(self, settings: Settings) -> None:
         seed = "\n".join(settings.api_keys) or secrets.token_hex(32)
         self._key = hashlib.sha256(b"klipstream-stream-token\n" + seed.encode()).digest()
         self._lifetime = settings.stream_token_seconds
+        self._file_lifetime = settings.signed_url_seconds
+
+    def sign_path(self, path: str, now: float | None = None) -> str:
+        """`path` (an artifact route, percent-encoded as served) with an expiry and a signature."""
+        expires = int((now or time.time()) + self._file_lifetime)
+        return f"{path}?expires={expires}&signature={self._sign(f'file:{path}.{expires}')}"
+
+    def verify_path(self, path: str, expires: str, signature: str, now: float | None = None) -> bool:
+        if not expires.isdigit() or not signature or int(expires) < (now or time.time()):
+            return False
+        return hmac.compare_digest(signature, self._sign(f"file:{path}.{expires}"))
 
     def issue(self, job_id: str, now: float | None = None) -> str:
         expires = int((now or time.time()) + self._lifetime)
@@ -85,6 +111,12 @@ def require_api_key(request: web.Request, settings: Settings) -> None:
 
 
 def require_admin(request: web.Request, settings: Settings) -> None:
+    if not settings.admin_token and not settings.admin_loopback:
+        raise web.HTTPForbidden(
+            reason="Forbidden",
+            text="Admin routes are off: set KLIPSTREAM_ADMIN_TOKEN, or KLIPSTREAM_ADMIN_LOOPBACK=true to allow "
+            "loopback clients without a token.",
+        )
     if not admin_ok(request, settings):
         raise web.HTTPUnauthorized(
             reason="Unauthorized",

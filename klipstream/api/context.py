@@ -26,6 +26,7 @@ class AppState:
     stopping: bool = False  # SIGTERM received: streams get `reconnect`, submissions 503
     draining: bool = False  # an operator asked to drain: not ready, nothing dispatched
     drained: bool = False  # the shutdown drain has run (it runs once)
+    legacy_waiting: int = 0  # legacy synchronous requests holding a connection open right now
 
 
 SETTINGS = web.AppKey("settings", Settings)

@@ -8,8 +8,8 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from klipstream.api.auth import require_api_key
-from klipstream.api.context import METRICS, RUNTIME, SERVICE, SETTINGS, STATE, STATUS_CACHE, service_of
+from klipstream.api.auth import key_owner, require_api_key
+from klipstream.api.context import METRICS, RUNTIME, SERVICE, SETTINGS, STATE, STATUS_CACHE, TOKENS, service_of
 from klipstream.api.openapi import Route
 from klipstream.api.problems import json_text, model_response, problem, retry_later, validation_problem
 from klipstream.errors import InvalidVideoUrl
@@ -46,10 +46,28 @@ def job_document(app: web.Application, job: Job) -> str:
 
 
 def fresh_links(app: web.Application, job: Job) -> Job:
-    """Stream tokens expire, so every read gets a newly signed stream_url (when keys are on)."""
+    """Stream tokens and artifact links expire, so every read gets newly signed ones (when keys
+    are on): stream_url, and the local-storage URLs in results."""
     if not app[SETTINGS].api_keys:
         return job
-    return job.model_copy(update={"stream_url": app[SERVICE].stream_url(job.job_id)})
+    update: dict[str, Any] = {"stream_url": app[SERVICE].stream_url(job.job_id)}
+    if job.results:
+        update["results"] = signed_results(app, job.results)
+    return job.model_copy(update=update)
+
+
+def signed_results(app: web.Application, results: dict[str, str]) -> dict[str, str]:
+    """Local artifact URLs (this server's /files route) signed with an expiry; other URLs (Cloud
+    Storage signed URLs) as they are. Without API keys, the URLs as they are."""
+    if not app[SETTINGS].api_keys:
+        return dict(results)
+    base = app[SETTINGS].public_url.rstrip("/")
+    tokens = app[TOKENS]
+    out = {}
+    for key, url in results.items():
+        path = url[len(base) :] if base and url.startswith(base) else url
+        out[key] = base + tokens.sign_path(path) if path.startswith("/files/") and "?" not in path else url
+    return out
 
 
 async def submit_job(request: web.Request) -> web.Response:
@@ -76,7 +94,9 @@ async def submit_job(request: web.Request) -> web.Response:
     if key is not None and not (1 <= len(key) <= 255):
         return problem(400, "Invalid Idempotency-Key", "The key must be 1 to 255 characters.")
     try:
-        outcome = await service.submit(body, idempotency_key=key)
+        outcome = await service.submit(body, idempotency_key=key, owner=key_owner(request, settings))
+    except TimeoutError:
+        return store_busy()
     except IdempotencyConflict:
         return problem(422, "Idempotency-Key reused", "This key was already used with a different request body.")
     except QueueFull:
@@ -87,6 +107,19 @@ async def submit_job(request: web.Request) -> web.Response:
         app[METRICS].submitted_by_priority[body.priority].inc()
     headers = {"Location": f"/api/v1/analysis/{outcome.job_id}"}
     return json_text(outcome.body, outcome.status, headers)
+
+
+def store_busy() -> web.Response:
+    """The job store did not confirm the write in time. Not a server fault the client should see as
+    a 500: either nothing was written, or the job is accepted once the store catches up, and a
+    retry with the same Idempotency-Key then gets that job."""
+    return retry_later(
+        503,
+        "Job store busy",
+        "The job store did not confirm the request in time. Retry shortly with the same Idempotency-Key; "
+        "a job that was accepted meanwhile is returned, never created twice.",
+        5,
+    )
 
 
 async def get_job(request: web.Request) -> web.Response:
@@ -128,7 +161,10 @@ def _status_body(cache: dict[str, tuple[Any, bytes, str]], job: Job) -> tuple[by
 async def cancel_job(request: web.Request) -> web.Response:
     require_api_key(request, request.app[SETTINGS])
     job = await job_or_404(request)
-    job = await service_of(request).cancel(job.job_id)
+    try:
+        job = await service_of(request).cancel(job.job_id)
+    except TimeoutError:
+        return store_busy()
     return model_response(status_view(job), 202 if not job.status.terminal else 200)
 
 
@@ -141,6 +177,8 @@ async def retry_job(request: web.Request) -> web.Response:
         return problem(409, "Cannot retry", str(exc))
     except QueueFull:
         return retry_later(429, "Queue full", "Too many jobs are waiting; retry later.", 30)
+    except TimeoutError:
+        return store_busy()
     return model_response(status_view(job), 202)
 
 
@@ -206,14 +244,14 @@ ROUTES = [
         "/api/v1/analysis/{job_id}",
         cancel_job,
         "Cancel a job",
-        responses={200: JobStatusView, 202: JobStatusView, 404: Problem},
+        responses={200: JobStatusView, 202: JobStatusView, 404: Problem, 503: Problem},
     ),
     Route(
         "POST",
         "/api/v1/analysis/{job_id}/retry",
         retry_job,
         "Re-run a failed or cancelled job from its last completed stage",
-        responses={202: JobStatusView, 404: Problem, 409: Problem, 429: Problem},
+        responses={202: JobStatusView, 404: Problem, 409: Problem, 429: Problem, 503: Problem},
     ),
     Route(
         "GET",

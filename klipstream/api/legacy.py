@@ -15,7 +15,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from klipstream.api.auth import require_admin, require_api_key
-from klipstream.api.context import BROADCASTER, RUNTIME, SERVICE, SETTINGS
+from klipstream.api.context import BROADCASTER, RUNTIME, SERVICE, SETTINGS, STATE
+from klipstream.api.jobs import signed_results
 from klipstream.api.openapi import Route
 from klipstream.api.problems import retry_later
 from klipstream.errors import ErrorType, InvalidVideoUrl
@@ -85,35 +86,60 @@ async def run_pipeline(request: web.Request) -> web.Response:
             ),
             422,
         )
-    service = request.app[SERVICE]
+    state = request.app[STATE]
+    if state.legacy_waiting >= settings.legacy_max_waiting:
+        # Each waiting request holds a connection for up to an hour: beyond the bound, callers are
+        # told to come back (or to move to the asynchronous API) instead of piling up.
+        return retry_later(
+            503,
+            "Too many waiting requests",
+            f"{settings.legacy_max_waiting} synchronous requests are already waiting; retry later, or submit "
+            "through POST /api/v1/analysis and follow the job's status_url.",
+            60,
+        )
+    state.legacy_waiting += 1
     try:
-        outcome = await service.submit(submit)
-    except QueueFull:
-        return retry_later(429, "Queue full", "Too many jobs are waiting; retry later.", 30)
-    except ShuttingDown:
-        return retry_later(503, "Shutting down", "Retry shortly.", 5)
-    job = await wait_for_end(request.app, outcome.job_id, settings.legacy_wait_seconds)
-    return answer(job)
+        service = request.app[SERVICE]
+        try:
+            outcome = await service.submit(submit)
+        except QueueFull:
+            return retry_later(429, "Queue full", "Too many jobs are waiting; retry later.", 30)
+        except ShuttingDown:
+            return retry_later(503, "Shutting down", "Retry shortly.", 5)
+        except TimeoutError:
+            return retry_later(503, "Job store busy", "The job store did not confirm the request in time.", 5)
+        job = await wait_for_end(request.app, outcome.job_id, settings.legacy_wait_seconds)
+        return answer(job, signed_results(request.app, job.results))
+    finally:
+        state.legacy_waiting -= 1
 
 
 async def wait_for_end(app: web.Application, job_id: str, limit: float) -> Job:
     service = app[SERVICE]
+    job = await service.get(job_id)
+    if job.status.terminal:
+        return job  # no topic for a job that publishes nothing more
     topic = app[BROADCASTER].topic(job_id)
-    deadline = time.monotonic() + limit
-    cursor = topic.last_id
-    while True:
-        job = await service.get(job_id)
-        remaining = deadline - time.monotonic()
-        if job.status.terminal or remaining <= 0:
-            return job
-        try:
-            events = await asyncio.wait_for(topic.wait_after(cursor), min(remaining, 15.0))
-        except TimeoutError:
-            events = []
-        cursor = topic.last_id if events is None or not events else events[-1].id
+    topic.subscribers += 1  # a watcher: the topic is not pruned under it
+    try:
+        deadline = time.monotonic() + limit
+        cursor = topic.last_id
+        while True:
+            job = await service.get(job_id)
+            remaining = deadline - time.monotonic()
+            if job.status.terminal or remaining <= 0:
+                return job
+            try:
+                events = await asyncio.wait_for(topic.wait_after(cursor), min(remaining, 15.0))
+            except TimeoutError:
+                events = []
+            cursor = topic.last_id if events is None or not events else events[-1].id
+    finally:
+        topic.subscribers -= 1
+        topic.last_used = time.monotonic()
 
 
-def answer(job: Job) -> web.Response:
+def answer(job: Job, files: dict[str, str] | None = None) -> web.Response:
     if job.status.value == "completed":
         return legacy_json(
             LegacyResult(
@@ -122,7 +148,7 @@ def answer(job: Job) -> web.Response:
                 video_id=job.video_id,
                 job_id=job.job_id,
                 execution_time=execution_times(job),
-                files=dict(job.results),
+                files=files if files is not None else dict(job.results),
             ),
             200,
         )
@@ -180,6 +206,7 @@ LEGACY_RESPONSES: dict[int, type[BaseModel] | str | None] = {
     422: LegacyResult,
     429: Problem,
     502: LegacyResult,
+    503: Problem,
     504: LegacyResult,
 }
 ROUTES = [
@@ -204,7 +231,7 @@ ROUTES = [
         "/list_files",
         list_files,
         "Legacy: stored artifacts (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
         query={"video_id": "string"},
     ),
     Route(
@@ -212,7 +239,7 @@ ROUTES = [
         "/list_output_files",
         list_output_files,
         "Legacy: stored artifacts by video (admin)",
-        responses={200: "application/json", 401: Problem},
+        responses={200: "application/json", 401: Problem, 403: Problem},
         query={"video_id": "string"},
     ),
 ]

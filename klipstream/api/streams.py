@@ -9,11 +9,12 @@ task wakes only to catch up after a gap or a full socket buffer, or to end the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import time
 from collections.abc import Callable
 
 from aiohttp import web
-from aiohttp_sse import EventSourceResponse
 
 from klipstream.api.auth import require_api_key
 from klipstream.api.context import BROADCASTER, CORS, METRICS, SETTINGS, STATE, TOKENS
@@ -27,6 +28,8 @@ from klipstream.sse import HEARTBEAT_FRAME, frame, http_chunk
 SSE_RETRY_MS = 3000
 SSE_SEND_TIMEOUT = 30.0
 SSE_MAX_BACKLOG = 1 << 20  # bytes queued for one subscriber before it is cut off
+SSE_DRAIN_POLL_SECONDS = 0.05  # how often a subscriber that is behind checks its socket drained
+FINISHED_EVENT_ID = 1  # id of the terminal event sent to a stream opened on a finished job without a topic
 
 
 async def stream_job(request: web.Request) -> web.StreamResponse:
@@ -43,12 +46,16 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     metrics = app[METRICS]
     last_event_id = _parse_last_event_id(request)
     known = broadcaster.topics.get(job_id)
-    if known is not None and known.terminal and last_event_id is not None and last_event_id >= known.last_id:
-        # This client already has the terminal event; 204 tells EventSource to stop reconnecting.
-        return web.Response(status=204)
-    # aiohttp-sse's response sets the event-stream headers and chunked coding; it is prepared
-    # directly rather than through sse_response() to keep each open stream's footprint small.
-    response = BroadcastStream(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    if job.status.terminal and (known is None or known.terminal):
+        # A finished job. A client that already has its terminal event gets 204, which tells
+        # EventSource to stop reconnecting; any other gets the snapshot and the end, and no topic
+        # is made for a job that will publish nothing more.
+        end_id = known.last_id if known is not None else FINISHED_EVENT_ID
+        if last_event_id is not None and last_event_id >= end_id:
+            return web.Response(status=204)
+        if known is None:
+            return await _finished(request, job)
+    response = EventStream()
     app[CORS](request, response)  # prepared here, so the middleware cannot add them later
     await response.prepare(request)
     topic = broadcaster.topic(job_id)
@@ -60,16 +67,47 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
         pass  # the client went away or stalled past the send timeout
     finally:
         topic.subscribers -= 1
+        topic.last_used = time.monotonic()
         metrics.sse_subscribers.dec()
     return response
 
 
-class BroadcastStream(EventSourceResponse):
-    """aiohttp-sse's event stream without its ping task per stream: the broadcaster's single
-    heartbeat wakes every subscriber instead, which saves a task and a timer per connection."""
+class EventStream(web.StreamResponse):
+    """A text/event-stream response on aiohttp's public API: chunked, never cached or buffered by
+    proxies. There is no ping task per stream: the broadcaster's one heartbeat timer writes the
+    keep-alive comment to every open stream."""
 
-    async def _ping(self) -> None:
-        return
+    def __init__(self) -> None:
+        super().__init__(
+            status=200, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "Connection": "keep-alive"}
+        )
+        self.content_type = "text/event-stream"
+        self.charset = "utf-8"
+        self.enable_chunked_encoding()
+        self.transport: asyncio.Transport | None = None
+
+    async def prepare(self, request: web.BaseRequest) -> object:
+        writer = await super().prepare(request)
+        self.transport = request.transport  # type: ignore[assignment]
+        return writer
+
+    def open_transport(self) -> asyncio.Transport:
+        """The socket, for writing pre-encoded chunks shared by every subscriber."""
+        if self.transport is None or self.transport.is_closing():
+            raise ConnectionResetError
+        return self.transport
+
+
+async def _finished(request: web.Request, job: Job) -> web.StreamResponse:
+    app = request.app
+    response = EventStream()
+    app[CORS](request, response)
+    await response.prepare(request)
+    body = frame(0, "snapshot", job_document(app, job), retry_ms=SSE_RETRY_MS)
+    body += frame(FINISHED_EVENT_ID, job.status.value, job_document(app, job))
+    with contextlib.suppress(ConnectionResetError, RuntimeError):
+        await response.write(body)
+    return response
 
 
 def _parse_last_event_id(request: web.Request) -> int | None:
@@ -80,7 +118,7 @@ def _parse_last_event_id(request: web.Request) -> int | None:
 
 
 async def _follow(
-    response: BroadcastStream, app: web.Application, job: Job, topic: Topic, last_event_id: int | None
+    response: EventStream, app: web.Application, job: Job, topic: Topic, last_event_id: int | None
 ) -> None:
     """Replay or snapshot, then forward events until the job's terminal event.
 
@@ -89,8 +127,10 @@ async def _follow(
     """
     missed = topic.since(last_event_id) if last_event_id is not None else None
     if missed is None:
-        await response.write(_snapshot(app, job, topic))
+        # The cursor is taken before the snapshot is written: an event published while the write
+        # waits is sent after it (at worst twice in effect), never lost.
         cursor = topic.last_id
+        await response.write(_snapshot(app, job, topic))
     else:
         await response.write(b"".join(e.frame for e in missed) or HEARTBEAT_FRAME)
         cursor = missed[-1].id if missed else last_event_id or 0
@@ -100,10 +140,7 @@ async def _follow(
         # Finished: the terminal event, and close.
         await _send(response, http_chunk(frame(topic.last_id, job.status.value, job_document(app, job))))
         return
-    transport = response._req.transport if response._req is not None else None
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError
-    sink = Sink(transport, cursor)
+    sink = Sink(response.open_transport(), cursor)
     topic.sinks.add(sink)
     try:
         await _serve_sink(response, app, job, topic, sink)
@@ -111,7 +148,7 @@ async def _follow(
         topic.sinks.discard(sink)
 
 
-async def _serve_sink(response: BroadcastStream, app: web.Application, job: Job, topic: Topic, sink: Sink) -> None:
+async def _serve_sink(response: EventStream, app: web.Application, job: Job, topic: Topic, sink: Sink) -> None:
     """The subscriber's own task: catch up when the publisher could not write, end after the
     terminal event. While it keeps up, the publisher writes for it and this task sleeps."""
     while True:
@@ -120,8 +157,9 @@ async def _serve_sink(response: BroadcastStream, app: web.Application, job: Job,
             try:
                 events = topic.since(sink.cursor)
                 if events is None:  # fell off the ring: start again from a fresh snapshot
+                    cursor = topic.last_id  # taken before the write, as in _follow
                     await _send(response, http_chunk(_snapshot(app, job, topic)))
-                    sink.cursor = topic.last_id
+                    sink.cursor = cursor
                     continue
                 await _send(response, b"".join(e.chunk for e in events))
                 sink.cursor = events[-1].id
@@ -139,31 +177,39 @@ def _snapshot(app: web.Application, job: Job, topic: Topic) -> bytes:
     return frame(topic.last_id, "snapshot", job_document(app, job), retry_ms=SSE_RETRY_MS)
 
 
-async def _send(response: BroadcastStream, chunk: bytes) -> None:
+async def _send(response: EventStream, chunk: bytes) -> None:
     """Write a chunk to the socket with no timer on the fast path. A client that is already behind
     gets a deadline to drain; one hopelessly behind is cut off (it reconnects with Last-Event-ID)."""
-    transport = response._req.transport if response._req is not None else None
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError
+    transport = response.open_transport()
     backlog = transport.get_write_buffer_size()
     if backlog > SSE_MAX_BACKLOG:
         transport.abort()
         raise ConnectionResetError
     transport.write(chunk)
     if backlog:
+        # Only subscribers already behind get here; they wait (bounded) until the socket drains.
         async with asyncio.timeout(SSE_SEND_TIMEOUT):
-            await response._payload_writer.drain()
+            while transport.get_write_buffer_size() > 0:
+                if transport.is_closing():
+                    raise ConnectionResetError
+                await asyncio.sleep(SSE_DRAIN_POLL_SECONDS)
 
 
 # --- job events to stream events ---
-def broadcast_listener(broadcaster: Broadcaster) -> Callable[[str, Job], None]:
-    """Turns job events into stream events: progress (coalesced), stage changes, the end."""
+def broadcast_listener(
+    broadcaster: Broadcaster, document: Callable[[Job], str] | None = None
+) -> Callable[[str, Job], None]:
+    """Turns job events into stream events: progress (coalesced), stage changes, the end.
+
+    `document` renders the terminal event's job (with freshly signed links); the event is encoded
+    once for every subscriber, and a signed link names no subscriber, so it can be shared."""
+    render = document or (lambda job: job.model_dump_json())
 
     def on_event(kind: str, job: Job) -> None:
         if kind == "progress":
             broadcaster.publish_progress(job.job_id, lambda: progress_payload(job))
         elif kind in TERMINAL_STATUSES:
-            broadcaster.publish(job.job_id, kind, job.model_dump_json)
+            broadcaster.publish(job.job_id, kind, lambda: render(job))
         elif kind in ("started", "stage_changed", "queued", "requeued"):
             if kind == "queued":
                 broadcaster.reopen(job.job_id)  # a retried job streams again

@@ -197,6 +197,10 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         overrides["whisper_model"] = args.model
     base = Settings.from_env(**overrides)
     options: dict[str, Any] = {"force": True, "include_video": args.video}
+    from klipstream.cli.main import clip_options
+
+    if (clips := clip_options(args)) is not None:
+        options["clips"] = clips
     if args.top is not None:
         options["top_n"] = args.top
     if args.language:

@@ -59,6 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_clip_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--clips",
+        action="store_true",
+        help="cut an MP4 clip, thumbnail and captions per highlight, plus EDL/FCP XML/OTIO edit lists "
+        "(fetches the video)",
+    )
+    parser.add_argument(
+        "--vertical", action="store_true", help="with --clips: also a 9:16 version with burned-in captions"
+    )
+    parser.add_argument(
+        "--fill", choices=["blur", "crop"], default="blur", help="vertical layout: blurred fill or centre crop"
+    )
+
+
+def clip_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """`options.clips` from the clip flags; --vertical alone implies --clips."""
+    if not (getattr(args, "clips", False) or getattr(args, "vertical", False)):
+        return None
+    return {"vertical": bool(args.vertical), "fill": args.fill}
+
+
 def _add_serve(commands: Any) -> None:
     serve = commands.add_parser(
         "serve",
@@ -137,6 +159,7 @@ def _add_analyze(commands: Any) -> None:
     analyze.add_argument("--language", metavar="CODE", help="spoken language, e.g. en (default: detected)")
     analyze.add_argument("--top", type=int, metavar="N", help="how many highlights to return (1-100)")
     analyze.add_argument("--video", action="store_true", help="also keep a video rendition")
+    _add_clip_flags(analyze)
     analyze.add_argument(
         "--json",
         action="store_true",
@@ -160,6 +183,7 @@ def _add_remote(commands: Any, remote: argparse.ArgumentParser) -> None:
     submit.add_argument("--callback-url", metavar="URL", help="URL that receives signed webhooks for this job")
     submit.add_argument("--priority", choices=PRIORITIES, default="normal", help="queue priority (default: normal)")
     submit.add_argument("--force", action="store_true", help="run even if the same video is already queued/running")
+    _add_clip_flags(submit)
     submit.add_argument("--idempotency-key", metavar="KEY", help="makes retrying this command safe")
     submit.add_argument("--watch", action="store_true", help="follow the job's progress after submitting")
     submit.add_argument("--json", action="store_true", help="print the server's answer as JSON")
@@ -217,7 +241,7 @@ def _add_remote(commands: Any, remote: argparse.ArgumentParser) -> None:
 # --- serve ---
 def cmd_serve(args: argparse.Namespace) -> int:
     from klipstream.logs import configure_logging
-    from klipstream.server import run_server
+    from klipstream.server import StartupError, preflight, run_server
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "data_dir": args.data_dir}.items() if v}
     if "data_dir" in overrides:
@@ -225,7 +249,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = Settings.from_env(**overrides)
     configure_logging(settings.log_level, settings.log_format)
     try:
+        preflight(settings)
         run_server(settings)
+    except StartupError as exc:
+        print(f"klipstream: cannot start: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except DatabaseUnavailable as exc:  # e.g. PostgreSQL down at start: one line, exit 3
         raise CliError(f"cannot start: {exc.message}") from None
     return 0

@@ -245,6 +245,37 @@ def artifacts_table(files: Mapping[str, str], title: str) -> Table:
     return table
 
 
+_CLIP_FILES = ("clip", "vertical", "thumbnail", "clip_srt", "clip_vtt")  # in the order a person wants them
+
+
+def split_clip_files(files: Mapping[str, str]) -> tuple[dict[int, dict[str, str]], dict[str, str]]:
+    """Per-highlight files ({n: {family: where}}) apart from the rest, so each clip gets one row."""
+    per: dict[int, dict[str, str]] = {}
+    rest: dict[str, str] = {}
+    families = ("clip_srt", "clip_vtt", "clip", "vertical", "thumbnail")
+    for key, where in files.items():
+        family, _, number = key.rpartition("_")
+        if family in families and number.isdigit():
+            per.setdefault(int(number), {})[family] = where
+        else:
+            rest[key] = where
+    return per, rest
+
+
+def clips_table(per: Mapping[int, Mapping[str, str]], highlights: list[Mapping[str, Any]]) -> Table:
+    """One row per highlight, its files one per line (clip, vertical, thumbnail, captions)."""
+    spans = {h.get("rank"): h for h in highlights}
+    table = Table(title="Clips", title_justify="left")
+    table.add_column("#", justify="right", style="bold")
+    table.add_column("Time", no_wrap=True)
+    table.add_column("Files", overflow="fold")
+    for n in sorted(per):
+        h = spans.get(n, {})
+        when = f"{hms(_float(h.get('start_time')))}–{hms(_float(h.get('end_time')))}" if h else ""
+        table.add_row(str(n), when, "\n".join(per[n][family] for family in _CLIP_FILES if family in per[n]))
+    return table
+
+
 def print_summary(console: Console, job: Mapping[str, Any], files: Mapping[str, str], files_title: str) -> None:
     """What a person wants after a job: its outcome, the highlights, where everything is."""
     status = job.get("status")
@@ -264,5 +295,8 @@ def print_summary(console: Console, job: Mapping[str, Any], files: Mapping[str, 
         console.print(highlights_table(highlights))
     elif status == "completed":
         console.print("No highlights were found.")
+    per_clip, files = split_clip_files(files)
+    if per_clip:
+        console.print(clips_table(per_clip, highlights))
     if files:
         console.print(artifacts_table(files, files_title))

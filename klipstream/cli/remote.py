@@ -127,8 +127,15 @@ def cmd_submit(args: argparse.Namespace) -> int:
         body["chat_url"] = args.chat_url
     if args.callback_url:
         body["callback_url"] = args.callback_url
+    options: dict[str, Any] = {}
     if args.force:
-        body["options"] = {"force": True}
+        options["force"] = True
+    from klipstream.cli.main import clip_options
+
+    if (clips := clip_options(args)) is not None:
+        options["clips"] = clips
+    if options:
+        body["options"] = options
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else None
 
     async def work(remote: Remote) -> int:

@@ -27,14 +27,18 @@ class Integrations:
     closers: list[Any] = field(default_factory=list)  # in start order; closed in reverse
 
 
-async def start_integrations(service: JobService, settings: Settings, http: aiohttp.ClientSession) -> Integrations:
+async def start_integrations(
+    service: JobService, settings: Settings, http: aiohttp.ClientSession, user_http: aiohttp.ClientSession
+) -> Integrations:
+    """`http` for the operator's services (Convex); `user_http`, the public-only client, for the
+    callback URLs users supply."""
     closers: list[Any] = []
     mirror = ConvexMirror(settings, http)
     if mirror.enabled:
         await mirror.start()
         service.listen(lambda kind, job: mirror.job_changed(job, kind))  # new jobs become Convex rows
         closers.append(mirror)
-    dispatcher = WebhookDispatcher(settings, http, Outbox(settings.database_path))
+    dispatcher = WebhookDispatcher(settings, user_http, Outbox(settings.database_path))
     await dispatcher.start()
     service.listen(lambda kind, job: dispatcher.job_changed(job, kind), new_jobs=False)  # no job.queued event
     closers.append(dispatcher)

@@ -5,9 +5,10 @@ down for hours loses nothing: the next process picks up what is still pending. I
 aiosqlite connection (WAL, busy_timeout) so it never contends with the job store's connection for
 more than a short write.
 
-Deliveries of one job go out in the order they were recorded: the oldest pending one of a job is
-the only one of that job that is due, so a receiver never sees `job.completed` before
-`job.started`.
+Deliveries of one job to one receiver go out in the order they were recorded: the oldest pending
+one of a (job, url) pair is the only one of that pair that is due, so a receiver never sees
+`job.completed` before `job.started`, and a receiver that is down does not hold up another
+receiver of the same job (a deduplicated submission attaches its callback to a shared job).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from typing import Any
 import aiosqlite
 
 from klipstream.jobs.store.migrations import upgrade_sqlite
+
+InFlight = Iterable[str]  # ids of deliveries being sent now
+Pair = tuple[str, str]  # (job id, url): one receiver of one job
 
 PENDING = "pending"
 DELIVERED = "delivered"
@@ -88,25 +92,29 @@ class Outbox:
             raise RuntimeError("Outbox.open() was not called")
         return self._db
 
-    async def add(self, deliveries: Iterable[NewDelivery], in_flight: Iterable[str] = ()) -> int:
+    async def add(self, deliveries: Iterable[NewDelivery], in_flight: InFlight = ()) -> int:
         """Record deliveries in one transaction; returns how many were recorded.
 
-        Deliveries for jobs whose receiver answered 410 are dropped. A new progress or terminal
-        event supersedes unsent progress events of the same job that are not being sent right now.
+        Deliveries to a receiver that answered 410 for the job are dropped. A new progress or
+        terminal event supersedes unsent progress events of the same job and receiver that are not
+        being sent right now.
         """
         busy = list(in_flight)
         recorded = 0
         async with self._transaction():
             for d in deliveries:
-                async with self.db.execute("SELECT 1 FROM webhook_stopped_jobs WHERE job_id = ?", (d.job_id,)) as cur:
+                async with self.db.execute(
+                    "SELECT 1 FROM webhook_deliveries WHERE job_id = ? AND url = ? AND state = ? LIMIT 1",
+                    (d.job_id, d.url, STOPPED),
+                ) as cur:
                     if await cur.fetchone():
                         continue
                 if d.event == "job.progress" or d.event in ("job.completed", "job.failed", "job.cancelled"):
                     marks = ",".join("?" * len(busy))
                     await self.db.execute(
-                        f"UPDATE webhook_deliveries SET state = ?, finished_at = ? WHERE job_id = ? AND state = ? "
-                        f"AND event = 'job.progress' AND id NOT IN ({marks})",
-                        (SUPERSEDED, d.created_at, d.job_id, PENDING, *busy),
+                        f"UPDATE webhook_deliveries SET state = ?, finished_at = ? WHERE job_id = ? AND url = ?"
+                        f" AND state = ? AND event = 'job.progress' AND id NOT IN ({marks})",
+                        (SUPERSEDED, d.created_at, d.job_id, d.url, PENDING, *busy),
                     )
                 await self.db.execute(
                     "INSERT OR IGNORE INTO webhook_deliveries"
@@ -117,30 +125,31 @@ class Outbox:
         return recorded
 
     _HEADS = (
-        "FROM webhook_deliveries d WHERE d.state = 'pending' AND d.seq = "
-        "(SELECT MIN(p.seq) FROM webhook_deliveries p WHERE p.job_id = d.job_id AND p.state = 'pending')"
+        "FROM webhook_deliveries d WHERE d.state = 'pending' AND d.seq = (SELECT MIN(p.seq) FROM webhook_deliveries p"
+        " WHERE p.job_id = d.job_id AND p.url = d.url AND p.state = 'pending')"
     )
 
-    async def due(self, now: float, limit: int, exclude_jobs: Iterable[str] = ()) -> list[Delivery]:
-        """The oldest pending delivery of each job whose next attempt time has come."""
-        skip = list(exclude_jobs)
-        marks = ",".join("?" * len(skip))
+    async def due(self, now: float, limit: int, exclude: Iterable[Pair] = ()) -> list[Delivery]:
+        """The oldest pending delivery of each (job, receiver) whose next attempt time has come,
+        except for the pairs in `exclude` (being sent now)."""
+        skip = set(exclude)
         async with self.db.execute(
             f"SELECT d.id, d.job_id, d.url, d.event, d.body, d.created_at, d.attempts {self._HEADS} "
-            f"AND d.next_attempt_at <= ? AND d.job_id NOT IN ({marks}) ORDER BY d.next_attempt_at LIMIT ?",
-            (now, *skip, limit),
+            "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
+            (now, limit + len(skip)),
         ) as cur:
             rows = await cur.fetchall()
-        return [Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows]
+        due = [Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows if (r[1], r[2]) not in skip]
+        return due[:limit]
 
-    async def next_due_at(self, exclude_jobs: Iterable[str] = ()) -> float | None:
-        skip = list(exclude_jobs)
-        marks = ",".join("?" * len(skip))
+    async def next_due_at(self, exclude: Iterable[Pair] = ()) -> float | None:
+        skip = set(exclude)
         async with self.db.execute(
-            f"SELECT MIN(d.next_attempt_at) {self._HEADS} AND d.job_id NOT IN ({marks})", skip
+            f"SELECT d.job_id, d.url, d.next_attempt_at {self._HEADS} ORDER BY d.next_attempt_at LIMIT ?",
+            (len(skip) + 1,),
         ) as cur:
-            row = await cur.fetchone()
-        return None if row is None else row[0]
+            rows = await cur.fetchall()
+        return next((r[2] for r in rows if (r[0], r[1]) not in skip), None)
 
     async def record(self, delivery: Delivery, attempt: Attempt, state: str, next_attempt_at: float | None) -> None:
         """Store an attempt and the delivery's new state in one transaction."""
@@ -167,13 +176,16 @@ class Outbox:
             )
             if state == STOPPED:
                 await self.db.execute(
-                    "INSERT OR REPLACE INTO webhook_stopped_jobs (job_id, at, reason) VALUES (?, ?, ?)",
-                    (delivery.job_id, attempt.at, "receiver answered 410 Gone"),
-                )
-                await self.db.execute(
                     "UPDATE webhook_deliveries SET state = ?, finished_at = ?, last_error = ? "
-                    "WHERE job_id = ? AND state = ?",
-                    (STOPPED, attempt.at, "receiver answered 410 Gone for this job", delivery.job_id, PENDING),
+                    "WHERE job_id = ? AND url = ? AND state = ?",
+                    (
+                        STOPPED,
+                        attempt.at,
+                        "receiver answered 410 Gone for this job",
+                        delivery.job_id,
+                        delivery.url,
+                        PENDING,
+                    ),
                 )
 
     @contextlib.asynccontextmanager
@@ -186,6 +198,20 @@ class Outbox:
                 await self.db.execute("ROLLBACK")
                 raise
             await self.db.execute("COMMIT")
+
+    async def purge(self, finished_before: float) -> int:
+        """Delete deliveries that ended before the cutoff, with their attempts; pending ones stay."""
+        async with self._transaction():
+            await self.db.execute(
+                "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries"
+                " WHERE state <> ? AND finished_at IS NOT NULL AND finished_at < ?)",
+                (PENDING, finished_before),
+            )
+            cursor = await self.db.execute(
+                "DELETE FROM webhook_deliveries WHERE state <> ? AND finished_at IS NOT NULL AND finished_at < ?",
+                (PENDING, finished_before),
+            )
+            return cursor.rowcount
 
     async def backlog(self) -> int:
         async with self.db.execute("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'") as cur:

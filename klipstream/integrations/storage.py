@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import errno
 import hashlib
 import logging
@@ -64,6 +65,8 @@ class Storage(Protocol):
     async def put(self, video_id: str, artifact: ArtifactSpec, path: Path) -> StoredObject: ...
 
     async def list_objects(self, video_id: str | None = None) -> list[StoredObject]: ...
+
+    async def purge(self, stored_before: float) -> int: ...
 
     async def close(self) -> None: ...
 
@@ -145,6 +148,28 @@ class LocalStorage:
                 if path.is_file() and not path.name.startswith("."):
                     found.append(self._stored(folder.name, path))
         return found
+
+    async def purge(self, stored_before: float) -> int:
+        """Remove artifacts stored before the cutoff (by modification time) and emptied folders."""
+        return await asyncio.to_thread(self._purge, stored_before)
+
+    def _purge(self, stored_before: float) -> int:
+        removed = 0
+        if not self._root.is_dir():
+            return 0
+        for folder in self._root.iterdir():
+            if not folder.is_dir():
+                continue
+            for path in folder.iterdir():
+                try:
+                    if path.is_file() and path.stat().st_mtime < stored_before:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only when empty
+        return removed
 
     async def close(self) -> None:
         return None
@@ -500,6 +525,11 @@ class GcsStorage:
                 if not token:
                     break
         return found
+
+    async def purge(self, stored_before: float) -> int:
+        """Retention of Cloud Storage objects belongs to the buckets' lifecycle rules (docs/deploy.md),
+        which expire objects without a process listing millions of them."""
+        return 0
 
     async def close(self) -> None:
         await self._client.close()

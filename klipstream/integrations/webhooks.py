@@ -7,8 +7,8 @@ webhook-signature) so receivers can verify with any of its libraries; `X-KlipStr
 keeps receivers written for the old service working.
 
 The callback URL is checked at send time, not only at submission: the host is re-resolved before
-every attempt and the connection goes only to addresses that passed the check (a resolver that
-refuses private addresses, redirects not followed), so DNS rebinding cannot reach internal hosts.
+every attempt and the connection goes only to addresses that passed the check (the public-only
+client of klipstream.network; redirects not followed), so DNS rebinding cannot reach internal hosts.
 """
 
 from __future__ import annotations
@@ -20,14 +20,12 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import socket
 import time
 import uuid
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from klipstream.config import ConfigError
 from klipstream.errors import InvalidVideoUrl, KlipstreamError
@@ -43,7 +41,7 @@ from klipstream.integrations.outbox import (
     dumps,
 )
 from klipstream.models import TERMINAL_STATUSES, Job
-from klipstream.network import ensure_public_url, is_public_address
+from klipstream.network import ensure_public_url, refused_private
 from klipstream.retry import RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
@@ -113,51 +111,27 @@ def job_summary(job: Job) -> dict[str, Any]:
     return data
 
 
-class PrivateAddressRefused(OSError):
-    """A callback host resolved to a private, loopback, link-local or metadata address."""
-
-
-class PublicOnlyResolver(AbstractResolver):
-    """Resolves like aiohttp's default resolver, then refuses the whole answer if any address is
-    not public. The connector connects only to addresses this returned, which closes the gap
-    between a check and the connection that DNS rebinding relies on."""
-
-    def __init__(self) -> None:
-        self._inner = aiohttp.ThreadedResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        answers = await self._inner.resolve(host, port, family)
-        for answer in answers:
-            if not is_public_address(answer["host"]):
-                raise PrivateAddressRefused(f"{host} resolves to a non-public address")
-        return answers
-
-    async def close(self) -> None:
-        await self._inner.close()
-
-
 class WebhookDispatcher:
     """Records job events for callback URLs and delivers them with retries for up to 24 h.
 
-    It opens the outbox in start() and closes it in close(). When KLIPSTREAM_ALLOW_PRIVATE_URLS is
-    off (production) it sends through its own session whose resolver refuses private addresses;
-    otherwise it uses the shared session.
+    It opens the outbox in start() and closes it in close(). It sends through `session`, the
+    runtime's client for user-supplied URLs (klipstream.network.user_url_session), whose resolver
+    refuses private addresses unless KLIPSTREAM_ALLOW_PRIVATE_URLS is on.
     """
 
     def __init__(self, settings: Settings, session: aiohttp.ClientSession, outbox: Outbox) -> None:
         self._settings = settings
-        self._shared = session
+        self._session = session
         self._outbox = outbox
         self._keys = [secret_key(s) for s in settings.webhook_secrets]
         self._incoming: list[NewDelivery] = []
-        self._in_flight: dict[str, str] = {}  # job id -> delivery id being sent
+        # (job id, url) -> delivery id being sent: each receiver of a job gets its events in order,
+        # and one slow receiver does not hold up another's
+        self._in_flight: dict[tuple[str, str], str] = {}
         self._last_progress: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
         self._closing = False
         self._limit = asyncio.Semaphore(settings.webhook_concurrency)
         # Attempts are bounded by age (webhook_max_age_seconds), not by count.
@@ -166,10 +140,12 @@ class WebhookDispatcher:
     # --- recording ---------------------------------------------------------------------------
 
     def job_changed(self, job: Job, kind: str) -> None:
-        """Queue the event for this change, if the job has a callback. Never blocks, never raises."""
+        """Queue the event for each of the job's callbacks. Never blocks, never raises."""
         try:
             event = EVENTS.get(kind)
-            if event is None or not job.callback_url or self._closing:
+            urls = [job.callback_url] if job.callback_url else []
+            urls += [url for url in job.callbacks if url not in urls]
+            if event is None or not urls or self._closing:
                 return
             now = time.time()
             if event == "job.progress":
@@ -181,16 +157,12 @@ class WebhookDispatcher:
             if kind in TERMINAL_STATUSES:
                 self._last_progress.pop(job.job_id, None)
             body = dumps({"type": event, "timestamp": _iso(datetime.now(UTC)), "data": job_summary(job)})
-            self._incoming.append(
-                NewDelivery(
-                    id=f"msg_{uuid.uuid4().hex}",
-                    job_id=job.job_id,
-                    url=job.callback_url,
-                    event=event,
-                    body=body,
-                    created_at=now,
+            for url in urls:
+                self._incoming.append(
+                    NewDelivery(
+                        id=f"msg_{uuid.uuid4().hex}", job_id=job.job_id, url=url, event=event, body=body, created_at=now
+                    )
                 )
-            )
             self._wake.set()
         except Exception:  # a webhook problem must never break the pipeline
             log.exception("webhooks: could not record %s for job %s", kind, getattr(job, "job_id", "?"))
@@ -211,9 +183,6 @@ class WebhookDispatcher:
         await self._outbox.open()
         if not self._keys:
             log.warning("webhooks: KLIPSTREAM_WEBHOOK_SECRET is not set; deliveries are sent unsigned")
-        if not self._settings.allow_private_urls:
-            connector = aiohttp.TCPConnector(resolver=PublicOnlyResolver(), use_dns_cache=False, limit=100)
-            self._session = aiohttp.ClientSession(connector=connector)
         self._loop_task = asyncio.create_task(self._run(), name="webhook-delivery")
 
     async def close(self, timeout: float) -> None:
@@ -233,12 +202,13 @@ class WebhookDispatcher:
             for task in self._tasks:
                 task.cancel()  # its delivery stays pending and is retried after the restart
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._session is not None:
-            await self._session.close()
         await self._outbox.close()
 
     async def backlog(self) -> int:
         return await self._outbox.backlog() + len(self._incoming)
+
+    async def purge(self, finished_before: float) -> int:
+        return await self._outbox.purge(finished_before)
 
     async def deliveries_for(self, job_id: str) -> list[dict[str, Any]]:
         return await self._outbox.history(job_id)
@@ -253,12 +223,12 @@ class WebhookDispatcher:
                 await self._flush_incoming()
                 free = self._settings.webhook_concurrency - len(self._in_flight)
                 if free > 0:
-                    for delivery in await self._outbox.due(time.time(), free, exclude_jobs=self._in_flight.keys()):
-                        self._in_flight[delivery.job_id] = delivery.id
+                    for delivery in await self._outbox.due(time.time(), free, exclude=self._in_flight.keys()):
+                        self._in_flight[(delivery.job_id, delivery.url)] = delivery.id
                         task = asyncio.create_task(self._deliver(delivery), name=f"webhook-{delivery.id}")
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
-                next_at = await self._outbox.next_due_at(exclude_jobs=self._in_flight.keys())
+                next_at = await self._outbox.next_due_at(exclude=self._in_flight.keys())
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -298,7 +268,7 @@ class WebhookDispatcher:
         except Exception:
             log.exception("webhooks: delivery %s could not be recorded", delivery.id)
         finally:
-            self._in_flight.pop(delivery.job_id, None)
+            self._in_flight.pop((delivery.job_id, delivery.url), None)
             self._wake.set()
 
     def _next_attempt(self, delivery: Delivery, now: float, retry_after: float | None) -> float | None:
@@ -324,9 +294,8 @@ class WebhookDispatcher:
         body = delivery.body.encode()
         headers = sign_headers(self._keys, delivery.id, int(time.time()), body)
         headers.update({"Content-Type": "application/json", "User-Agent": "KlipStream-Webhooks/1"})
-        session = self._session or self._shared
         try:
-            async with session.post(
+            async with self._session.post(
                 delivery.url,
                 data=body,
                 headers=headers,
@@ -338,7 +307,7 @@ class WebhookDispatcher:
                 with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                     await resp.content.read(4096)  # enough to reuse the connection; the body is not used
         except aiohttp.ClientConnectorError as exc:
-            if isinstance(exc.__cause__, PrivateAddressRefused) or isinstance(exc.os_error, PrivateAddressRefused):
+            if refused_private(exc):
                 return done(None, "callback_url refused: its host resolves to a private address", FAILED)
             return done(None, f"connection failed: {exc.os_error.strerror or type(exc).__name__}", PENDING)
         except TimeoutError:

@@ -227,10 +227,23 @@ class Broadcaster:
                 sink.beat()
             topic.wake()
 
+    def reap(self) -> None:
+        """Wake the task of every subscriber whose client has gone (its socket is closing), so its
+        stream ends now, not at the next event or heartbeat."""
+        for topic in self.topics.values():
+            for sink in tuple(topic.sinks):
+                if sink.transport.is_closing():
+                    sink.notify()
+
     def prune(self) -> int:
-        """Forget finished, unwatched topics after `idle_seconds`; returns how many were dropped."""
+        """Forget unwatched topics after `idle_seconds`; returns how many were dropped.
+
+        A finished job's topic is kept that long so a reconnecting client that has the terminal
+        event gets 204; an unfinished job's topic is dropped too (nobody is watching it, and a new
+        subscriber starts from a snapshot), so no topic outlives its audience by more than that.
+        """
         cutoff = time.monotonic() - self.idle_seconds
-        stale = [k for k, t in self.topics.items() if t.terminal and not t.subscribers and t.last_used < cutoff]
+        stale = [k for k, t in self.topics.items() if not t.subscribers and t.last_used < cutoff]
         for key in stale:
             del self.topics[key]
         return len(stale)

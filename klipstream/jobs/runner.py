@@ -10,6 +10,7 @@ events. A resumed job (retry, restart) skips the stages whose artifacts are alre
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import shutil
 import time
@@ -19,7 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from klipstream.artifacts import spec
-from klipstream.errors import KlipstreamError, StageUnavailable, StorageError, classify
+from klipstream.errors import (
+    InsufficientResources,
+    InternalError,
+    KlipstreamError,
+    StageUnavailable,
+    StorageError,
+    TimeLimitExceeded,
+    classify,
+)
 from klipstream.jobs.progress import compute_progress
 from klipstream.jobs.stage import ProgressSink, Resource, Stage, StageContext
 from klipstream.models import (
@@ -46,6 +55,9 @@ log = logging.getLogger(__name__)
 
 JobListener = Callable[[str, Job], None]  # (event kind, job): started, stage_changed, progress, ...
 PROGRESS_PERSIST_SECONDS = 2.0
+# A terminal state is written with retries: a job must not stay "running" in the store because
+# one write failed. Delays between the attempts, in seconds.
+FINAL_SAVE_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
 
 
 class CancelReason:
@@ -63,23 +75,58 @@ class RunnerDeps:
     storage: Storage
     timings: StageTimings
     listener: JobListener
-    limits: dict[Resource, asyncio.Semaphore] = field(default_factory=dict)
+    limits: dict[Resource, ResourceLimit] = field(default_factory=dict)
     transcriber: Transcriber | None = None  # None in pipelines without a transcription stage
+    user_http: aiohttp.ClientSession | None = None  # for user-supplied URLs (klipstream.network)
 
 
-def resource_limits(settings: Settings) -> dict[Resource, asyncio.Semaphore]:
+class ResourceLimit:
+    """At most `size` stages at once in one resource pool, counting its holders itself so the
+    statistics need nothing but public API (asyncio.Semaphore does not say how many hold it)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.in_use = 0
+        self._semaphore = asyncio.Semaphore(size)
+
+    async def __aenter__(self) -> None:
+        await self._semaphore.acquire()
+        self.in_use += 1
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.in_use -= 1
+        self._semaphore.release()
+
+
+def resource_limits(settings: Settings) -> dict[Resource, ResourceLimit]:
     return {
-        Resource.NETWORK: asyncio.Semaphore(settings.network_concurrency),
-        Resource.CPU: asyncio.Semaphore(settings.cpu_concurrency),
-        Resource.TRANSCRIPTION: asyncio.Semaphore(settings.transcribe_workers),
+        Resource.NETWORK: ResourceLimit(settings.network_concurrency),
+        Resource.CPU: ResourceLimit(settings.cpu_concurrency),
+        Resource.TRANSCRIPTION: ResourceLimit(settings.transcribe_workers),
     }
 
 
 class StageFailed(Exception):
-    def __init__(self, stage: str, error: KlipstreamError) -> None:
-        super().__init__(f"{stage}: {error.message}")
+    """The job cannot go on; `stage` is None when it failed before any stage (its directory)."""
+
+    def __init__(self, stage: str | None, error: KlipstreamError) -> None:
+        super().__init__(f"{stage or 'job'}: {error.message}")
         self.stage = stage
         self.error = error
+
+
+def workdir_error(exc: OSError) -> KlipstreamError:
+    """Why the job's working directory could not be prepared: a full disk is worth another try
+    later; anything else (permissions, a read-only or missing mount) is the server's fault."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return InsufficientResources(
+            "The server has no disk space left for this job's working files.", code="disk_full"
+        )
+    return InternalError(
+        f"The job's working directory could not be prepared: {exc.strerror or type(exc).__name__}.",
+        code="workdir_unusable",
+        suggested_action="The server's data directory is not writable; an operator must fix it, then retry the job.",
+    )
 
 
 def job_error(error: KlipstreamError, stage: str | None) -> JobError:
@@ -119,17 +166,10 @@ class JobRun(ProgressSink):
 
     # --- entry point ---
     async def run(self) -> None:
-        self._prepare()
-        job = self.job
-        job.status = JobStatus.RUNNING
-        job.attempts += 1
-        job.started_at = job.started_at or utcnow()
-        job.error = None
-        job.queue_position = None
-        self._refresh_progress()
-        await self._save()
-        self._emit("started")
+        """Run to a terminal state (or back to the queue on shutdown); never raises for a job's
+        own failure, so the worker never has to guess the job's state."""
         try:
+            await self._start()
             await self._schedule()
             await self._finish_publishing()
         except asyncio.CancelledError:
@@ -143,7 +183,45 @@ class JobRun(ProgressSink):
             await self._stop_stages()
             await self._failed(failure.stage, failure.error)
             return
+        except Exception as exc:  # a bug in the runner itself: the job still ends, classified
+            log.exception("job run failed outside any stage", extra={"job_id": self.job.job_id})
+            await self._stop_stages()
+            await self._failed(None, classify(exc))
+            return
         await self._completed()
+
+    async def _start(self) -> None:
+        await self._prepare_workdir()
+        job = self.job
+        job.status = JobStatus.RUNNING
+        job.attempts += 1
+        job.started_at = job.started_at or utcnow()
+        job.error = None
+        job.queue_position = None
+        self._refresh_progress()
+        await self._save()
+        self._emit("started")
+
+    async def _prepare_workdir(self) -> None:
+        """`_prepare`, with backoff when the disk is full; other file-system errors fail the job."""
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                self._prepare()
+                return
+            except OSError as exc:
+                error = workdir_error(exc)
+                if not error.retryable or self.retry.exhausted(attempt):
+                    raise StageFailed(None, error) from exc
+                delay = self.retry.delay(attempt, None)
+                log.warning(
+                    "preparing the job directory failed (%s); trying again in %.1f s",
+                    exc,
+                    delay,
+                    extra={"job_id": self.job.job_id},
+                )
+                await asyncio.sleep(delay)
 
     # --- preparation ---
     def _prepare(self) -> None:
@@ -205,6 +283,13 @@ class JobRun(ProgressSink):
             for stage in self.stages:
                 state = self.job.stage(stage.name)
                 if state.status is not StageStatus.PENDING or stage.name in self.tasks:
+                    continue
+                if stage.wanted is not None and not stage.wanted(self.job.options):
+                    state.status = StageStatus.SKIPPED
+                    state.message = "not requested for this job"
+                    state.finished_at = utcnow()
+                    self._emit("stage_changed")
+                    changed = True
                     continue
                 readiness = self._readiness(stage)
                 if readiness == "skip":
@@ -277,6 +362,7 @@ class JobRun(ProgressSink):
                 inputs={k: self.available[k] for k in (*stage.needs, *stage.uses) if k in self.available},
                 sink=self,
                 transcriber=self.deps.transcriber,
+                user_http=self.deps.user_http,
             )
             state.status = StageStatus.RUNNING
             state.progress = 0.0
@@ -288,9 +374,18 @@ class JobRun(ProgressSink):
             await self._save()
             self._emit("stage_changed")
             timeout = stage.timeout(ctx) if stage.timeout else self.settings.stage_timeout_seconds
+            deadline = asyncio.timeout(timeout)
             try:
-                async with asyncio.timeout(timeout):
+                async with deadline:
                     await stage.run(ctx)
+            except TimeoutError:
+                ctx.cancelled.set()
+                if deadline.expired():
+                    raise TimeLimitExceeded(
+                        f"The {stage.display.value.lower()} step did not finish within {timeout:.0f} s.",
+                        code="stage_timeout",
+                    ) from None
+                raise
             except BaseException:
                 ctx.cancelled.set()
                 raise
@@ -340,10 +435,12 @@ class JobRun(ProgressSink):
             await asyncio.wait(pending, timeout=1.8)
         self.tasks.clear()
         self.publishing.clear()
+        shutdown = self.cancel_reason == CancelReason.SHUTDOWN
         for state in self.job.stages:
             if state.status is StageStatus.RUNNING:
-                state.status = StageStatus.CANCELLED if self.cancel_reason == CancelReason.USER else StageStatus.PENDING
-                state.finished_at = utcnow() if self.cancel_reason == CancelReason.USER else None
+                # Shutdown: it runs again in the next process. Cancel or failure: it was stopped.
+                state.status = StageStatus.PENDING if shutdown else StageStatus.CANCELLED
+                state.finished_at = None if shutdown else utcnow()
 
     # --- terminal states ---
     async def _completed(self) -> None:
@@ -351,18 +448,19 @@ class JobRun(ProgressSink):
         job.status = JobStatus.COMPLETED
         job.finished_at = utcnow()
         self._refresh_progress()
-        await self._save()
+        await self._save_final()
         self._emit("completed")
         if not self.settings.keep_workdirs:
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
 
-    async def _failed(self, stage: str, error: KlipstreamError) -> None:
+    async def _failed(self, stage: str | None, error: KlipstreamError) -> None:
         job = self.job
         job.status = JobStatus.FAILED
         job.error = job_error(error, stage)
         job.finished_at = utcnow()
+        self._close_unfinished_stages(f"not run: the job failed{f' in {stage}' if stage else ''}")
         self._refresh_progress()
-        await self._save()
+        await self._save_final()
         log.warning(
             "job failed: %s",
             error.message,
@@ -374,9 +472,13 @@ class JobRun(ProgressSink):
         job = self.job
         job.status = JobStatus.CANCELLED
         job.finished_at = utcnow()
-        await asyncio.to_thread(self._remove_partial_files)
+        self._close_unfinished_stages("not run: the job was cancelled")
+        try:
+            await asyncio.to_thread(self._remove_partial_files)
+        except OSError:
+            log.warning("could not remove partial files", exc_info=True, extra={"job_id": job.job_id})
         self._refresh_progress()
-        await self._save()
+        await self._save_final()
         self._emit("cancelled")
 
     async def _requeue(self) -> None:
@@ -418,6 +520,34 @@ class JobRun(ProgressSink):
     async def _save(self) -> None:
         self._last_persist = time.monotonic()
         await self.deps.store.save_job(self.job)
+
+    def _close_unfinished_stages(self, reason: str) -> None:
+        """A job that ended early: stages that never started are skipped, stages that started (and
+        were waiting for a retry) are cancelled; none stays pending."""
+        now = utcnow()
+        for state in self.job.stages:
+            if state.status in (StageStatus.PENDING, StageStatus.RUNNING):
+                state.status = StageStatus.CANCELLED if state.started_at else StageStatus.SKIPPED
+                state.finished_at = now
+                state.message = reason
+
+    async def _save_final(self) -> None:
+        """Write a terminal state, retrying: the job's event goes out even if the store stays down
+        (then the store still says running, and the next process runs the job again)."""
+        for delay in (*FINAL_SAVE_DELAYS, None):
+            try:
+                await self._save()
+                return
+            except Exception:
+                if delay is None:
+                    log.error(
+                        "could not store the job's final state",
+                        exc_info=True,
+                        extra={"job_id": self.job.job_id},
+                    )
+                    return
+                log.warning("storing the job's final state failed; retrying", extra={"job_id": self.job.job_id})
+                await asyncio.sleep(delay)
 
     async def _save_in_background(self) -> None:
         try:

@@ -14,15 +14,17 @@ from typing import Any
 
 import aiohttp
 
-from klipstream.config import Settings
+from klipstream.config import Settings, remove_secrets_from_environment
 from klipstream.integrations import close_all, start_integrations
 from klipstream.integrations.storage import Storage, create_storage
 from klipstream.integrations.webhooks import WebhookDispatcher
+from klipstream.jobs.janitor import Janitor
 from klipstream.jobs.runner import RunnerDeps, resource_limits
 from klipstream.jobs.service import JobService, Subscription
 from klipstream.jobs.stage import Stage
 from klipstream.jobs.store import create_store
 from klipstream.jobs.timings import StageTimings
+from klipstream.network import user_url_session
 from klipstream.transcription.pool import Transcriber
 
 
@@ -33,6 +35,7 @@ class Runtime:
     storage: Storage
     transcriber: Transcriber
     webhooks: WebhookDispatcher
+    janitor: Janitor
 
 
 @contextlib.asynccontextmanager
@@ -48,7 +51,10 @@ async def job_runtime(
     `subscriptions` are attached before the workers start, so no event of a recovered job is missed.
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60))
+    remove_secrets_from_environment()  # before any child process starts (transcription workers)
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=15, sock_read=60)
+    http = aiohttp.ClientSession(timeout=timeout)
+    user_http = user_url_session(allow_private=settings.allow_private_urls, timeout=timeout)
     storage = create_storage(settings, http)
     transcriber = Transcriber(settings)  # starts its worker processes on first use
     deps = RunnerDeps(
@@ -60,16 +66,22 @@ async def job_runtime(
         listener=lambda kind, job: None,
         limits=resource_limits(settings),
         transcriber=transcriber,
+        user_http=user_http,
     )
     service = JobService(deps, stages, stream_url=stream_url)
     service.subscriptions.extend(subscriptions or [])
     closers: list[Any] = [transcriber]
+    janitor: Janitor | None = None
     try:
-        integrations = await start_integrations(service, settings, http)
+        integrations = await start_integrations(service, settings, http, user_http)
         closers += integrations.closers
         await service.start()
-        yield Runtime(service, http, storage, transcriber, integrations.webhooks)
+        janitor = Janitor(settings, service, storage, integrations.webhooks)
+        janitor.start()
+        yield Runtime(service, http, storage, transcriber, integrations.webhooks, janitor)
     finally:
+        if janitor is not None:
+            await janitor.stop()
         deadline = service.shutdown_deadline or time.monotonic() + settings.shutdown_seconds
         if service.started and not service.shutting_down:
             await service.shutdown(deadline)
@@ -77,3 +89,4 @@ async def job_runtime(
         with contextlib.suppress(Exception):
             await storage.close()
         await http.close()
+        await user_http.close()

@@ -8,7 +8,9 @@ before anyone is told about it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import random
@@ -23,13 +25,24 @@ from pydantic_core import to_json
 from klipstream.jobs.progress import compute_progress, initial_stage_states
 from klipstream.jobs.runner import CancelReason, JobListener, JobRun, RunnerDeps
 from klipstream.jobs.stage import Resource, Stage
-from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore
-from klipstream.models import Job, JobStatus, StageStatus, SubmitRequest, SubmitResponse, utcnow
+from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore, StoreStalled
+from klipstream.models import (
+    RESULT_NEUTRAL_OPTIONS,
+    Job,
+    JobOptions,
+    JobStatus,
+    Priority,
+    StageStatus,
+    SubmitRequest,
+    SubmitResponse,
+    utcnow,
+)
 from klipstream.network import video_id_for
-from klipstream.queue import JobQueue, QueueFull, WorkerPool
+from klipstream.queue import JobQueue, WorkerPool
 
 log = logging.getLogger(__name__)
 RECENT_JOBS = 500  # finished jobs kept in memory for polling; older ones are read from the store
+STORE_WAIT_SECONDS = 30.0  # how long a duplicate submission waits for the first one's row
 
 
 class IdempotencyConflict(Exception):
@@ -83,6 +96,27 @@ def body_hash(payload: Any) -> str:
     return hashlib.sha256(repr(payload).encode()).hexdigest()
 
 
+def dedup_key(video_id: str, chat_url: str | None, options: JobOptions) -> str:
+    """The key under which submissions share one active job: the video id, plus a digest of every
+    option that changes the results (all of them but RESULT_NEUTRAL_OPTIONS, so an option added
+    later counts by default). A plain string, derivable from the stored job, so a database can put
+    a unique index on (key) over active jobs."""
+    if not options.model_fields_set and chat_url is None:
+        return video_id  # the common case, without dumping the options
+    affecting = {k: v for k, v in options.model_dump(exclude_defaults=True).items() if k not in RESULT_NEUTRAL_OPTIONS}
+    if chat_url is not None and chat_url.strip():
+        affecting["chat_url"] = chat_url.strip()
+    if not affecting:
+        return video_id
+    canonical = json.dumps(affecting, sort_keys=True, separators=(",", ":"))
+    return f"{video_id}:{hashlib.sha256(canonical.encode()).hexdigest()[:16]}"
+
+
+def job_dedup_key(job: Job) -> str:
+    """A stored job's key (jobs stored before keys existed get theirs derived)."""
+    return job.dedup_key or dedup_key(job.video_id, job.chat_url, job.options)
+
+
 class JobService:
     def __init__(
         self,
@@ -104,8 +138,13 @@ class JobService:
         # so a submission never pays for building the model.
         self.unparsed: dict[str, str] = {}
         self.recent: OrderedDict[str, Job] = OrderedDict()
-        self.active_by_video: dict[str, str] = {}
+        self.active_by_key: dict[str, str] = {}  # dedup key -> the active job that answers it
         self.runs: dict[str, JobRun] = {}
+        # Popped by a worker but not started yet when a DELETE came: the worker ends them cancelled.
+        self.cancel_before_start: set[str] = set()
+        # Inserts in flight (job id -> None, or the future a duplicate submission waits on until the
+        # first one's row is written or refused): no future is made unless a duplicate comes.
+        self._inserting: dict[str, asyncio.Future[None] | None] = {}
         self.shutting_down = False
         self.shutdown_deadline: float | None = None  # time.monotonic() by which shutdown must end
         self.started = False
@@ -158,12 +197,20 @@ class JobService:
         await self.store.close()
 
     # --- submission ---
-    async def submit(self, request: SubmitRequest, *, idempotency_key: str | None = None) -> SubmitOutcome:
+    async def submit(
+        self, request: SubmitRequest, *, idempotency_key: str | None = None, owner: str = ""
+    ) -> SubmitOutcome:
+        """Accept a job (202), or answer with the active job of the same video and options (200).
+
+        `owner` is a hash of the API key that made the request: an Idempotency-Key is scoped to it,
+        so another client's key can neither replay nor block this one.
+        """
         if self.shutting_down:
             raise ShuttingDown
         if idempotency_key:
+            scoped = f"{owner}:{idempotency_key}"
             fingerprint = body_hash(request.model_dump(mode="json"))
-            inflight = self._inflight_keys.get(idempotency_key)
+            inflight = self._inflight_keys.get(scoped)
             if inflight is not None:  # the first request with this key is still being answered
                 first_fingerprint, first = inflight
                 if first_fingerprint != fingerprint:
@@ -172,10 +219,10 @@ class JobService:
                 return SubmitOutcome(200, outcome.body, outcome.job_id)
             # Registered before the first await, so concurrent requests with this key wait for us.
             future: asyncio.Future[SubmitOutcome] = asyncio.get_running_loop().create_future()
-            self._inflight_keys[idempotency_key] = (fingerprint, future)
+            self._inflight_keys[scoped] = (fingerprint, future)
             future.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
             try:
-                outcome = await self._submit_once(request, idempotency_key, fingerprint)
+                outcome = await self._submit_once(request, IdempotencyRecord(scoped, fingerprint, "", "", 0, owner))
                 future.set_result(outcome)
                 return outcome
             except asyncio.CancelledError:
@@ -185,48 +232,110 @@ class JobService:
                 future.set_exception(exc)
                 raise
             finally:
-                del self._inflight_keys[idempotency_key]
-        return await self._submit(request, None, "")
+                del self._inflight_keys[scoped]
+        return await self._submit(request, None)
 
-    async def _submit_once(self, request: SubmitRequest, key: str, fingerprint: str) -> SubmitOutcome:
-        record = await self.store.get_idempotency(key)
+    async def _submit_once(self, request: SubmitRequest, key: IdempotencyRecord) -> SubmitOutcome:
+        record = await self.store.get_idempotency(key.key)
         if record is None:
-            return await self._submit(request, key, fingerprint)
-        if record.body_hash != fingerprint:
+            return await self._submit(request, key)
+        if record.body_hash != key.body_hash:
             raise IdempotencyConflict
         return SubmitOutcome(200, record.response, record.job_id)
 
-    async def _submit(self, request: SubmitRequest, key: str | None, fingerprint: str) -> SubmitOutcome:
+    async def _submit(self, request: SubmitRequest, key: IdempotencyRecord | None) -> SubmitOutcome:
         video_id = video_id_for(request.url)
-        if not request.options.force:
-            existing_id = self.active_by_video.get(video_id)
-            if existing_id is not None:
-                existing = self._job(existing_id)
-                assert existing is not None  # active_by_video only names active jobs
+        dedup = dedup_key(video_id, request.chat_url, request.options)
+        if not request.options.force and dedup in self.active_by_key:
+            existing = await self._active_for(dedup)
+            if existing is not None:
+                if request.callback_url:
+                    await self._attach_callback(existing, request.callback_url)
                 return SubmitOutcome(200, self._submit_body(existing, deduplicated=True), existing.job_id)
-        if len(self.queue) >= self.queue.maxsize:
-            raise QueueFull
-        doc = self._new_job_doc(request, video_id)
+        self.queue.reserve()  # raises QueueFull; the place is held across the store write
+        try:
+            doc = self._new_job_doc(request, video_id, dedup)
+            encoded = to_json(doc).decode()
+            body = self._new_job_body(doc, position=self.queue.place_for_new(request.priority))
+        except BaseException:
+            self.queue.release()
+            raise
         job_id = doc["job_id"]
-        encoded = to_json(doc).decode()
-        # Tracked before the await, so a concurrent duplicate sees it.
+        record = dataclasses.replace(key, job_id=job_id, response=body, status=202) if key else None
+        # Tracked before the await, so a concurrent duplicate sees it (and waits for the insert).
         self.unparsed[job_id] = encoded
-        self.active_by_video.setdefault(video_id, job_id)
-        body = self._new_job_body(doc, position=self.queue.place_for_new(request.priority))
-        record = IdempotencyRecord(key, fingerprint, job_id, body, 202) if key else None
+        self.active_by_key.setdefault(dedup, job_id)
+        self._inserting[job_id] = None
         try:
             await self.store.insert_job(JobRow.new(doc, encoded), record)
-        except BaseException:
-            self._untrack(job_id, video_id)
+        except StoreStalled as stalled:
+            # The row may still commit: the job stays tracked (and its place held) until the store
+            # says, so a duplicate, or a retry with the same Idempotency-Key, finds it.
+            stalled.outcome.add_done_callback(lambda done: self._late_insert(done, job_id, dedup, request.priority))
             raise
-        self.queue.push(job_id, request.priority, force=True)
+        except BaseException:
+            self._untrack(job_id, dedup)
+            self._inserted(job_id)
+            self.queue.release()
+            raise
+        self._inserted(job_id)
+        self.queue.push(job_id, request.priority, reserved=True)
+        self._announce_new(job_id)
+        return SubmitOutcome(202, body, job_id)
+
+    def _late_insert(self, outcome: asyncio.Future[None], job_id: str, dedup: str, priority: Priority) -> None:
+        """The store finished an insert after its submission was answered 503: queue the job if the
+        row committed (it was accepted after all), forget it if not."""
+        if outcome.cancelled() or outcome.exception() is not None:
+            self._untrack(job_id, dedup)
+            self._inserted(job_id)
+            self.queue.release()
+            return
+        self._inserted(job_id)
+        log.info("a submission the store was slow to write committed; queueing it", extra={"job_id": job_id})
+        self.queue.push(job_id, priority, reserved=True)
+        self._announce_new(job_id)
+
+    def _announce_new(self, job_id: str) -> None:
         if any(s.new_jobs for s in self.subscriptions):
             job = self._job(job_id)
             if job is not None:  # not cancelled in the meantime
                 self._emit("queued", job)
-        return SubmitOutcome(202, body, job_id)
 
-    def _new_job_doc(self, request: SubmitRequest, video_id: str) -> dict[str, Any]:
+    def _inserted(self, job_id: str) -> None:
+        """The insert of `job_id` is settled (written, or refused and untracked): wake duplicates."""
+        waiter = self._inserting.pop(job_id, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def _active_for(self, dedup: str) -> Job | None:
+        """The active job that answers this key, once its row is in the store."""
+        while True:
+            job_id = self.active_by_key.get(dedup)
+            if job_id is None:
+                return None
+            if job_id not in self._inserting:
+                return self._job(job_id)
+            # Its first submission is still being written: answer with it only once it exists.
+            waiter = self._inserting[job_id]
+            if waiter is None:
+                waiter = self._inserting[job_id] = asyncio.get_running_loop().create_future()
+            await asyncio.wait([waiter], timeout=STORE_WAIT_SECONDS)
+            if not waiter.done():
+                raise TimeoutError("the job store has not confirmed the job this submission duplicates")
+
+    async def _attach_callback(self, job: Job, url: str) -> None:
+        """A deduplicated submission's callback receives the shared job's events from now on."""
+        if url == job.callback_url or url in job.callbacks:
+            return
+        job.callbacks.append(url)
+        try:
+            await self.store.save_job(job)
+        except BaseException:
+            job.callbacks.remove(url)
+            raise
+
+    def _new_job_doc(self, request: SubmitRequest, video_id: str, dedup: str) -> dict[str, Any]:
         """A new job as plain data, in the shape of `Job`.
 
         It is encoded once (pydantic-core) for both the store and the response: submission is the
@@ -237,6 +346,7 @@ class JobService:
         doc: dict[str, Any] = {
             "job_id": job_id,
             "video_id": video_id,
+            "dedup_key": dedup,
             "url": request.url,
             "priority": request.priority.value,
             "progress": self._new_job_progress(),
@@ -326,54 +436,89 @@ class JobService:
         if job.status.terminal:
             return job
         if self.queue.remove(job_id):
-            job.status = JobStatus.CANCELLED
-            job.finished_at = utcnow()
-            job.queue_position = None
-            for state in job.stages:
-                if not state.status.done:
-                    state.status = StageStatus.CANCELLED
-            job.progress = compute_progress(job, self.stages, self.deps.timings)
-            await self.store.save_job(job)
-            self._emit("cancelled", job)
+            try:
+                await self._cancel_unstarted(job)
+            except BaseException:
+                self.queue.push(job_id, job.priority, force=True)  # not cancelled: back in line
+                raise
             return job
         run = self.runs.get(job_id)
         task = self.pool.running.get(job_id)
-        if run is not None and task is not None:
+        if task is None:
+            return job
+        if run is not None:
             run.cancel_reason = CancelReason.USER
             task.cancel()
-            await asyncio.wait([task], timeout=2.5)
+        else:
+            # A worker took it from the queue but has not started it: the worker ends it cancelled.
+            self.cancel_before_start.add(job_id)
+        await asyncio.wait([task], timeout=2.5)
         return job
+
+    async def _cancel_unstarted(self, job: Job) -> None:
+        """Cancel a job no stage has run for in this attempt; it stops being the video's active job."""
+        before = job.model_copy(deep=True)
+        job.status = JobStatus.CANCELLED
+        job.finished_at = utcnow()
+        job.queue_position = None
+        for state in job.stages:
+            if not state.status.done:
+                state.status = StageStatus.CANCELLED
+        job.progress = compute_progress(job, self.stages, self.deps.timings)
+        job.updated_at = utcnow()
+        try:
+            await self.store.save_job(job)
+        except BaseException:
+            for name in Job.model_fields:
+                setattr(job, name, getattr(before, name))
+            raise
+        self._on_job_event("cancelled", job)
 
     async def retry(self, job_id: str) -> Job:
         job = await self.get(job_id)
         if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise InvalidTransition(f"only failed or cancelled jobs can be retried; this one is {job.status.value}")
-        if not job.options.force and job.video_id in self.active_by_video:
+        key = job_dedup_key(job)
+        if not job.options.force and self.active_by_key.get(key, job_id) != job_id:
             raise InvalidTransition("another job for this video is already queued or running")
-        if len(self.queue) >= self.queue.maxsize:
-            raise QueueFull
-        job.status = JobStatus.QUEUED
-        job.error = None
-        job.finished_at = None
-        job.retry_count += 1
-        for state in job.stages:
-            if state.status in (StageStatus.FAILED, StageStatus.CANCELLED, StageStatus.SKIPPED):
-                state.status = StageStatus.PENDING
-                state.error = None
-        job.progress = compute_progress(job, self.stages, self.deps.timings)
-        job.updated_at = utcnow()
+        self.queue.reserve()  # raises QueueFull before anything changes
+        try:
+            again = job.model_copy(deep=True)
+            again.status = JobStatus.QUEUED
+            again.dedup_key = key
+            again.error = None
+            again.finished_at = None
+            again.retry_count += 1
+            for state in again.stages:
+                if state.status in (StageStatus.FAILED, StageStatus.CANCELLED, StageStatus.SKIPPED):
+                    state.status = StageStatus.PENDING
+                    state.error = None
+                    state.started_at = None
+                    state.finished_at = None
+            again.progress = compute_progress(again, self.stages, self.deps.timings)
+            again.updated_at = utcnow()
+            await self.store.save_job(again)
+        except BaseException:
+            self.queue.release()
+            raise
         self.recent.pop(job_id, None)
-        self._track(job)
-        await self.store.save_job(job)
-        self.queue.push(job_id, job.priority)
-        job.queue_position = self.queue.position(job_id)
-        self._emit("queued", job)
-        return job
+        self._track(again)
+        self.queue.push(job_id, again.priority, reserved=True)
+        again.queue_position = self.queue.position(job_id)
+        self._emit("queued", again)
+        return again
 
     # --- running ---
     async def _run(self, job_id: str) -> None:
         job = self._job(job_id)
         if job is None:  # cancelled while queued, or a stale entry
+            return
+        if job_id in self.cancel_before_start:
+            try:
+                await self._cancel_unstarted(job)  # forgets the id once the cancellation is stored
+            except Exception:
+                log.exception("could not store the cancellation; the job goes back in line", extra={"job_id": job_id})
+                self.queue.push(job_id, job.priority, force=True)
             return
         self._warm_up()
         run = JobRun(self.deps, self.stages, job)
@@ -401,14 +546,16 @@ class JobService:
         self.subscriptions = [s for s in self.subscriptions if s.listener is not listener]
 
     def _track(self, job: Job) -> None:
+        job.dedup_key = job_dedup_key(job)
         self.active[job.job_id] = job
-        self.active_by_video.setdefault(job.video_id, job.job_id)
+        self.active_by_key.setdefault(job.dedup_key, job.job_id)
 
-    def _untrack(self, job_id: str, video_id: str) -> None:
+    def _untrack(self, job_id: str, key: str) -> None:
         self.active.pop(job_id, None)
         self.unparsed.pop(job_id, None)
-        if self.active_by_video.get(video_id) == job_id:
-            del self.active_by_video[video_id]
+        self.cancel_before_start.discard(job_id)
+        if self.active_by_key.get(key) == job_id:
+            del self.active_by_key[key]
 
     def _job(self, job_id: str) -> Job | None:
         """The queued or running job with this id, parsed the first time anything needs it."""
@@ -427,7 +574,7 @@ class JobService:
 
     def _on_job_event(self, kind: str, job: Job) -> None:
         if job.status.terminal:
-            self._untrack(job.job_id, job.video_id)
+            self._untrack(job.job_id, job_dedup_key(job))
             self._remember(job)
         self._emit(kind, job)
 

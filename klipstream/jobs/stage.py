@@ -48,6 +48,7 @@ class Stage:
     weight: float = 1.0  # share of the job's progress bar
     resource: Resource = Resource.CPU
     timeout: Callable[[StageContext], float] | None = None  # seconds; None: the global stage timeout
+    wanted: Callable[[JobOptions], bool] | None = None  # opt-in stages: skipped unless the job asks for them
 
 
 class ProgressSink:
@@ -80,12 +81,15 @@ class StageContext:
         inputs: dict[str, Path],
         sink: ProgressSink,
         transcriber: Transcriber | None = None,
+        user_http: aiohttp.ClientSession | None = None,
     ) -> None:
         self.job = job
         self.stage = stage
         self.workdir = workdir
         self.settings = settings
-        self.http = http
+        self.http = http  # operator-configured services (Twitch GQL, the LLM)
+        # URLs a user supplied go through the one public-only client (klipstream.network)
+        self.user_http = user_http or http
         self.inputs = inputs
         self.sink = sink
         self.transcriber = transcriber  # the shared transcription pool (klipstream.transcription)

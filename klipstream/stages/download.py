@@ -53,6 +53,9 @@ async def run(ctx: StageContext) -> None:
     if ctx.options.include_video:
         if meta.has_video:
             height = ctx.options.video_height or ctx.settings.video_height
+            clips = ctx.options.clip_options
+            if clips is not None and not ctx.options.video_height:  # clips want their own height's worth
+                height = max(height, clips.height or ctx.settings.clip_height)
             transfers.append(_Transfer("video", media_fetch.video_format(height), _stem(ctx.output_path("video"))))
         else:
             ctx.warn("The source has no video rendition; only the audio was downloaded.")

@@ -6,6 +6,9 @@
   const JOBS_POLL_MS = 4000;
   const ADMIN_POLL_MS = 5000;
   const TERMINAL = new Set(["completed", "failed", "cancelled"]);
+  const NOT_REQUESTED = "not requested for this job";
+  // Artifacts made per highlight (key `{family}_{rank}`) are offered on the highlight's row instead.
+  const PER_HIGHLIGHT = /^(clip|vertical|thumbnail|clip_srt|clip_vtt)_\d+$/;
   const $ = (id) => document.getElementById(id);
 
   // --- small helpers ----------------------------------------------------------------------------
@@ -143,6 +146,7 @@
       }
       const body = { url, priority: $("priority").value };
       if (chatUrl) body.chat_url = chatUrl;
+      if ($("want-clips").checked) body.options = { clips: { vertical: $("want-vertical").checked } };
       $("submit-button").disabled = true;
       setMessage(message, "Submitting…");
       try {
@@ -345,7 +349,12 @@
     const list = $("stages");
     const now = Date.now();
     for (const stage of stages) {
+      // An opt-in stage this job did not ask for (clips) is noise, not progress.
       let row = list.querySelector(`[data-name="${CSS.escape(stage.name)}"]`);
+      if (stage.status === "skipped" && stage.message === NOT_REQUESTED) {
+        if (row) row.remove();
+        continue;
+      }
       if (!row) {
         row = el("li", { class: "stage", "data-name": stage.name },
           el("span", { class: "sname" }),
@@ -422,7 +431,7 @@
     const player = $("player");
     player.hidden = !results.audio;
     if (results.audio) player.src = results.audio; else player.removeAttribute("src");
-    renderHighlights(job.highlights || []);
+    renderHighlights(job.highlights || [], results);
     renderArtifacts(results);
     current.waveform = null;
     drawWaveform();
@@ -509,9 +518,12 @@
     }
   }
 
-  function renderHighlights(highlights) {
+  function renderHighlights(highlights, results = {}) {
     const body = $("highlights").tBodies[0];
     $("no-highlights").hidden = highlights.length > 0;
+    const anyClips = highlights.some((h) => results[`clip_${h.rank}`]);
+    $("clip-col").hidden = !anyClips;
+    if (!anyClips) closeClip();
     body.replaceChildren(...highlights.map((h) => {
       const score = typeof h.score === "number" ? h.score : h.highlight_score;
       const row = el("tr", {
@@ -526,9 +538,53 @@
       el("td", { class: "time", text: `${hms(h.start_time)}–${hms(h.end_time)}` }),
       el("td", { class: "num", text: typeof score === "number" ? score.toFixed(3) : "" }),
       el("td", {}, el("span", { class: "emotion", text: h.dominant_emotion || "" })),
-      el("td", { text: h.reason || h.why || "" }));
+      el("td", { text: h.reason || h.why || "" }),
+      anyClips ? clipCell(h, results) : null);
       return row;
     }));
+  }
+
+  // Play clip / download clip / download vertical / captions for one highlight.
+  function clipCell(h, results) {
+    const n = h.rank;
+    const clip = results[`clip_${n}`];
+    const cell = el("td", { class: "clip-actions" });
+    if (!clip) return cell;
+    const stop = (event) => event.stopPropagation();  // the row itself plays the moment in the audio
+    cell.addEventListener("click", stop);
+    cell.addEventListener("keydown", stop);
+    const link = (href, text, label) => el("a", { href, download: "", class: "chip", text, "aria-label": label });
+    cell.append(
+      el("button", { type: "button", class: "chip", text: "▶ Play clip", "aria-label": `Play clip ${n}`,
+        onclick: () => playClip(n, results) }),
+      link(clip, "Clip", `Download clip ${n}`));
+    if (results[`vertical_${n}`]) cell.append(link(results[`vertical_${n}`], "Vertical", `Download vertical clip ${n}`));
+    if (results[`clip_srt_${n}`]) cell.append(link(results[`clip_srt_${n}`], "SRT", `Download captions of clip ${n} (SRT)`));
+    if (results[`clip_vtt_${n}`]) cell.append(link(results[`clip_vtt_${n}`], "VTT", `Download captions of clip ${n} (WebVTT)`));
+    return cell;
+  }
+
+  function playClip(n, results) {
+    const video = $("clip-player");
+    $("player").pause();
+    video.replaceChildren();
+    video.src = results[`clip_${n}`];
+    if (results[`thumbnail_${n}`]) video.poster = results[`thumbnail_${n}`]; else video.removeAttribute("poster");
+    const captions = results[`clip_vtt_${n}`];
+    if (captions && new URL(captions, location.href).origin === location.origin) {
+      video.append(el("track", { kind: "captions", src: captions, srclang: "en", label: "Captions", default: true }));
+    }
+    $("clip-title").textContent = `Clip ${n}`;
+    $("clip-view").hidden = false;
+    video.play().catch(() => {});
+  }
+
+  function closeClip() {
+    const video = $("clip-player");
+    video.pause();
+    video.removeAttribute("src");
+    video.replaceChildren();
+    $("clip-view").hidden = true;
   }
 
   function playRange(start, end, row) {
@@ -589,7 +645,7 @@
   }
 
   function renderArtifacts(results) {
-    const names = Object.keys(results).sort();
+    const names = Object.keys(results).filter((key) => !PER_HIGHLIGHT.test(key)).sort();
     $("artifacts").replaceChildren(...names.map((key) => el("li", {},
       el("a", { href: results[key], target: "_blank", rel: "noopener", download: "", text: key.replace(/_/g, " ") }))));
   }
@@ -662,9 +718,14 @@
     });
     initAccess();
     initSubmit();
+    $("want-clips").addEventListener("change", () => {
+      $("want-vertical").disabled = !$("want-clips").checked;
+      if (!$("want-clips").checked) $("want-vertical").checked = false;
+    });
     $("cancel-button").addEventListener("click", cancelJob);
     $("retry-button").addEventListener("click", retryJob);
     $("transcript-search").addEventListener("input", renderTranscript);
+    $("clip-close").addEventListener("click", closeClip);
     const player = $("player");
     player.addEventListener("timeupdate", onTimeUpdate);
     player.addEventListener("loadedmetadata", drawWaveform);

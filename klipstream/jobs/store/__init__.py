@@ -7,9 +7,11 @@ several instances can use at once. Both pass tests/test_store_contract.py.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from klipstream.errors import DatabaseUnavailable
 from klipstream.models import Job, JobStatus
 
 if TYPE_CHECKING:
@@ -18,13 +20,34 @@ if TYPE_CHECKING:
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
+RETRY_AFTER_SECONDS = 5  # what a client told the store is unavailable is asked to wait
+
+
+class StoreTimeout(DatabaseUnavailable, TimeoutError):
+    """The store did not start the request in time, and never will: nothing was written.
+
+    A `DatabaseUnavailable` (503 with Retry-After on every route), and a `TimeoutError` for the
+    callers that settle a submission's outcome themselves."""
+
+
+class StoreStalled(DatabaseUnavailable, TimeoutError):
+    """The store started the request but has not finished it in time: the outcome is not known
+    yet. `outcome` settles with the real result when the store gets there, so a caller that must
+    know (a submission whose row may still commit) can follow it."""
+
+    def __init__(self, message: str, outcome: asyncio.Future[Any]) -> None:
+        super().__init__(message, retry_after=RETRY_AFTER_SECONDS)
+        self.outcome = outcome
+
+
 @dataclass(frozen=True)
 class IdempotencyRecord:
-    key: str
+    key: str  # "<owner>:<Idempotency-Key>": keys are scoped to the API key that made them
     body_hash: str
     job_id: str
     response: str  # the first answer's JSON body
     status: int
+    owner: str = ""  # a hash of the API key ("" when the server has no API keys)
 
 
 class JobStore(Protocol):
@@ -40,6 +63,11 @@ class JobStore(Protocol):
     async def record_stage_run(self, stage: str, seconds: float, media_seconds: float | None) -> None: ...
     async def stage_runs(self, since: float) -> list[tuple[str, float, float | None]]: ...
     async def terminal_counts(self, since: float) -> dict[str, int]: ...
+    # --- retention (the janitor) ---
+    async def job_states(self, job_ids: list[str]) -> dict[str, tuple[str, float | None]]: ...
+    async def delete_finished_jobs(self, finished_before: float, limit: int) -> list[str]: ...
+    async def delete_idempotency(self, created_before: float) -> int: ...
+    async def delete_stage_runs(self, finished_before: float) -> int: ...
 
 
 class JobRow(NamedTuple):
@@ -56,6 +84,7 @@ class JobRow(NamedTuple):
     updated_at: float
     finished_at: float | None
     doc: str
+    dedup_key: str
 
     @classmethod
     def of(cls, job: Job) -> JobRow:
@@ -68,13 +97,16 @@ class JobRow(NamedTuple):
             job.updated_at.timestamp(),
             job.finished_at.timestamp() if job.finished_at else None,
             job.model_dump_json(exclude_defaults=True),  # a quarter of the bytes; defaults return on read
+            job.dedup_key,
         )
 
     @classmethod
     def new(cls, doc: dict[str, Any], encoded: str) -> JobRow:
         """The row of a job just submitted, from the plain data it was encoded from."""
         created = doc["created_at"].timestamp()
-        return cls(doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded)
+        return cls(
+            doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded, doc["dedup_key"]
+        )
 
 
 def create_store(settings: Settings) -> JobStore:

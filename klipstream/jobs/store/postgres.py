@@ -63,19 +63,19 @@ _NOT_THIS_WRITE = UNAVAILABLE + _REFUSED_BY_CLIENT  # failures of the connection
 # way, so a burst of submissions is one run of one statement whatever keys they carry.
 _INSERT_JOB = """
 WITH job AS (
-    INSERT INTO jobs (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+    INSERT INTO jobs (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc, dedup_key)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 )
-INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at)
-SELECT $9::text, $10::text, $11::text, $12::text, $13::integer, $14::double precision
-WHERE $9::text IS NOT NULL
+INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at, owner)
+SELECT $10::text, $11::text, $12::text, $13::text, $14::integer, $15::double precision, $16::text
+WHERE $10::text IS NOT NULL
 """
 _SAVE_JOB = (
-    "UPDATE jobs SET video_id=$1, status=$2, priority=$3, created_at=$4, updated_at=$5, finished_at=$6, doc=$7"
-    " WHERE job_id=$8"
+    "UPDATE jobs SET video_id=$1, status=$2, priority=$3, created_at=$4, updated_at=$5, finished_at=$6, doc=$7,"
+    " dedup_key=$8 WHERE job_id=$9"
 )
 _STAGE_RUN = "INSERT INTO stage_runs (stage, seconds, media_seconds, finished_at) VALUES ($1, $2, $3, $4)"
-_NO_KEY = (None, None, None, None, None, None)
+_NO_KEY = (None, None, None, None, None, None, None)
 
 
 def redacted(url: str) -> str:
@@ -294,6 +294,7 @@ class PostgresStore:
                 idempotency.response,
                 idempotency.status,
                 time.time(),
+                idempotency.owner,
             )
         )
         await self._write(_INSERT_JOB, (*row, *record), row.job_id)
@@ -329,7 +330,9 @@ class PostgresStore:
     # --- idempotency ---
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         row = await self._read(
-            lambda c: c.fetchrow("SELECT key, body_hash, job_id, response, status FROM idempotency WHERE key=$1", key)
+            lambda c: c.fetchrow(
+                "SELECT key, body_hash, job_id, response, status, owner FROM idempotency WHERE key=$1", key
+            )
         )
         return IdempotencyRecord(*row) if row else None
 
@@ -351,6 +354,42 @@ class PostgresStore:
             lambda c: c.fetch("SELECT status, COUNT(*) FROM jobs WHERE finished_at>=$1 GROUP BY status", since)
         )
         return {status: count for status, count in rows}
+
+    # --- retention (the janitor) ---
+    async def job_states(self, job_ids: list[str]) -> dict[str, tuple[str, float | None]]:
+        """(status, finished_at) of each of these jobs that exists."""
+        if not job_ids:
+            return {}
+        rows = await self._read(
+            lambda c: c.fetch(
+                "SELECT job_id, status, finished_at FROM jobs WHERE job_id = ANY($1::text[])", list(job_ids)
+            )
+        )
+        return {job_id: (status, finished_at) for job_id, status, finished_at in rows}
+
+    async def delete_finished_jobs(self, finished_before: float, limit: int) -> list[str]:
+        """Delete up to `limit` finished jobs that ended before the cutoff; returns their ids."""
+        rows = await self._with_connection(
+            lambda c: c.fetch(
+                "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs WHERE finished_at < $1"
+                " AND status <> ALL($2::text[]) ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
+                " RETURNING job_id",
+                finished_before,
+                list(ACTIVE),
+                limit,
+            )
+        )
+        return [job_id for (job_id,) in rows]
+
+    async def delete_idempotency(self, created_before: float) -> int:
+        return await self._delete("DELETE FROM idempotency WHERE created_at < $1", created_before)
+
+    async def delete_stage_runs(self, finished_before: float) -> int:
+        return await self._delete("DELETE FROM stage_runs WHERE finished_at < $1", finished_before)
+
+    async def _delete(self, sql: str, *args: Any) -> int:
+        status = await self._with_connection(lambda c: c.execute(sql, *args))
+        return int(status.rsplit(" ", 1)[-1])  # "DELETE <n>"
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -23,15 +23,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from klipstream.errors import DatabaseUnavailable
-from klipstream.jobs.store import ACTIVE, IdempotencyRecord, JobRow
+from klipstream.jobs.store import ACTIVE, RETRY_AFTER_SECONDS, IdempotencyRecord, JobRow, StoreStalled, StoreTimeout
 from klipstream.jobs.store.migrations import upgrade_sqlite
 from klipstream.models import Job
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 CHECKPOINT_SECONDS = 2.0
-CALL_TIMEOUT_SECONDS = 30.0  # a request the writer has not answered by then fails (DatabaseUnavailable: 503)
+# Every call is answered within this: StoreTimeout when the writer had not started it (it never
+# will), StoreStalled when it had (its real outcome still arrives, through StoreStalled.outcome).
+CALL_TIMEOUT_SECONDS = 30.0
 MAX_BATCH = 512  # requests per transaction
 
 
@@ -48,6 +49,9 @@ class SQLiteStore:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping = threading.Event()
+        # Guards the started/expired marks of batches: a batch either starts (and its callers get
+        # its real outcome) or expires (and is never run), never both.
+        self._marks = threading.Lock()
 
     # --- lifecycle ---
     async def open(self) -> None:
@@ -122,15 +126,21 @@ class SQLiteStore:
     def _run_batch(self, conn: sqlite3.Connection, batches: list[_Batch]) -> None:
         """Run the requests in one transaction (group commit). If any request fails, the batch is
         rolled back and each request runs again in a transaction of its own, so one failure stays
-        local."""
+        local. Batches whose callers already got StoreTimeout are dropped unrun."""
         assert self._loop is not None
+        with self._marks:
+            batches = [batch for batch in batches if not batch.expired]
+            for batch in batches:
+                batch.started = True
+        if not batches:
+            return
         requests = [request for batch in batches for request in batch.requests]
         try:
             outcomes = self._transaction(conn, requests, isolate=False)
         except _BatchFailed:
             outcomes = [o for item in requests for o in self._transaction(conn, [item], isolate=True)]
         # One wake-up of the event loop for the whole batch, not one per request.
-        self._loop.call_soon_threadsafe(_settle_all, outcomes, [batch.timer for batch in batches])
+        self._loop.call_soon_threadsafe(_settle_all, outcomes, batches)
 
     @staticmethod
     def _transaction(conn: sqlite3.Connection, batch: list[Request], *, isolate: bool) -> list[Outcome]:
@@ -170,8 +180,32 @@ class SQLiteStore:
         if not self._pending:  # close() flushed them already
             return
         requests, self._pending = self._pending, []
-        timer = self._loop.call_later(CALL_TIMEOUT_SECONDS, _expire, requests)
-        self._requests.put(_Batch(requests, timer))
+        batch = _Batch(requests)
+        batch.timer = self._loop.call_later(CALL_TIMEOUT_SECONDS, self._expire, batch)
+        self._requests.put(batch)
+
+    def _expire(self, batch: _Batch) -> None:
+        """The batch is not answered in time. Not started: it is dropped and never runs. Started:
+        the callers are told the outcome is pending, and each gets a future for the real one."""
+        assert self._loop is not None
+        with self._marks:
+            started = batch.started
+            batch.expired = not started
+        if not started:
+            error = StoreTimeout(
+                f"the store did not take the request within {CALL_TIMEOUT_SECONDS:.0f} s",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
+            for _, future in batch.requests:
+                _settle(future, None, error)
+            return
+        batch.late = []
+        for _, future in batch.requests:
+            late: asyncio.Future[Any] = self._loop.create_future()
+            late.add_done_callback(_consume)
+            batch.late.append(late)
+            message = f"the store has not finished the request within {CALL_TIMEOUT_SECONDS:.0f} s"
+            _settle(future, None, StoreStalled(message, late))
 
     # --- jobs ---
     async def ping(self) -> bool:
@@ -183,14 +217,15 @@ class SQLiteStore:
     async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None:
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute(
-                "INSERT INTO jobs (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO jobs"
+                " (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc, dedup_key)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 row,
             )
             if idempotency is not None:
                 conn.execute(
-                    "INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
+                    "INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at, owner)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (
                         idempotency.key,
                         idempotency.body_hash,
@@ -198,6 +233,7 @@ class SQLiteStore:
                         idempotency.response,
                         idempotency.status,
                         time.time(),
+                        idempotency.owner,
                     ),
                 )
 
@@ -208,8 +244,8 @@ class SQLiteStore:
         values = (*rest, job_id)
         await self._call(
             lambda c: c.execute(
-                "UPDATE jobs SET video_id=?, status=?, priority=?, created_at=?, updated_at=?, finished_at=?, doc=?"
-                " WHERE job_id=?",
+                "UPDATE jobs SET video_id=?, status=?, priority=?, created_at=?, updated_at=?, finished_at=?, doc=?,"
+                " dedup_key=? WHERE job_id=?",
                 values,
             )
         )
@@ -242,7 +278,7 @@ class SQLiteStore:
     async def get_idempotency(self, key: str) -> IdempotencyRecord | None:
         row = await self._call(
             lambda c: c.execute(
-                "SELECT key, body_hash, job_id, response, status FROM idempotency WHERE key=?", (key,)
+                "SELECT key, body_hash, job_id, response, status, owner FROM idempotency WHERE key=?", (key,)
             ).fetchone()
         )
         return IdempotencyRecord(*row) if row else None
@@ -268,32 +304,84 @@ class SQLiteStore:
         )
         return {status: count for status, count in rows}
 
+    # --- retention ---
+    async def job_states(self, job_ids: list[str]) -> dict[str, tuple[str, float | None]]:
+        """(status, finished_at) of each of these jobs that exists."""
+        if not job_ids:
+            return {}
+
+        def read(conn: sqlite3.Connection) -> dict[str, tuple[str, float | None]]:
+            out: dict[str, tuple[str, float | None]] = {}
+            for start in range(0, len(job_ids), 500):
+                part = job_ids[start : start + 500]
+                marks = ",".join("?" * len(part))
+                sql = f"SELECT job_id, status, finished_at FROM jobs WHERE job_id IN ({marks})"
+                for job_id, status, finished_at in conn.execute(sql, part):
+                    out[job_id] = (status, finished_at)
+            return out
+
+        return await self._call(read)
+
+    async def delete_finished_jobs(self, finished_before: float, limit: int) -> list[str]:
+        """Delete up to `limit` finished jobs that ended before the cutoff; returns their ids."""
+
+        def delete(conn: sqlite3.Connection) -> list[str]:
+            ids = [
+                job_id
+                for (job_id,) in conn.execute(
+                    "SELECT job_id FROM jobs WHERE finished_at IS NOT NULL AND finished_at < ?"
+                    " AND status NOT IN (?, ?) ORDER BY finished_at LIMIT ?",
+                    (finished_before, *ACTIVE, limit),
+                )
+            ]
+            conn.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id in ids])
+            return ids
+
+        return await self._call(delete)
+
+    async def delete_idempotency(self, created_before: float) -> int:
+        return await self._call(
+            lambda c: c.execute("DELETE FROM idempotency WHERE created_at < ?", (created_before,)).rowcount
+        )
+
+    async def delete_stage_runs(self, finished_before: float) -> int:
+        return await self._call(
+            lambda c: c.execute("DELETE FROM stage_runs WHERE finished_at < ?", (finished_before,)).rowcount
+        )
+
 
 Request = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]
 Outcome = tuple["asyncio.Future[Any]", Any, BaseException | None]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Batch:
     requests: list[Request]
-    timer: asyncio.TimerHandle
+    timer: asyncio.TimerHandle | None = None
+    started: bool = False  # the writer took it (under SQLiteStore._marks)
+    expired: bool = False  # its callers got StoreTimeout; the writer must skip it
+    late: list[asyncio.Future[Any]] | None = None  # real outcomes, for callers that got StoreStalled
 
 
 class _BatchFailed(Exception):
     """One request of a group commit failed; the batch is retried request by request."""
 
 
-def _settle_all(outcomes: list[Outcome], timers: list[asyncio.TimerHandle]) -> None:
-    for timer in timers:
-        timer.cancel()
+def _settle_all(outcomes: list[Outcome], batches: list[_Batch]) -> None:
+    late: dict[int, asyncio.Future[Any]] = {}
+    for batch in batches:
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if batch.late is not None:
+            late.update((id(future), outcome) for (_, future), outcome in zip(batch.requests, batch.late, strict=True))
     for future, result, error in outcomes:
-        _settle(future, result, error)
+        _settle(late.get(id(future), future), result, error)
 
 
-def _expire(requests: list[Request]) -> None:
-    for _, future in requests:
-        error = DatabaseUnavailable(f"The store did not answer within {CALL_TIMEOUT_SECONDS:.0f} s.", retry_after=5)
-        _settle(future, None, error)
+def _consume(future: asyncio.Future[Any]) -> None:
+    """Mark a late outcome's exception as retrieved: nobody may be following it."""
+    if not future.cancelled():
+        future.exception()
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -20,6 +20,7 @@ new instances on one database.
 from __future__ import annotations
 
 import logging
+import re
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -105,6 +106,21 @@ def sqlite_statements(script: str) -> list[str]:
     return statements
 
 
+_ADD_COLUMN = re.compile(r"^ALTER\s+TABLE\s+(\w+)\s+ADD\s+COLUMN\s+(\w+)\s", re.IGNORECASE)
+
+
+def _column_present(conn: sqlite3.Connection, statement: str) -> bool:
+    """An `ALTER TABLE t ADD COLUMN c` whose column exists already: SQLite has no `IF NOT EXISTS`
+    for columns, and a file from the release before versioned migrations may hold columns that a
+    later migration adds (the hardening release added its own at open)."""
+    code = "\n".join(line for line in statement.splitlines() if not line.lstrip().startswith("--"))
+    match = _ADD_COLUMN.match(code.strip())
+    if match is None:
+        return False
+    table, column = match.groups()
+    return column in {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+
+
 def upgrade_sqlite(conn: sqlite3.Connection) -> Upgrade:
     """Bring an SQLite database to the latest version in one transaction.
 
@@ -119,7 +135,8 @@ def upgrade_sqlite(conn: sqlite3.Connection) -> Upgrade:
             if migration.version <= before:
                 continue
             for statement in sqlite_statements(migration.sql):
-                conn.execute(statement)
+                if not _column_present(conn, statement):
+                    conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, time.time()),

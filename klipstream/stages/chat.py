@@ -23,18 +23,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+import aiofiles
 import aiohttp
 from yarl import URL
 
 from klipstream.acquisition.chat_archive import (
     ChatVideo,
-    ParsedArchive,
     invalid,
-    parse_archive,
     too_large,
     write_artifacts,
 )
@@ -42,18 +43,18 @@ from klipstream.acquisition.twitch_chat import (
     ChatFetch,
     GqlClient,
     GqlConfig,
-    read_body,
     report_progress,
     split_ranges,
-    write_merged,
 )
-from klipstream.errors import ExternalServiceError, InvalidVideoUrl, NetworkError, StageUnavailable
+from klipstream.errors import ExternalServiceError, InvalidVideoUrl, KlipstreamError, NetworkError, StageUnavailable
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage
-from klipstream.network import ensure_public_url, twitch_video_id
+from klipstream.network import ensure_public_url, refused_private, twitch_video_id
+from klipstream.proc import run_python
 from klipstream.retry import parse_retry_after
 
 MAX_REDIRECTS = 5
+ARCHIVE_TIMEOUT_SECONDS = 1800.0  # a 200 MB archive converts in well under a minute
 _DOWNLOAD_TIMEOUT = aiohttp.ClientTimeout(total=600, sock_connect=15, sock_read=60)
 _REDIRECTS = (301, 302, 303, 307, 308)
 
@@ -84,7 +85,9 @@ async def _from_twitch(ctx: StageContext, video_id: str) -> None:
         info = await client.video(video_id)
         duration = info.length_seconds if info else None
     fetch = ChatFetch(client, video_id, split_ranges(duration, settings.chat_ranges), ctx.workdir, duration)
-    ticker = asyncio.create_task(report_progress(fetch, ctx.progress))
+    # The fetch is the first 97 % of the stage: the viewer-clips lookup reports 0.98 after it, and
+    # a late tick of the fetch must not move the progress back.
+    ticker = asyncio.create_task(report_progress(fetch, lambda f, detail: ctx.progress(0.97 * f, detail)))
     try:
         result = await fetch.run()
     finally:
@@ -102,16 +105,40 @@ async def _from_twitch(ctx: StageContext, video_id: str) -> None:
         created_at=(info and info.created_at) or (known and known.published_at) or None,
     )
     json_path, csv_path = ctx.output_path("chat_json"), ctx.output_path("chat_csv")
-    await ctx.to_thread(write_merged, result.spools, json_path, csv_path, video, result.count, ctx.cancelled.is_set)
+    await ctx.to_thread(
+        write_artifacts, result.spools, json_path, csv_path, video, source="twitch", cancelled=ctx.cancelled.is_set
+    )
     ctx.add_artifact("chat_json", json_path)
     ctx.add_artifact("chat_csv", csv_path)
+    login = (info and info.channel_login) or (known and known.channel_login) or None
+    await _viewer_clips(ctx, client, video_id, login)
     ctx.progress(1.0, f"{result.count:,} chat messages in {result.requests:,} requests")
+
+
+async def _viewer_clips(ctx: StageContext, client: GqlClient, video_id: str, login: str | None) -> None:
+    """The clips viewers made of this VOD, for the highlights. Best effort: without them the job
+    loses one signal, so a refusal or an outage is a warning, not a failure."""
+    ctx.progress(0.98, "looking for viewers' clips of this VOD")
+    try:
+        if login is None:
+            info = await client.video(video_id)
+            login = info.channel_login if info else None
+        clips = await client.clips(login, video_id) if login else []
+    except (KlipstreamError, StageUnavailable) as exc:
+        ctx.warn(f"Twitch did not list the viewer clips of this VOD ({exc}); highlights use chat alone.")
+        return
+    path = ctx.output_path("viewer_clips")
+    payload = json.dumps({"video_id": ctx.video_id, "clips": clips}, ensure_ascii=False)
+    await ctx.to_thread(path.write_text, payload, "utf-8")
+    ctx.add_artifact("viewer_clips", path)
 
 
 # --- user-supplied archives -------------------------------------------------------------------
 
 
 async def _from_archive(ctx: StageContext, source: str) -> None:
+    """Fetch (or find) the archive as a file, then parse, validate and write the artifacts in a child
+    process: the parse of a 200 MB document never holds this process's GIL."""
     limit = ctx.settings.max_chat_bytes
     local = _local_path(source)
     ctx.progress(0.0, "fetching chat archive")
@@ -122,38 +149,37 @@ async def _from_archive(ctx: StageContext, source: str) -> None:
                 "KLIPSTREAM_ALLOW_LOCAL_FILES=true.",
                 code="invalid_chat_url",
             )
-        data = await ctx.to_thread(_read_local, local, limit)
+        path = await ctx.to_thread(_check_local, local, limit)
     else:
-        data = await _download(ctx, source, limit)
-    ctx.progress(0.4, "parsing chat archive")
-    parsed: ParsedArchive = await ctx.to_thread(parse_archive, data, max_bytes=limit)
-    del data
-    if not parsed.messages:
-        ctx.warn("The chat archive has no messages; chat analysis will be empty.")
-    known, header = ctx.video, parsed.video
+        path = ctx.workdir / "chat_archive.download"
+        await _download(ctx, source, limit, path)
+    known = ctx.video
     video = ChatVideo(
         id=ctx.video_id,
-        title=(known and known.title) or (header and header.title) or None,
-        length_seconds=(known and known.duration_seconds) or (header and header.length_seconds) or None,
-        channel=(known and known.channel) or (header and header.channel) or None,
-        channel_id=header.channel_id if header else None,
-        created_at=(known and known.published_at) or (header and header.created_at) or None,
+        title=known.title if known else None,
+        length_seconds=known.duration_seconds if known else None,
+        channel=known.channel if known else None,
+        created_at=known.published_at if known else None,
     )
-    ctx.progress(0.7, f"writing {len(parsed.messages):,} chat messages")
     json_path, csv_path = ctx.output_path("chat_json"), ctx.output_path("chat_csv")
-    await ctx.to_thread(
-        write_artifacts,
-        json_path,
-        csv_path,
-        parsed.messages,
-        video,
-        source=f"chat_url:{parsed.format}",
-        count=len(parsed.messages),
-        cancelled=ctx.cancelled.is_set,
+
+    def progress(fraction: float, detail: str) -> None:
+        ctx.progress(0.1 + 0.9 * fraction, detail)
+
+    result = await run_python(
+        "klipstream.acquisition.chat_archive",
+        [str(path), str(json_path), str(csv_path), "--known", json.dumps(asdict(video)), "--max-bytes", str(limit)],
+        timeout=ARCHIVE_TIMEOUT_SECONDS,
+        on_progress=progress,
     )
+    if local is None:
+        path.unlink(missing_ok=True)
+    count = int(result["count"])
+    if count == 0:
+        ctx.warn("The chat archive has no messages; chat analysis will be empty.")
     ctx.add_artifact("chat_json", json_path)
     ctx.add_artifact("chat_csv", csv_path)
-    ctx.progress(1.0, f"{len(parsed.messages):,} chat messages from the archive")
+    ctx.progress(1.0, f"{count:,} chat messages from the archive")
 
 
 def _local_path(source: str) -> Path | None:
@@ -168,31 +194,32 @@ def _local_path(source: str) -> Path | None:
     raise InvalidVideoUrl(f"chat_url must use http or https, not {parts.scheme!r}.", code="invalid_chat_url")
 
 
-def _read_local(path: Path, limit: int) -> bytes:
+def _check_local(path: Path, limit: int) -> Path:
     try:
         size = os.stat(path).st_size
-        if not path.is_file():
-            raise invalid(f"chat file {path} is not a regular file.")
-        if size > limit:
-            raise too_large(limit)
-        with open(path, "rb") as stream:
-            data = stream.read(limit + 1)
     except FileNotFoundError:
         raise InvalidVideoUrl(f"chat file {path} does not exist.", code="chat_url_not_found") from None
     except PermissionError:
         raise InvalidVideoUrl(f"chat file {path} is not readable.", code="invalid_chat_url") from None
-    if len(data) > limit:
+    if not path.is_file():
+        raise invalid(f"chat file {path} is not a regular file.")
+    if size > limit:
         raise too_large(limit)
-    return data
+    if not os.access(path, os.R_OK):
+        raise InvalidVideoUrl(f"chat file {path} is not readable.", code="invalid_chat_url")
+    return path
 
 
-async def _download(ctx: StageContext, url: str, limit: int) -> bytes:
-    """GET the archive, following redirects by hand so every hop passes the private-address check."""
+async def _download(ctx: StageContext, url: str, limit: int, path: Path) -> None:
+    """GET the archive into `path` (never more than `limit` bytes) through the public-only client
+    (klipstream.network), following redirects by hand: every hop is checked first, and each
+    connection goes only to an address the client's resolver checked, so a name re-resolving to a
+    private address (DNS rebinding) is refused."""
     allow_private = ctx.settings.allow_private_urls
     for _ in range(MAX_REDIRECTS + 1):
         await ensure_public_url(url, allow_private=allow_private)
         try:
-            async with ctx.http.get(
+            async with ctx.user_http.get(
                 url,
                 allow_redirects=False,
                 timeout=_DOWNLOAD_TIMEOUT,
@@ -206,11 +233,22 @@ async def _download(ctx: StageContext, url: str, limit: int) -> bytes:
                     url = str(response.url.join(URL(location)))
                     continue
                 _check_status(status, response.headers.get("Retry-After"))
-                try:
-                    return await read_body(response, limit)
-                except ValueError:
-                    raise too_large(limit) from None
+                if response.content_length is not None and response.content_length > limit:
+                    raise too_large(limit)
+                size = 0
+                async with aiofiles.open(path, "wb") as out:
+                    async for chunk in response.content.iter_chunked(256 * 1024):
+                        size += len(chunk)
+                        if size > limit:
+                            raise too_large(limit)
+                        await out.write(chunk)
+                return
         except (aiohttp.ClientError, TimeoutError) as exc:
+            if refused_private(exc):
+                raise InvalidVideoUrl(
+                    f"chat_url's host {urlsplit(url).hostname} resolves to a private or local address.",
+                    code="private_address",
+                ) from None
             raise NetworkError(
                 f"Could not download chat_url ({type(exc).__name__}).", code="chat_url_unreachable"
             ) from None
@@ -236,7 +274,7 @@ CHAT = Stage(
     display=DisplayStage.FETCHING_CHAT,
     run=run,
     needs=(),
-    provides=("chat_json", "chat_csv"),
+    provides=("chat_json", "chat_csv", "viewer_clips"),
     weight=1.0,
     resource=Resource.NETWORK,
 )

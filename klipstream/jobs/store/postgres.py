@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from klipstream.errors import DatabaseUnavailable
-from klipstream.jobs.store import ACTIVE, IdempotencyRecord, JobRow
+from klipstream.jobs.store import ACTIVE, IdempotencyRecord, InstanceBeat, JobRow, LeaseLost
 from klipstream.jobs.store.migrations import upgrade_postgres
 from klipstream.models import Job
 
@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 512  # writes per transaction
 WRITERS = 2  # write transactions in flight at once (on their own pooled connections)
 RETRY_AFTER_SECONDS = 5
+LEASE_LOST_SQLSTATE = "KS001"  # raised by klipstream_fence() (migration 3)
 
 # What "the database is not there" looks like: the socket (refused, reset, unreachable), the
 # protocol (connection lost mid-call), the server (shutting down, starting up, crash recovery:
@@ -63,8 +64,9 @@ _NOT_THIS_WRITE = UNAVAILABLE + _REFUSED_BY_CLIENT  # failures of the connection
 # way, so a burst of submissions is one run of one statement whatever keys they carry.
 _INSERT_JOB = """
 WITH job AS (
-    INSERT INTO jobs (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc, dedup_key)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+    INSERT INTO jobs
+        (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc, dedup_key, enqueued_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $5)
 )
 INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at, owner)
 SELECT $10::text, $11::text, $12::text, $13::text, $14::integer, $15::double precision, $16::text
@@ -76,6 +78,61 @@ _SAVE_JOB = (
 )
 _STAGE_RUN = "INSERT INTO stage_runs (stage, seconds, media_seconds, finished_at) VALUES ($1, $2, $3, $4)"
 _NO_KEY = (None, None, None, None, None, None, None)
+
+# --- several instances ---
+# Times of leases and heartbeats are the database's clock, so instances on machines whose clocks
+# differ agree on when a lease expires.
+_NOW = "extract(epoch from clock_timestamp())"
+_LEVEL = "(CASE priority WHEN 'low' THEN 0 WHEN 'normal' THEN 1 WHEN 'high' THEN 2 ELSE 3 END)"
+# The queue's order (klipstream.queue): one level per `aging` seconds waited, so the order of
+# waiting jobs does not change with time; larger goes first, then the earlier row.
+_SCORE = f"{_LEVEL} * $3::double precision - COALESCE(enqueued_at, created_at)"
+_CLAIM = f"""
+UPDATE jobs SET status = 'running', lease_owner = $1, lease_token = nextval('lease_tokens'),
+    lease_expires_at = {_NOW} + $2::double precision
+WHERE seq = (
+    SELECT seq FROM jobs WHERE status = 'queued' ORDER BY {_SCORE} DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED
+) AND status = 'queued'
+RETURNING job_id, lease_token, doc
+"""
+_RENEW = f"""
+UPDATE jobs SET lease_expires_at = {_NOW} + $3::double precision
+FROM unnest($1::text[], $2::bigint[]) AS held (job_id, token)
+WHERE jobs.job_id = held.job_id AND jobs.lease_token = held.token AND jobs.status = 'running'
+RETURNING jobs.job_id, jobs.cancel_requested
+"""
+_REAP = f"""
+UPDATE jobs SET status = 'queued', lease_owner = NULL, lease_token = NULL, lease_expires_at = NULL,
+    lease_attempts = lease_attempts + 1, doc = jsonb_set(doc::jsonb, '{{status}}', '"queued"')::text
+WHERE seq IN (
+    SELECT seq FROM jobs WHERE status = 'running' AND (lease_expires_at IS NULL OR lease_expires_at < {_NOW})
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING job_id
+"""
+_SAVE_FENCED = (
+    "UPDATE jobs SET video_id=$1, status=$2, priority=$3, created_at=$4, updated_at=$5, finished_at=$6, doc=$7,"
+    " dedup_key=$8, lease_token=klipstream_fence($9, lease_token, $10) WHERE job_id=$9"
+)
+_CANCEL_QUEUED = "UPDATE jobs SET status=$1, updated_at=$2, finished_at=$3, doc=$4 WHERE job_id=$5 AND status='queued'"
+_REQUEUE_FINISHED = f"""
+UPDATE jobs SET status=$1, priority=$2, updated_at=$3, finished_at=NULL, doc=$4, dedup_key=$5,
+    enqueued_at={_NOW}, cancel_requested=false, lease_owner=NULL, lease_token=NULL, lease_expires_at=NULL
+WHERE job_id=$6 AND status IN ('failed', 'cancelled')
+"""
+_PLACE = f"""
+WITH me AS (SELECT seq, {_SCORE.replace("$3", "$2")} AS score FROM jobs WHERE job_id = $1 AND status = 'queued')
+SELECT 1 + (
+    SELECT count(*) FROM jobs
+    WHERE status = 'queued'
+      AND ({_SCORE.replace("$3", "$2")} > me.score OR ({_SCORE.replace("$3", "$2")} = me.score AND seq < me.seq))
+) FROM me
+"""
+_INSTANCE_BEAT = f"""
+INSERT INTO instances (id, host, pid, started_at, heartbeat_at, running, max_running)
+VALUES ($1, $2, $3, $4, {_NOW}, $5, $6)
+ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, running = EXCLUDED.running
+"""
 
 
 def redacted(url: str) -> str:
@@ -90,6 +147,8 @@ def redacted(url: str) -> str:
 class PostgresStore:
     """JobStore on PostgreSQL: a pool of connections, one writer task committing batches."""
 
+    shared = True  # several instances use one database: jobs are claimed with leases (klipstream.jobs.cluster)
+
     def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
         self.url = url
         self.pool_size = max(WRITERS + 1, pool_size)  # the writers' connections and one for reads at least
@@ -101,6 +160,8 @@ class PostgresStore:
         self._wake = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
         self._closing = False
+        # Jobs claimed here and still running here: job id -> lease token. Their saves are fenced.
+        self._leases: dict[str, int] = {}
 
     # --- lifecycle ---
     async def open(self) -> None:
@@ -300,8 +361,13 @@ class PostgresStore:
         await self._write(_INSERT_JOB, (*row, *record), row.job_id)
 
     async def save_job(self, job: Job) -> None:
+        """Write the job; a job leased here only while the lease is still ours (else LeaseLost)."""
         job_id, *rest = JobRow.of(job)
-        await self._write(_SAVE_JOB, (*rest, job_id), job_id)
+        token = self._leases.get(job_id)
+        if token is None:
+            await self._write(_SAVE_JOB, (*rest, job_id), job_id)
+        else:
+            await self._write(_SAVE_FENCED, (*rest, job_id, token), job_id)
 
     async def get_job(self, job_id: str) -> Job | None:
         doc = await self._read(lambda c: c.fetchval("SELECT doc FROM jobs WHERE job_id=$1", job_id))
@@ -391,6 +457,114 @@ class PostgresStore:
         status = await self._with_connection(lambda c: c.execute(sql, *args))
         return int(status.rsplit(" ", 1)[-1])  # "DELETE <n>"
 
+    # --- several instances: claims, leases, fencing, heartbeats (docs/decisions.md, phase 2) ---
+    def leased(self) -> dict[str, int]:
+        """The jobs this store holds leases on: job id -> lease token."""
+        return dict(self._leases)
+
+    def release(self, job_id: str) -> None:
+        """The run of a leased job ended here: its writes are no longer fenced, nor renewed."""
+        self._leases.pop(job_id, None)
+
+    async def claim(self, owner: str, lease_seconds: float, aging_seconds: float) -> tuple[str, str] | None:
+        """Take the next queued job (priority lanes, FIFO, ageing from the stored enqueue time) with
+        a lease for `owner`; (job id, stored JSON), or None when nothing is queued. SKIP LOCKED: two
+        instances claiming at once take different jobs, and neither waits for the other."""
+        row = await self._with_connection(lambda c: c.fetchrow(_CLAIM, owner, lease_seconds, aging_seconds))
+        if row is None:
+            return None
+        self._leases[row["job_id"]] = row["lease_token"]
+        return row["job_id"], row["doc"]
+
+    async def renew(self, lease_seconds: float) -> dict[str, bool]:
+        """Push the expiry of every lease held here forward; the jobs whose lease is still ours,
+        each with whether a cancel was requested (on any instance). A job missing from the answer
+        has lost its lease (reaped after an expiry): its run must stop without writing."""
+        held = dict(self._leases)
+        if not held:
+            return {}
+        rows = await self._with_connection(lambda c: c.fetch(_RENEW, list(held), list(held.values()), lease_seconds))
+        return {job_id: cancel for job_id, cancel in rows}
+
+    async def reap(self) -> list[str]:
+        """Return the running jobs whose lease expired to the queue (the attempt is counted); their
+        token is cleared, so a late write of the old owner is refused."""
+        rows = await self._with_connection(lambda c: c.fetch(_REAP))
+        return [job_id for (job_id,) in rows]
+
+    async def cancel_queued(self, job: Job) -> bool:
+        """Store `job` (cancelled) if its row is still queued, i.e. no instance has claimed it."""
+        row = JobRow.of(job)
+        status = await self._with_connection(
+            lambda c: c.execute(_CANCEL_QUEUED, row.status, row.updated_at, row.finished_at, row.doc, row.job_id)
+        )
+        return status.endswith(" 1")
+
+    async def request_cancel(self, job_id: str) -> bool:
+        """Flag a job running on some instance for cancellation; its owner's heartbeat stops it."""
+        status = await self._with_connection(
+            lambda c: c.execute(
+                "UPDATE jobs SET cancel_requested = true WHERE job_id = $1 AND status = 'running'", job_id
+            )
+        )
+        return status.endswith(" 1")
+
+    async def requeue_finished(self, job: Job) -> bool:
+        """Store `job` (queued again) if its row is still failed or cancelled: one retry wins."""
+        row = JobRow.of(job)
+        status = await self._with_connection(
+            lambda c: c.execute(
+                _REQUEUE_FINISHED, row.status, row.priority, row.updated_at, row.doc, row.dedup_key, row.job_id
+            )
+        )
+        return status.endswith(" 1")
+
+    async def active_job(self, dedup_key: str) -> Job | None:
+        """The oldest queued or running job with this deduplication key, on any instance."""
+        doc = await self._read(
+            lambda c: c.fetchval(
+                "SELECT doc FROM jobs WHERE dedup_key = $1 AND status = ANY($2::text[]) ORDER BY seq LIMIT 1",
+                dedup_key,
+                list(ACTIVE),
+            )
+        )
+        return Job.model_validate_json(doc) if doc is not None else None
+
+    async def queue_place(self, job_id: str, aging_seconds: float) -> int | None:
+        """1-based place in the shared queue, None when the job is not queued."""
+        return await self._read(lambda c: c.fetchval(_PLACE, job_id, aging_seconds))
+
+    async def queued_counts(self) -> dict[str, int]:
+        rows = await self._read(
+            lambda c: c.fetch("SELECT priority, count(*) FROM jobs WHERE status = 'queued' GROUP BY priority")
+        )
+        return {priority: count for priority, count in rows}
+
+    async def heartbeat_instance(self, instance: InstanceBeat) -> None:
+        await self._with_connection(
+            lambda c: c.execute(
+                _INSTANCE_BEAT,
+                instance.id,
+                instance.host,
+                instance.pid,
+                instance.started_at,
+                instance.running,
+                instance.max_running,
+            )
+        )
+
+    async def remove_instance(self, instance_id: str) -> None:
+        await self._with_connection(lambda c: c.execute("DELETE FROM instances WHERE id = $1", instance_id))
+
+    async def instances(self) -> list[dict[str, Any]]:
+        rows = await self._read(
+            lambda c: c.fetch(
+                "SELECT id, host, pid, started_at, heartbeat_at, running, max_running"
+                " FROM instances ORDER BY started_at"
+            )
+        )
+        return [dict(r) for r in rows]
+
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """The pool's reset of a released connection: nothing to undo.
@@ -452,7 +626,7 @@ async def _commit_on(conn: asyncpg.Connection, writes: list[_Write]) -> None:
         except Exception as alone:
             if isinstance(alone, _NOT_THIS_WRITE) or conn.is_closed():
                 raise
-            _settle(write.future, alone)  # this write's own failure, handed to its caller
+            _settle(write.future, _own_failure(alone))  # this write's own failure, handed to its caller
         else:
             _settle(write.future, None)
 
@@ -466,6 +640,13 @@ async def _execute(conn: asyncpg.Connection, writes: list[_Write]) -> None:
     async with conn.transaction():
         for sql, rows in runs:
             await _run(conn, sql, rows)
+
+
+def _own_failure(exc: BaseException) -> BaseException:
+    """A write's failure as its caller should see it: the fence's refusal is LeaseLost."""
+    if getattr(exc, "sqlstate", None) == LEASE_LOST_SQLSTATE:
+        return LeaseLost(str(exc))
+    return exc
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

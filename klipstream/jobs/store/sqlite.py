@@ -42,6 +42,8 @@ MAX_BATCH = 512  # requests per transaction
 class SQLiteStore:
     """JobStore on SQLite, with all statements run by one writer thread."""
 
+    shared = False  # one instance: its in-memory queue decides what runs
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self._requests: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()

@@ -104,6 +104,11 @@ class Settings:
     database_url: str = _env("KLIPSTREAM_DATABASE_URL", _database_url, secret=True, default="")
     database_pool_size: int = _env("KLIPSTREAM_DATABASE_POOL_SIZE", _positive_int, default=10)
     database_timeout_seconds: float = _env("KLIPSTREAM_DATABASE_TIMEOUT_SECONDS", _positive_float, default=5.0)
+    # --- several instances on one PostgreSQL database (leases; ignored with SQLite) ---
+    instance_id: str = _env("KLIPSTREAM_INSTANCE_ID", default="")  # empty: host-pid-random
+    lease_seconds: float = _env("KLIPSTREAM_LEASE_SECONDS", _positive_float, default=30.0)
+    heartbeat_seconds: float = _env("KLIPSTREAM_HEARTBEAT_SECONDS", _positive_float, default=1.0)
+    claim_poll_seconds: float = _env("KLIPSTREAM_CLAIM_POLL_SECONDS", _positive_float, default=1.0)
     # --- access ---
     admin_token: str = _env("KLIPSTREAM_ADMIN_TOKEN", secret=True, default="")
     admin_loopback: bool = _env("KLIPSTREAM_ADMIN_LOOPBACK", _bool, default=False)  # no token: loopback may use admin
@@ -119,7 +124,8 @@ class Settings:
     legacy_wait_seconds: float = _env("KLIPSTREAM_LEGACY_WAIT_SECONDS", _positive_float, default=3300.0)
     legacy_max_waiting: int = _env("KLIPSTREAM_LEGACY_MAX_WAITING", _positive_int, default=64)
     # --- queue and workers ---
-    max_running_jobs: int = _env("KLIPSTREAM_MAX_RUNNING_JOBS", _positive_int, default=2)
+    # per instance; 0 (with KLIPSTREAM_DATABASE_URL): an API-only instance that runs no jobs
+    max_running_jobs: int = _env("KLIPSTREAM_MAX_RUNNING_JOBS", _non_negative_int, default=2)
     max_queued_jobs: int = _env("KLIPSTREAM_MAX_QUEUED_JOBS", _positive_int, default=1000)
     aging_seconds: float = _env("KLIPSTREAM_AGING_SECONDS", _positive_float, default=300.0)
     network_concurrency: int = _env("KLIPSTREAM_NETWORK_CONCURRENCY", _positive_int, default=4)
@@ -221,6 +227,16 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.max_running_jobs == 0 and not self.database_url:
+            raise ConfigError(
+                "KLIPSTREAM_MAX_RUNNING_JOBS=0 (an API-only instance) needs KLIPSTREAM_DATABASE_URL: "
+                "with SQLite no other instance would run its jobs"
+            )
+        if self.heartbeat_seconds * 3 > self.lease_seconds:
+            raise ConfigError(
+                f"KLIPSTREAM_HEARTBEAT_SECONDS={self.heartbeat_seconds:g} must be at most a third of "
+                f"KLIPSTREAM_LEASE_SECONDS={self.lease_seconds:g}, so a lease survives a missed heartbeat"
+            )
         if self.clip_crf > 51:
             raise ConfigError(f"KLIPSTREAM_CLIP_CRF={self.clip_crf}: must be 0-51")
         if not 144 <= self.clip_height <= 2160:

@@ -117,6 +117,7 @@ def local_settings(base: Settings, data_dir: Path) -> Settings:
         public_url="",
         convex_url="",
         database_url="",
+        max_running_jobs=max(1, base.max_running_jobs),  # an API-only setting would never run it
     )
 
 

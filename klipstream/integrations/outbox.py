@@ -75,9 +75,11 @@ class Outbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(_upgrade, self.path)
         db = await aiosqlite.connect(self.path, isolation_level=None)
+        # The busy timeout first: switching to WAL takes a lock that another process opening the
+        # same file (instances sharing a data directory) may hold for a moment.
+        await db.execute("PRAGMA busy_timeout=5000")
         await db.execute("PRAGMA journal_mode=WAL")
         await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA busy_timeout=5000")
         db.row_factory = aiosqlite.Row
         self._db = db
 

@@ -77,9 +77,9 @@ class SQLiteStore:
         assert self._loop is not None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")  # first: the switch to WAL may wait for a lock
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
             # Checkpoints fsync the database; done inline they stall every commit queued behind
             # them (the submission p99). A separate thread checkpoints passively instead.
             conn.execute("PRAGMA wal_autocheckpoint=0")

@@ -209,3 +209,31 @@ async def test_a_stalled_owner_loses_its_lease_and_stops_without_writing(cluster
     assert "lease lost" in owner.log.read_text()
     assert stage_log(tmp_path, "highlights") == [f"start {survivor_pid}", f"end {survivor_pid}"]
     assert stage_log(tmp_path, "download") == [f"start {owner_pid}", f"end {owner_pid}"]
+
+
+async def test_a_stream_on_an_api_instance_follows_a_job_running_on_another(cluster):
+    """SSE across instances (polling fallback): the job runs on B; a stream opened on A gets the
+    snapshot, stage and progress events as B makes them, then the terminal event, and closes."""
+    a, _ = await cluster(("a", 0), ("b", 1))
+    async with aiohttp.ClientSession() as http:
+        status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
+        assert status == 202
+        events: list[tuple[int, str]] = []
+        event_id = None
+        async with http.get(f"{a.base}/api/v1/analysis/{first['job_id']}/stream") as stream:
+            assert stream.status == 200
+            async with asyncio.timeout(30):
+                async for raw in stream.content:
+                    line = raw.decode().rstrip("\r\n")
+                    if line.startswith("id: "):
+                        event_id = int(line[4:])
+                    elif line.startswith("event: "):
+                        events.append((event_id or 0, line[7:]))
+        kinds = [kind for _, kind in events]
+        assert kinds[0] == "snapshot" and kinds[-1] == "completed", kinds
+        # stage changes as B stores them (progress only at B's checkpoints, every 2 s: not asserted)
+        assert kinds.count("stage") >= 3, kinds
+        ids = [event_id for event_id, _ in events[1:]]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids), events
+        job = await get_json(http, f"{a.base}/api/v1/analysis/{first['job_id']}")
+        assert job["status"] == "completed"

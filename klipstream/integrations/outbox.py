@@ -29,6 +29,7 @@ from klipstream.jobs.store.migrations import upgrade_sqlite
 InFlight = Iterable[str]  # ids of deliveries being sent now
 Pair = tuple[str, str]  # (job id, url): one receiver of one job
 
+OPEN_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds between tries of opening a file another process holds
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"  # gave up: a permanent refusal or 24 h of failures
@@ -73,15 +74,31 @@ class Outbox:
         if self._db is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Processes opening one file together (instances sharing a data directory) can meet a
+        # lock SQLite reports at once, without waiting out the busy timeout (a switch to WAL, a
+        # last connection's checkpoint): a few tries, bounded.
+        for delay in (*OPEN_RETRY_DELAYS, None):
+            try:
+                self._db = await self._connect()
+                return
+            except sqlite3.OperationalError as exc:
+                if delay is None or "locked" not in str(exc):
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _connect(self) -> aiosqlite.Connection:
         await asyncio.to_thread(_upgrade, self.path)
         db = await aiosqlite.connect(self.path, isolation_level=None)
-        # The busy timeout first: switching to WAL takes a lock that another process opening the
-        # same file (instances sharing a data directory) may hold for a moment.
-        await db.execute("PRAGMA busy_timeout=5000")
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            # The busy timeout first: switching to WAL takes a lock another process may hold.
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            await db.close()
+            raise
         db.row_factory = aiosqlite.Row
-        self._db = db
+        return db
 
     async def close(self) -> None:
         if self._db is not None:

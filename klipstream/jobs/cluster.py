@@ -25,17 +25,33 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.runner import CancelReason
 from klipstream.jobs.store import InstanceBeat, SharedJobStore
-from klipstream.models import JobStatus
+from klipstream.models import Job, JobStatus
 
 if TYPE_CHECKING:
     from klipstream.jobs.service import JobService
 
 log = logging.getLogger(__name__)
+STREAM_POLL_SECONDS = 0.25  # how often the jobs followed here but running elsewhere are read
+
+
+class _Watch:
+    """A job followed here (streams) while it runs on another instance."""
+
+    def __init__(self, job: Job) -> None:
+        self.subscribers = 0
+        self.updated_at = job.updated_at.timestamp()
+        self.marks = _marks(job)
+
+
+def _marks(job: Job) -> tuple[str, ...]:
+    """What makes a change a `stage` event rather than progress: the job's and its stages' states."""
+    return (job.status.value, *(s.status.value for s in job.stages))
 
 
 def new_instance_id() -> str:
@@ -53,6 +69,8 @@ class Cluster:
         self.last_renewed = time.monotonic()
         self._task: asyncio.Task[None] | None = None
         self._claim_warned = False
+        self.watched: dict[str, _Watch] = {}
+        self._follower: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         await self.store.heartbeat_instance(self._beat())
@@ -65,6 +83,9 @@ class Cluster:
         )
 
     async def stop(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            self._follower = None
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -72,6 +93,51 @@ class Cluster:
             self._task = None
         with contextlib.suppress(Exception):  # gone from the list; its row would age out anyway
             await asyncio.wait_for(self.store.remove_instance(self.id), 2)
+
+    # --- streams of jobs running elsewhere (polling) ---
+    def watch(self, job: Job) -> Callable[[], None]:
+        """Follow a job running on another instance: every STREAM_POLL_SECONDS its row is read if
+        it changed, and the change goes to this instance's event streams as the event the running
+        instance would have published (stage, progress, or the terminal one)."""
+        watch = self.watched.get(job.job_id)
+        if watch is None:
+            watch = self.watched[job.job_id] = _Watch(job)
+        watch.subscribers += 1
+        if self._follower is None or self._follower.done():
+            self._follower = asyncio.create_task(self._follow(), name="cluster-streams")
+
+        def release() -> None:
+            watch.subscribers -= 1
+            if watch.subscribers <= 0 and self.watched.get(job.job_id) is watch:
+                del self.watched[job.job_id]
+
+        return release
+
+    async def _follow(self) -> None:
+        while self.watched:
+            await asyncio.sleep(STREAM_POLL_SECONDS)
+            since = {job_id: watch.updated_at for job_id, watch in self.watched.items()}
+            try:
+                changed = await self.store.jobs_changed(since)
+            except Exception as exc:  # the next poll tries again; streams keep their heartbeats
+                log.warning("reading followed jobs failed: %s", exc)
+                continue
+            for job in changed:
+                watch = self.watched.get(job.job_id)
+                if watch is None or job.job_id in self.service.runs:  # running here: its own events flow
+                    continue
+                marks = _marks(job)
+                if job.status.terminal:
+                    kind = job.status.value
+                elif job.status is JobStatus.QUEUED and watch.marks[0] != JobStatus.QUEUED.value:
+                    kind = "queued"  # retried: the stream opens again
+                elif marks != watch.marks:
+                    kind = "stage_changed"
+                else:
+                    kind = "progress"
+                watch.updated_at = job.updated_at.timestamp()
+                watch.marks = marks
+                self.service.emit_remote(kind, job)
 
     def _beat(self) -> InstanceBeat:
         return InstanceBeat(

@@ -69,6 +69,10 @@ class Subscription:
     # Also called when a job is first queued. That event makes the service parse the new job
     # into a `Job` during the request, so only listeners that act on new jobs ask for it.
     new_jobs: bool
+    # Also called with the changes of jobs running on other instances that someone here follows
+    # (a shared store: klipstream.jobs.cluster polls them). Only the event streams want them:
+    # webhooks, the Convex mirror and metrics are the running instance's business.
+    remote: bool = False
 
 
 class SubmitOutcome(NamedTuple):
@@ -686,6 +690,22 @@ class JobService:
     # --- bookkeeping ---
     def listen(self, listener: JobListener, *, new_jobs: bool = True) -> None:
         self.subscriptions.append(Subscription(listener, new_jobs))
+
+    def watch(self, job: Job) -> Callable[[], None]:
+        """Someone here follows `job` (an event stream): with a shared store and the job running
+        elsewhere, its changes are read from the store and emitted to the remote listeners.
+        Returns the call that ends the watch."""
+        if self.cluster is None or job.job_id in self.runs:
+            return lambda: None
+        return self.cluster.watch(job)
+
+    def emit_remote(self, kind: str, job: Job) -> None:
+        for subscription in self.subscriptions:
+            if subscription.remote:
+                try:
+                    subscription.listener(kind, job)
+                except Exception:
+                    log.exception("listener failed on %s", kind, extra={"job_id": job.job_id})
 
     def unlisten(self, listener: JobListener) -> None:
         self.subscriptions = [s for s in self.subscriptions if s.listener is not listener]

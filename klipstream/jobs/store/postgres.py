@@ -556,6 +556,20 @@ class PostgresStore:
     async def remove_instance(self, instance_id: str) -> None:
         await self._with_connection(lambda c: c.execute("DELETE FROM instances WHERE id = $1", instance_id))
 
+    async def jobs_changed(self, since: dict[str, float]) -> list[Job]:
+        """The jobs among these whose row changed after the time given for each (updated_at)."""
+        if not since:
+            return []
+        rows = await self._read(
+            lambda c: c.fetch(
+                "SELECT j.doc FROM jobs j JOIN unnest($1::text[], $2::double precision[]) AS w (job_id, at)"
+                " ON j.job_id = w.job_id WHERE j.updated_at > w.at",
+                list(since),
+                list(since.values()),
+            )
+        )
+        return [Job.model_validate_json(doc) for (doc,) in rows]
+
     async def instances(self) -> list[dict[str, Any]]:
         rows = await self._read(
             lambda c: c.fetch(

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 
 from tests.test_process_lifecycle import ROOT, free_port, get_json, wait_for
@@ -237,3 +238,41 @@ async def test_a_stream_on_an_api_instance_follows_a_job_running_on_another(clus
         assert ids == sorted(ids) and len(set(ids)) == len(ids), events
         job = await get_json(http, f"{a.base}/api/v1/analysis/{first['job_id']}")
         assert job["status"] == "completed"
+
+
+async def test_concurrent_duplicates_on_two_instances_share_one_job(cluster, postgres_url: str):
+    """Deduplication and idempotency across instances are the database's (a unique index over the
+    active jobs' keys, the keys' primary key): simultaneous submissions on A and B get one job."""
+    a, b = await cluster(("a", 0), ("b", 0))  # API only: the jobs stay queued
+    async with aiohttp.ClientSession() as http:
+        same_video = [
+            post(http, f"{instance.base}/api/v1/analysis", json={"url": "https://example.com/v.mp4"})
+            for _ in range(8)
+            for instance in (a, b)
+        ]
+        same_key = [
+            post(
+                http,
+                f"{instance.base}/api/v1/analysis",
+                json={"url": "https://example.com/k.mp4"},
+                headers={"Idempotency-Key": "shared-key"},
+            )
+            for _ in range(8)
+            for instance in (a, b)
+        ]
+        answers = await asyncio.gather(*same_video, *same_key)
+        videos, keys = answers[:16], answers[16:]
+        assert sorted({status for status, _ in videos}) == [200, 202], videos
+        assert [status for status, _ in videos].count(202) == 1
+        assert len({body["job_id"] for _, body in videos}) == 1
+        assert [status for status, _ in keys].count(202) == 1 and len({body["job_id"] for _, body in keys}) == 1
+        forced = await post(
+            http, f"{b.base}/api/v1/analysis", json={"url": "https://example.com/v.mp4", "options": {"force": True}}
+        )
+        assert forced[0] == 202 and forced[1]["job_id"] != videos[0][1]["job_id"]
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = await conn.fetch("SELECT dedup_key, count(*) AS n FROM jobs GROUP BY dedup_key ORDER BY dedup_key")
+    finally:
+        await conn.close()
+    assert [r["n"] for r in rows] == [1, 1, 1], [dict(r) for r in rows]  # '' (the forced job), k, v

@@ -22,6 +22,7 @@ from typing import Any, NamedTuple
 
 from pydantic_core import to_json
 
+from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.cluster import Cluster
 from klipstream.jobs.progress import compute_progress, initial_stage_states
 from klipstream.jobs.runner import CancelReason, JobListener, JobRun, RunnerDeps
@@ -44,6 +45,8 @@ from klipstream.queue import JobQueue, WorkerPool
 log = logging.getLogger(__name__)
 RECENT_JOBS = 500  # finished jobs kept in memory for polling; older ones are read from the store
 CANCEL_WAIT_SECONDS = 2.5  # how long a cancel waits for the job to stop (here or on its instance)
+READ_CACHE_SECONDS = 0.25  # shared store: how long a job read from it answers polls of the job
+READ_CACHE_SIZE = 10_000
 STORE_WAIT_SECONDS = 30.0  # how long a duplicate submission waits for the first one's row
 
 
@@ -153,6 +156,7 @@ class JobService:
         # so a submission never pays for building the model.
         self.unparsed: dict[str, str] = {}
         self.recent: OrderedDict[str, Job] = OrderedDict()
+        self._reads: dict[str, tuple[float, Job]] = {}  # shared store: job id -> (monotonic time, job read)
         self.active_by_key: dict[str, str] = {}  # dedup key -> the active job that answers it
         self.runs: dict[str, JobRun] = {}
         # Popped by a worker but not started yet when a DELETE came: the worker ends them cancelled.
@@ -265,13 +269,18 @@ class JobService:
             raise IdempotencyConflict
         return SubmitOutcome(200, record.response, record.job_id)
 
-    async def _submit(self, request: SubmitRequest, key: IdempotencyRecord | None) -> SubmitOutcome:
+    async def _submit(
+        self, request: SubmitRequest, key: IdempotencyRecord | None, *, separate: bool = False
+    ) -> SubmitOutcome:
+        """`separate`: a job of its own although an active job has the key (see `_lost_race`).
+
+        With a shared store a duplicate of a job this instance does not hold is found by the
+        unique index over active keys when the insert is refused, not by a read before it: the
+        common case, a new video, costs no extra round trip."""
         video_id = video_id_for(request.url)
         dedup = dedup_key(video_id, request.chat_url, request.options)
-        if not request.options.force:
+        if not request.options.force and not separate:
             existing = await self._active_for(dedup) if dedup in self.active_by_key else None
-            if existing is None and self.shared is not None:
-                existing = await self._active_elsewhere(dedup, request.callback_url)
             if existing is not None:
                 if request.callback_url:
                     await self._attach_callback(existing, request.callback_url)
@@ -281,6 +290,8 @@ class JobService:
         self.queue.reserve()  # raises QueueFull; the place is held across the store write
         try:
             doc = self._new_job_doc(request, video_id, dedup)
+            if separate:  # a key of its own: the unique index over active keys must not refuse it
+                doc["dedup_key"] = f"{dedup}#{doc['job_id']}"
             encoded = to_json(doc).decode()
             body = self._new_job_body(doc, position=self.queue.place_for_new(request.priority))
         except BaseException:
@@ -299,10 +310,14 @@ class JobService:
             # says, so a duplicate, or a retry with the same Idempotency-Key, finds it.
             stalled.outcome.add_done_callback(lambda done: self._late_insert(done, job_id, dedup, request.priority))
             raise
-        except BaseException:
+        except BaseException as exc:
             self._untrack(job_id, dedup)
             self._inserted(job_id)
             self.queue.release()
+            if self.shared is not None and isinstance(exc, Exception) and not isinstance(exc, DatabaseUnavailable):
+                lost = await self._lost_race(request, key, dedup, separate)
+                if lost is not None:
+                    return lost
             raise
         self._inserted(job_id)
         if self.shared is not None:
@@ -312,20 +327,36 @@ class JobService:
         self._announce_new(job_id)
         return SubmitOutcome(202, body, job_id)
 
-    async def _active_elsewhere(self, dedup: str, callback_url: str | None) -> Job | None:
-        """The active job of this key in the shared store. A new callback can only be attached to
-        a job running here (its runner's memory is the job's state): a job queued or running
-        elsewhere with another callback is not shared, the submission gets a job of its own."""
+    async def _lost_race(
+        self, request: SubmitRequest, key: IdempotencyRecord | None, dedup: str, separate: bool
+    ) -> SubmitOutcome | None:
+        """An insert into the shared store was refused by a unique index: the Idempotency-Key was
+        stored by another request, or an active job holds the dedup key. Answer with theirs. A
+        new callback can only be attached to a job running here (its runner's memory is the
+        job's state), so a submission whose callback an active job elsewhere lacks gets a job of
+        its own, under a key of its own."""
         assert self.shared is not None
-        found = await self.shared.active_job(dedup)
-        if found is None:
+        if key is not None:
+            record = await self.store.get_idempotency(key.key)
+            if record is not None:
+                if record.body_hash != key.body_hash:
+                    raise IdempotencyConflict
+                return SubmitOutcome(200, record.response, record.job_id)
+        if request.options.force or separate:
             return None
-        run = self.runs.get(found.job_id)
+        existing = await self.shared.active_job(dedup)
+        if existing is None:
+            return None
+        run = self.runs.get(existing.job_id)
+        callback = request.callback_url
         if run is not None:
-            return run.job
-        if callback_url and callback_url != found.callback_url and callback_url not in found.callbacks:
-            return None
-        return found
+            existing = run.job
+            if callback:
+                await self._attach_callback(existing, callback)
+        elif callback and callback != existing.callback_url and callback not in existing.callbacks:
+            return await self._submit(request, key, separate=True)
+        body = self._submit_body(existing, deduplicated=True, position=await self._shared_place(existing))
+        return SubmitOutcome(200, body, existing.job_id)
 
     def _queued_elsewhere(self, job_id: str, dedup: str, priority: Priority) -> None:
         """A job just stored in the shared queue: wake this instance's claimers, and forget it
@@ -336,6 +367,18 @@ class JobService:
         counts = self.queue.shared_counts
         counts[priority.value] = counts.get(priority.value, 0) + 1
         self.queue.poke()
+
+    async def _requeue_shared(self, again: Job, key: str) -> bool:
+        assert self.shared is not None
+        try:
+            return await self.shared.requeue_finished(again)
+        except DatabaseUnavailable:
+            raise
+        except Exception:  # the unique index: another job of the key became active meanwhile
+            other = await self.shared.active_job(key)
+            if other is not None and other.job_id != again.job_id:
+                raise InvalidTransition("another job for this video is already queued or running") from None
+            raise
 
     async def _shared_place(self, job: Job) -> int | None:
         assert self.shared is not None
@@ -481,16 +524,30 @@ class JobService:
             job.queue_position = self.queue.position(job_id)
         return job
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, *, fresh: bool = False) -> Job:
+        """The job: from memory when it is running here (or, with SQLite, known here), else from
+        the store. With a shared store a read is reused for READ_CACHE_SECONDS (polls of one job
+        by many clients cost one read), unless `fresh` (cancel and retry decide on it)."""
         job = self.live(job_id)
+        if job is not None:
+            return job
+        if self.shared is not None:
+            now = time.monotonic()
+            hit = self._reads.get(job_id)
+            if hit is not None and not fresh and now - hit[0] < READ_CACHE_SECONDS:
+                return hit[1]
+        job = await self.store.get_job(job_id)
         if job is None:
-            job = await self.store.get_job(job_id)
-            if job is None:
-                raise JobNotFound(job_id)
-            if self.shared is not None:
-                job.queue_position = await self._shared_place(job)
-            else:
-                self._remember(job)
+            raise JobNotFound(job_id)
+        if self.shared is not None:
+            job.queue_position = await self._shared_place(job)
+            self._reads.pop(job_id, None)
+            if not fresh:  # a fresh read is the caller's to change
+                if len(self._reads) >= READ_CACHE_SIZE:
+                    self._reads.clear()
+                self._reads[job_id] = (now, job)
+        else:
+            self._remember(job)
         return job
 
     async def list(self, status: str | None, limit: int, cursor: int | None) -> tuple[list[Job], int | None]:
@@ -501,7 +558,7 @@ class JobService:
 
     # --- control ---
     async def cancel(self, job_id: str) -> Job:
-        job = await self.get(job_id)
+        job = await self.get(job_id, fresh=True)
         if job.status.terminal:
             return job
         if self.shared is not None and job_id not in self.pool.running:
@@ -576,7 +633,7 @@ class JobService:
         self._on_job_event("cancelled", job)
 
     async def retry(self, job_id: str) -> Job:
-        job = await self.get(job_id)
+        job = await self.get(job_id, fresh=True)
         if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise InvalidTransition(f"only failed or cancelled jobs can be retried; this one is {job.status.value}")
         key = job_dedup_key(job)
@@ -604,7 +661,7 @@ class JobService:
             again.updated_at = utcnow()
             if self.shared is None:
                 await self.store.save_job(again)
-            elif not await self.shared.requeue_finished(again):
+            elif not await self._requeue_shared(again, key):
                 raise InvalidTransition("the job changed meanwhile (retried on another instance?)")
         except BaseException:
             self.queue.release()

@@ -136,15 +136,24 @@ class JobRow(NamedTuple):
             job.updated_at.timestamp(),
             job.finished_at.timestamp() if job.finished_at else None,
             job.model_dump_json(exclude_defaults=True),  # a quarter of the bytes; defaults return on read
-            job.dedup_key,
+            "" if job.options.force else job.dedup_key,  # a forced job shares nothing (unique index)
         )
 
     @classmethod
     def new(cls, doc: dict[str, Any], encoded: str) -> JobRow:
         """The row of a job just submitted, from the plain data it was encoded from."""
         created = doc["created_at"].timestamp()
+        forced = bool(doc.get("options", {}).get("force"))
         return cls(
-            doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded, doc["dedup_key"]
+            doc["job_id"],
+            doc["video_id"],
+            "queued",
+            doc["priority"],
+            created,
+            created,
+            None,
+            encoded,
+            "" if forced else doc["dedup_key"],
         )
 
 

@@ -120,14 +120,19 @@ UPDATE jobs SET status=$1, priority=$2, updated_at=$3, finished_at=NULL, doc=$4,
     enqueued_at={_NOW}, cancel_requested=false, lease_owner=NULL, lease_token=NULL, lease_expires_at=NULL
 WHERE job_id=$6 AND status IN ('failed', 'cancelled')
 """
-_PLACE = f"""
-WITH me AS (SELECT seq, {_SCORE.replace("$3", "$2")} AS score FROM jobs WHERE job_id = $1 AND status = 'queued')
-SELECT 1 + (
-    SELECT count(*) FROM jobs
-    WHERE status = 'queued'
-      AND ({_SCORE.replace("$3", "$2")} > me.score OR ({_SCORE.replace("$3", "$2")} = me.score AND seq < me.seq))
-) FROM me
-"""
+_ENTERED = "COALESCE(enqueued_at, created_at)"
+# Jobs ahead of a queued job: in each lane, those that entered before the job's entry time shifted
+# by the lanes' level difference in ageing units (the queue's order, klipstream.queue), so that the
+# count is one range of the jobs_queued_lanes index per lane.
+_PLACE = (
+    f"WITH me AS (SELECT {_LEVEL} AS level, {_ENTERED} AS entered FROM jobs WHERE job_id = $1 AND status = 'queued')"
+    " SELECT 1 + (SELECT count(*) FROM jobs WHERE status = 'queued' AND ("
+    + " OR ".join(
+        f"(priority = '{name}' AND {_ENTERED} < me.entered + ({level} - me.level) * $2::double precision)"
+        for level, name in enumerate(("low", "normal", "high", "urgent"))
+    )
+    + ")) FROM me"
+)
 _INSTANCE_BEAT = f"""
 INSERT INTO instances (id, host, pid, started_at, heartbeat_at, running, max_running)
 VALUES ($1, $2, $3, $4, {_NOW}, $5, $6)

@@ -276,3 +276,42 @@ async def test_concurrent_duplicates_on_two_instances_share_one_job(cluster, pos
     finally:
         await conn.close()
     assert [r["n"] for r in rows] == [1, 1, 1], [dict(r) for r in rows]  # '' (the forced job), k, v
+
+
+@pytest.mark.slow
+async def test_chaos_jobs_survive_instances_killed_and_restarted(cluster, postgres_url: str):
+    """40 short jobs over three instances while instances are killed with `kill -9` and started
+    again: every accepted job completes, once (one terminal row each), none stays behind."""
+    instances = await cluster(("a", 2), ("b", 2), ("c", 2))
+    for instance in instances:
+        instance.env["TEST_STEP_SECONDS"] = "0.03"  # restarts pick it up; stages of ~0.3 s
+    rng = __import__("random").Random(14)
+    async with aiohttp.ClientSession() as http:
+        accepted = []
+        for n in range(40):
+            instance = instances[n % 3]
+            status, body = await post(http, f"{instance.base}/api/v1/analysis", json={"url": f"{URL}?n={n}"})
+            assert status == 202, body
+            accepted.append(body["job_id"])
+        for _ in range(4):  # kill one, let the others work, bring it back
+            await asyncio.sleep(1.5)
+            victim = rng.choice(instances)
+            victim.kill()
+            await asyncio.sleep(1.0)
+            await victim.start()
+        alive = instances[0]
+        async with asyncio.timeout(120):
+            while True:
+                listed = await get_json(http, f"{alive.base}/api/v1/jobs?limit=100")
+                ended = [j for j in listed["jobs"] if j["status"] in ("completed", "failed", "cancelled")]
+                if len(ended) == len(accepted):
+                    break
+                await asyncio.sleep(0.5)
+        assert sorted(j["job_id"] for j in ended) == sorted(accepted)
+        assert {j["status"] for j in ended} == {"completed"}, [j for j in ended if j["status"] != "completed"]
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+    finally:
+        await conn.close()
+    assert {r["status"]: r["n"] for r in rows} == {"completed": 40}

@@ -109,6 +109,8 @@ class Settings:
     lease_seconds: float = _env("KLIPSTREAM_LEASE_SECONDS", _positive_float, default=30.0)
     heartbeat_seconds: float = _env("KLIPSTREAM_HEARTBEAT_SECONDS", _positive_float, default=1.0)
     claim_poll_seconds: float = _env("KLIPSTREAM_CLAIM_POLL_SECONDS", _positive_float, default=1.0)
+    # LISTEN/NOTIFY wake-ups between instances (checked at start; off: polling alone, e.g. behind PgBouncer)
+    database_notify: bool = _env("KLIPSTREAM_DATABASE_NOTIFY", _bool, default=True)
     # --- access ---
     admin_token: str = _env("KLIPSTREAM_ADMIN_TOKEN", secret=True, default="")
     admin_loopback: bool = _env("KLIPSTREAM_ADMIN_LOOPBACK", _bool, default=False)  # no token: loopback may use admin

@@ -78,8 +78,10 @@ class Instance:
 async def cluster(tmp_path: Path, postgres_url: str):
     made: list[Instance] = []
 
-    async def start(*specs: tuple[str, int]) -> list[Instance]:
+    async def start(*specs: tuple[str, int], **env: str) -> list[Instance]:
         instances = [Instance(name, tmp_path, postgres_url, running) for name, running in specs]
+        for instance in instances:
+            instance.env.update(env)
         made.extend(instances)  # killed at the end even if one fails to start
         await asyncio.gather(*(i.start() for i in instances))  # started together: one applies the migrations
         return instances
@@ -212,10 +214,11 @@ async def test_a_stalled_owner_loses_its_lease_and_stops_without_writing(cluster
     assert stage_log(tmp_path, "download") == [f"start {owner_pid}", f"end {owner_pid}"]
 
 
-async def test_a_stream_on_an_api_instance_follows_a_job_running_on_another(cluster):
-    """SSE across instances (polling fallback): the job runs on B; a stream opened on A gets the
-    snapshot, stage and progress events as B makes them, then the terminal event, and closes."""
-    a, _ = await cluster(("a", 0), ("b", 1))
+@pytest.mark.parametrize("notify", ["true", "false"], ids=["notified", "polling"])
+async def test_a_stream_on_an_api_instance_follows_a_job_running_on_another(cluster, notify: str):
+    """SSE across instances, woken by LISTEN/NOTIFY or polling alone: the job runs on B; a stream
+    opened on A gets the snapshot and the stage events as B stores them, then the terminal event."""
+    a, _ = await cluster(("a", 0), ("b", 1), KLIPSTREAM_DATABASE_NOTIFY=notify)
     async with aiohttp.ClientSession() as http:
         status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
         assert status == 202

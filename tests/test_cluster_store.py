@@ -177,3 +177,26 @@ def test_cluster_settings_are_validated(tmp_path):
         Settings.from_env({"KLIPSTREAM_LEASE_SECONDS": "2", "KLIPSTREAM_HEARTBEAT_SECONDS": "1"})
     with pytest.raises(ConfigError, match="KLIPSTREAM_LEASE_SECONDS"):
         Settings.from_env({"KLIPSTREAM_LEASE_SECONDS": "0"})
+
+
+async def test_job_changes_are_notified_to_listening_instances(stores, monkeypatch):
+    """LISTEN/NOTIFY: a commit names the jobs it wrote to every listener; a listener whose own
+    notification does not come back (a transaction-pooling proxy) says so, and polling stays."""
+    from klipstream.jobs.store import postgres as postgres_module
+
+    listener, writer = await stores(), await stores()
+    heard: list[str] = []
+    got = asyncio.Event()
+
+    def on_change(payload: str) -> None:
+        heard.append(payload)
+        got.set()
+
+    assert await listener.listen(on_change)
+    await writer.insert_job(JobRow.of(new_job(1)))
+    await asyncio.wait_for(got.wait(), 5)
+    assert heard == ["job0001"]
+    monkeypatch.setattr(postgres_module, "LISTEN_SELF_TEST_SECONDS", 0.0)  # the self-test cannot come back in time
+    deaf = await stores()
+    assert not await deaf.listen(on_change)
+    assert deaf._listener is None

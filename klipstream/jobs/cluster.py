@@ -71,8 +71,18 @@ class Cluster:
         self._claim_warned = False
         self.watched: dict[str, _Watch] = {}
         self._follower: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # a followed job changed (a notification): read it now
+        self.notified = False  # LISTEN/NOTIFY works; else polling alone
 
     async def start(self) -> None:
+        self.notified = self.settings.database_notify and await self.store.listen(self._on_change)
+        if self.settings.database_notify and not self.notified:
+            log.warning(
+                "LISTEN/NOTIFY does not reach this instance (a transaction-pooling proxy such as PgBouncer?): "
+                "it learns of other instances' jobs by polling (claims every %g s, streams every %g s)",
+                self.settings.claim_poll_seconds,
+                STREAM_POLL_SECONDS,
+            )
         await self.store.heartbeat_instance(self._beat())
         await self._count_queue()
         self._task = asyncio.create_task(self._loop(), name="cluster-heartbeat")
@@ -94,7 +104,14 @@ class Cluster:
         with contextlib.suppress(Exception):  # gone from the list; its row would age out anyway
             await asyncio.wait_for(self.store.remove_instance(self.id), 2)
 
-    # --- streams of jobs running elsewhere (polling) ---
+    def _on_change(self, payload: str) -> None:
+        """Jobs changed on some instance: a new or re-queued one may wait for a worker here, and a
+        followed one has events for this instance's streams."""
+        self.service.queue.poke()
+        if self.watched and (payload == "*" or any(job_id in self.watched for job_id in payload.split(","))):
+            self._changed.set()
+
+    # --- streams of jobs running elsewhere (notified, else polled) ---
     def watch(self, job: Job) -> Callable[[], None]:
         """Follow a job running on another instance: every STREAM_POLL_SECONDS its row is read if
         it changed, and the change goes to this instance's event streams as the event the running
@@ -115,7 +132,9 @@ class Cluster:
 
     async def _follow(self) -> None:
         while self.watched:
-            await asyncio.sleep(STREAM_POLL_SECONDS)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), STREAM_POLL_SECONDS)
+            self._changed.clear()
             since = {job_id: watch.updated_at for job_id, watch in self.watched.items()}
             try:
                 changed = await self.store.jobs_changed(since)

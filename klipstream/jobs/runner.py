@@ -572,6 +572,8 @@ class JobRun(ProgressSink):
     async def _save_in_background(self) -> None:
         try:
             await self._save()
+        except LeaseLost:
+            pass  # the run is stopping (lease_lost() said why)
         except Exception:  # progress snapshots are best effort; state changes are not
             log.warning("progress checkpoint failed", exc_info=True, extra={"job_id": self.job.job_id})
         finally:

@@ -8,6 +8,7 @@ several instances can use at once. Both pass tests/test_store_contract.py.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -107,6 +108,7 @@ class SharedJobStore(JobStore, Protocol):
     async def remove_instance(self, instance_id: str) -> None: ...
     async def instances(self) -> list[dict[str, Any]]: ...
     async def jobs_changed(self, since: dict[str, float]) -> list[Job]: ...
+    async def listen(self, on_change: Callable[[str], None]) -> bool: ...
 
 
 class JobRow(NamedTuple):

@@ -43,6 +43,9 @@ MAX_BATCH = 512  # writes per transaction
 WRITERS = 2  # write transactions in flight at once (on their own pooled connections)
 RETRY_AFTER_SECONDS = 5
 LEASE_LOST_SQLSTATE = "KS001"  # raised by klipstream_fence() (migration 3)
+NOTIFY_CHANNEL = "klipstream_jobs"  # payload: the ids of the jobs a commit wrote, comma-separated, or "*"
+NOTIFY_MAX_PAYLOAD = 7000  # bytes (PostgreSQL's limit is 8000)
+LISTEN_SELF_TEST_SECONDS = 1.0
 
 # What "the database is not there" looks like: the socket (refused, reset, unreachable), the
 # protocol (connection lost mid-call), the server (shutting down, starting up, crash recovery:
@@ -167,6 +170,8 @@ class PostgresStore:
         self._closing = False
         # Jobs claimed here and still running here: job id -> lease token. Their saves are fenced.
         self._leases: dict[str, int] = {}
+        self._notifying: set[asyncio.Task[None]] = set()
+        self._listener: asyncpg.Connection | None = None  # LISTEN connection (listen())
 
     # --- lifecycle ---
     async def open(self) -> None:
@@ -206,6 +211,12 @@ class PostgresStore:
                 await asyncio.wait_for(asyncio.shield(self._writer), self.timeout * 2)
             self._writer.cancel()
             self._writer = None
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(listener.close(), self.timeout)
+        if self._notifying:
+            await asyncio.wait(self._notifying, timeout=self.timeout)
         pool, self._pool = self._pool, None
         try:
             await asyncio.wait_for(pool.close(), self.timeout)
@@ -307,6 +318,50 @@ class PostgresStore:
             return
         for write in writes:
             _settle(write.future, None)
+        ids = {w.key for w in writes if w.key is not None}
+        if ids:  # after the callers are answered: a wake-up for the other instances, off the hot path
+            task = asyncio.create_task(self._notify(ids))
+            self._notifying.add(task)
+            task.add_done_callback(self._notifying.discard)
+
+    async def _notify(self, job_ids: set[str]) -> None:
+        """Tell every listening instance which jobs changed (klipstream.jobs.cluster wakes its
+        claimers and the streams that follow them). Best effort: they also poll."""
+        payload = ",".join(sorted(job_ids))
+        if len(payload) > NOTIFY_MAX_PAYLOAD:
+            payload = "*"  # too many to name: "something changed"
+        try:
+            await self._with_connection(lambda c: c.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, payload))
+        except Exception as exc:
+            log.debug("job change notification not sent: %s", exc)
+
+    async def listen(self, on_change: Callable[[str], None]) -> bool:
+        """Receive the job changes every instance notifies, on a connection of its own. Checks
+        that a notification really arrives (it does not through a transaction-pooling proxy such
+        as PgBouncer): False, with the listener closed, when it does not come within a second."""
+        token = f"self-test:{id(self)}:{time.monotonic()}"
+        arrived = asyncio.Event()
+
+        def received(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            if payload == token:
+                arrived.set()
+            else:
+                on_change(payload)
+
+        try:
+            conn = await asyncpg.connect(self.url, timeout=self.timeout)
+        except UNAVAILABLE as exc:
+            raise self._unavailable(exc) from exc
+        await conn.add_listener(NOTIFY_CHANNEL, received)
+        self._listener = conn
+        await self._with_connection(lambda c: c.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, token))
+        try:
+            await asyncio.wait_for(arrived.wait(), LISTEN_SELF_TEST_SECONDS)
+        except TimeoutError:
+            self._listener = None
+            await conn.close()
+            return False
+        return True
 
     async def _with_connection(
         self, work: Callable[[asyncpg.Connection], Awaitable[T]], deadline: float | None = None

@@ -161,6 +161,10 @@ async def test_instances_are_listed_with_their_heartbeats(stores):
     assert all(r["heartbeat_at"] > 0 for r in rows)
     await store.remove_instance("a")
     assert [r["id"] for r in await store.instances()] == ["b"]
+    await store.heartbeat_instance(InstanceBeat("gone", "host", 3, 300.0, 1, 1))
+    await store._with_connection(lambda c: c.execute("UPDATE instances SET heartbeat_at = 0 WHERE id = 'gone'"))
+    await store.reap()  # every instance's reaper also forgets instances silent for an hour
+    assert [r["id"] for r in await store.instances()] == ["b"]
 
 
 def test_cluster_settings_are_validated(tmp_path):

@@ -46,6 +46,7 @@ LEASE_LOST_SQLSTATE = "KS001"  # raised by klipstream_fence() (migration 3)
 NOTIFY_CHANNEL = "klipstream_jobs"  # payload: the ids of the jobs a commit wrote, comma-separated, or "*"
 NOTIFY_MAX_PAYLOAD = 7000  # bytes (PostgreSQL's limit is 8000)
 LISTEN_SELF_TEST_SECONDS = 1.0
+INSTANCE_FORGET_SECONDS = 3600.0  # an instance silent this long (killed, scaled in) leaves the instances table
 
 # What "the database is not there" looks like: the socket (refused, reset, unreachable), the
 # protocol (connection lost mid-call), the server (shutting down, starting up, crash recovery:
@@ -548,8 +549,12 @@ class PostgresStore:
 
     async def reap(self) -> list[str]:
         """Return the running jobs whose lease expired to the queue (the attempt is counted); their
-        token is cleared, so a late write of the old owner is refused."""
+        token is cleared, so a late write of the old owner is refused. Instances silent for
+        INSTANCE_FORGET_SECONDS are dropped from the instances table."""
         rows = await self._with_connection(lambda c: c.fetch(_REAP))
+        await self._with_connection(
+            lambda c: c.execute(f"DELETE FROM instances WHERE heartbeat_at < {_NOW} - $1", INSTANCE_FORGET_SECONDS)
+        )
         return [job_id for (job_id,) in rows]
 
     async def cancel_queued(self, job: Job) -> bool:

@@ -75,6 +75,13 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def _database_url(raw: str) -> str:
+    value = raw.strip()
+    if value and not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("must be empty (SQLite) or a postgresql:// URL")
+    return value
+
+
 _X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow")
 
 
@@ -93,6 +100,17 @@ class Settings:
     data_dir: Path = _env("KLIPSTREAM_DATA_DIR", Path, default=Path("./data"))
     log_level: str = _env("KLIPSTREAM_LOG_LEVEL", _choice("debug", "info", "warning", "error"), default="info")
     log_format: str = _env("KLIPSTREAM_LOG_FORMAT", _choice("json", "text"), default="json")
+    # --- job store: SQLite in the data directory unless a PostgreSQL URL is given ---
+    database_url: str = _env("KLIPSTREAM_DATABASE_URL", _database_url, secret=True, default="")
+    database_pool_size: int = _env("KLIPSTREAM_DATABASE_POOL_SIZE", _positive_int, default=10)
+    database_timeout_seconds: float = _env("KLIPSTREAM_DATABASE_TIMEOUT_SECONDS", _positive_float, default=5.0)
+    # --- several instances on one PostgreSQL database (leases; ignored with SQLite) ---
+    instance_id: str = _env("KLIPSTREAM_INSTANCE_ID", default="")  # empty: host-pid-random
+    lease_seconds: float = _env("KLIPSTREAM_LEASE_SECONDS", _positive_float, default=30.0)
+    heartbeat_seconds: float = _env("KLIPSTREAM_HEARTBEAT_SECONDS", _positive_float, default=1.0)
+    claim_poll_seconds: float = _env("KLIPSTREAM_CLAIM_POLL_SECONDS", _positive_float, default=1.0)
+    # LISTEN/NOTIFY wake-ups between instances (checked at start; off: polling alone, e.g. behind PgBouncer)
+    database_notify: bool = _env("KLIPSTREAM_DATABASE_NOTIFY", _bool, default=True)
     # --- access ---
     admin_token: str = _env("KLIPSTREAM_ADMIN_TOKEN", secret=True, default="")
     admin_loopback: bool = _env("KLIPSTREAM_ADMIN_LOOPBACK", _bool, default=False)  # no token: loopback may use admin
@@ -108,7 +126,8 @@ class Settings:
     legacy_wait_seconds: float = _env("KLIPSTREAM_LEGACY_WAIT_SECONDS", _positive_float, default=3300.0)
     legacy_max_waiting: int = _env("KLIPSTREAM_LEGACY_MAX_WAITING", _positive_int, default=64)
     # --- queue and workers ---
-    max_running_jobs: int = _env("KLIPSTREAM_MAX_RUNNING_JOBS", _positive_int, default=2)
+    # per instance; 0 (with KLIPSTREAM_DATABASE_URL): an API-only instance that runs no jobs
+    max_running_jobs: int = _env("KLIPSTREAM_MAX_RUNNING_JOBS", _non_negative_int, default=2)
     max_queued_jobs: int = _env("KLIPSTREAM_MAX_QUEUED_JOBS", _positive_int, default=1000)
     aging_seconds: float = _env("KLIPSTREAM_AGING_SECONDS", _positive_float, default=300.0)
     network_concurrency: int = _env("KLIPSTREAM_NETWORK_CONCURRENCY", _positive_int, default=4)
@@ -210,6 +229,16 @@ class Settings:
         return settings
 
     def validate(self) -> None:
+        if self.max_running_jobs == 0 and not self.database_url:
+            raise ConfigError(
+                "KLIPSTREAM_MAX_RUNNING_JOBS=0 (an API-only instance) needs KLIPSTREAM_DATABASE_URL: "
+                "with SQLite no other instance would run its jobs"
+            )
+        if self.heartbeat_seconds * 3 > self.lease_seconds:
+            raise ConfigError(
+                f"KLIPSTREAM_HEARTBEAT_SECONDS={self.heartbeat_seconds:g} must be at most a third of "
+                f"KLIPSTREAM_LEASE_SECONDS={self.lease_seconds:g}, so a lease survives a missed heartbeat"
+            )
         if self.clip_crf > 51:
             raise ConfigError(f"KLIPSTREAM_CLIP_CRF={self.clip_crf}: must be 0-51")
         if not 144 <= self.clip_height <= 2160:

@@ -24,6 +24,7 @@ class ErrorType(StrEnum):
     TRANSCRIPTION_ERROR = "transcription_error"  # the speech model failed on this audio
     EXTERNAL_SERVICE_ERROR = "external_service_error"  # a third-party API answered with an error
     STORAGE_ERROR = "storage_error"  # writing or reading artifacts failed
+    DATABASE_UNAVAILABLE = "database_unavailable"  # the job database could not be reached in time
     INTERNAL_ERROR = "internal_error"  # a bug: nothing the user did
 
 
@@ -110,6 +111,18 @@ class StorageError(KlipstreamError):
     error_type = ErrorType.STORAGE_ERROR
     retryable = True
     default_action = "Artifact storage failed; retry the job later."
+
+
+class DatabaseUnavailable(KlipstreamError):
+    """The job store's database is down, unreachable or refusing connections.
+
+    Raised at once (connection refused) or after the store's timeout, never after a hang; the HTTP
+    layer answers 503 with Retry-After, since the same request can succeed a moment later.
+    """
+
+    error_type = ErrorType.DATABASE_UNAVAILABLE
+    retryable = True
+    default_action = "The job database is unavailable; retry in a few seconds."
 
 
 class InternalError(KlipstreamError):

@@ -304,3 +304,9 @@ class QueueStats(BaseModel):
     streams: dict[str, int] = Field(
         default_factory=dict, description="Event topics, stream subscribers and asyncio tasks in this process."
     )
+    instance_id: str | None = Field(None, description="This instance's id when several share one database.")
+    instances: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="With a shared database: every instance with its last heartbeat (database clock, epoch "
+        "seconds), running jobs and job limit (0: API only).",
+    )

@@ -44,6 +44,9 @@ class JobQueue:
         self._entries: dict[str, tuple[str, Entry]] = {}
         self._seq = 0
         self._reserved = 0  # places promised to submissions and retries still writing to the store
+        # Jobs waiting in a shared store's queue, by priority, as last counted (klipstream.jobs.cluster):
+        # with several instances the queue is the database's and this one stays empty.
+        self.shared_counts: dict[str, int] = {}
         self._changed = asyncio.Event()
         self.paused = False
         # Places already computed, valid while the queue is unchanged: jobs run for minutes, so
@@ -60,7 +63,17 @@ class JobQueue:
         self._changed.set()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._entries) + sum(self.shared_counts.values())
+
+    def poke(self) -> None:
+        """Wake whoever waits for work: a job entered a shared queue."""
+        self._changed.set()
+
+    async def wait_changed(self, timeout: float) -> None:
+        """Until the queue changes (a push, a resume, a poke) or `timeout` passes."""
+        self._changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)
 
     def __contains__(self, job_id: str) -> bool:
         return job_id in self._entries
@@ -69,7 +82,7 @@ class JobQueue:
         """Promise one place before an await (the store write), so concurrent submissions and
         retries cannot all pass the bound check and overfill the queue. Undo with `release()`, or
         consume with `push(..., reserved=True)`."""
-        if len(self._entries) + self._reserved >= self.maxsize:
+        if self.full():
             raise QueueFull
         self._reserved += 1
 
@@ -77,7 +90,7 @@ class JobQueue:
         self._reserved = max(0, self._reserved - 1)
 
     def full(self) -> bool:
-        return len(self._entries) + self._reserved >= self.maxsize
+        return len(self) + self._reserved >= self.maxsize
 
     def push(
         self, job_id: str, priority: Priority, *, waited: float = 0.0, force: bool = False, reserved: bool = False
@@ -99,7 +112,8 @@ class JobQueue:
     def place_for_new(self, priority: Priority) -> int:
         """The place a job of `priority` queued now would take: behind everything of its own
         level, and behind lower levels only as far as their ageing has carried them."""
-        return self._place(priority, (time.monotonic(), self._seq + 1, ""))
+        ahead = sum(n for p, n in self.shared_counts.items() if Priority(p).level >= priority.level)
+        return ahead + self._place(priority, (time.monotonic(), self._seq + 1, ""))
 
     def remove(self, job_id: str) -> bool:
         found = self._entries.pop(job_id, None)
@@ -164,7 +178,7 @@ class JobQueue:
         return ahead + 1
 
     def counts(self) -> dict[str, int]:
-        return {p.value: len(lane) for p, lane in self._lanes.items()}
+        return {p.value: len(lane) + self.shared_counts.get(p.value, 0) for p, lane in self._lanes.items()}
 
     def oldest_age(self) -> float | None:
         heads = [lane[0][0] for lane in self._lanes.values() if lane]
@@ -174,10 +188,18 @@ class JobQueue:
 class WorkerPool:
     """`size` workers, each running one job at a time: the global running-jobs limit."""
 
-    def __init__(self, queue: JobQueue, run_job: Callable[[str], Awaitable[None]], size: int) -> None:
+    def __init__(
+        self,
+        queue: JobQueue,
+        run_job: Callable[[str], Awaitable[None]],
+        size: int,
+        next_job: Callable[[], Awaitable[str]] | None = None,
+    ) -> None:
         self.queue = queue
         self.run_job = run_job
-        self.size = size
+        self.size = size  # 0: an API-only instance, no workers
+        # Where a free worker gets its next job: this process's queue, or a claim from a shared store.
+        self.next_job = next_job or queue.pop
         self.running: dict[str, asyncio.Task[None]] = {}
         self._workers: list[asyncio.Task[None]] = []
 
@@ -185,11 +207,13 @@ class WorkerPool:
         self._workers = [asyncio.create_task(self._work(), name=f"worker-{i}") for i in range(self.size)]
 
     def alive(self) -> bool:
+        if self.size == 0:
+            return True  # nothing to run here by design
         return bool(self._workers) and all(not w.done() for w in self._workers)
 
     async def _work(self) -> None:
         while True:
-            job_id = await self.queue.pop()
+            job_id = await self.next_job()
             task = asyncio.create_task(self.run_job(job_id), name=f"job-{job_id}")
             self.running[job_id] = task
             try:

@@ -114,7 +114,9 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
     # a job's stream before its submission has been answered.
     subscriptions = [
         Subscription(app[METRICS].job_event, new_jobs=False),
-        Subscription(broadcast_listener(app[BROADCASTER], lambda job: job_document(app, job)), new_jobs=False),
+        Subscription(
+            broadcast_listener(app[BROADCASTER], lambda job: job_document(app, job)), new_jobs=False, remote=True
+        ),
     ]
     async with job_runtime(settings, app[STAGES], stream_url=stream_url, subscriptions=subscriptions) as runtime:
         app[RUNTIME] = runtime
@@ -183,6 +185,7 @@ async def serve(
     try:
         await runner.setup()
     except (OSError, sqlite3.Error) as exc:
+        log.debug("opening the data directory failed", exc_info=True)
         sock.close()
         raise StartupError(f"cannot open the data directory {settings.data_dir}: {_reason(exc)}") from None
     site = web.SockSite(runner, sock)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestClient
 from klipstream.config import Settings
 from klipstream.jobs.stage import Stage
 from klipstream.server import create_app
+from tests.pg_server import PostgresServer
 
 # Chromium and other children must not inherit a proxy that points off this machine.
 for _name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
@@ -43,3 +44,23 @@ async def make_client(aiohttp_client: Any) -> Callable[..., Any]:
         return await aiohttp_client(create_app(settings, stages=stages))
 
     return make
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the whole run (tests/pg_server.py); no mock."""
+    server = PostgresServer.create().start()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> Iterator[str]:
+    """A fresh, empty database on the session's server, dropped after the test."""
+    url = postgres_server.create_database()
+    try:
+        yield url
+    finally:
+        postgres_server.drop_database(url)

@@ -65,7 +65,7 @@ def main() -> None:
         host="127.0.0.1",
         allow_private_urls=True,
         log_format="text",
-        max_running_jobs=1,
+        max_running_jobs=int(os.environ.get("TEST_MAX_RUNNING_JOBS", "1")),  # 0: an API-only instance
     )
     configure_logging("info", "text")
     import uvloop

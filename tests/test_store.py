@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.store import IdempotencyRecord, JobRow, StoreStalled, StoreTimeout
 from klipstream.jobs.store import sqlite as store_module
 from klipstream.jobs.store.sqlite import SQLiteStore
@@ -65,8 +66,10 @@ async def test_a_request_the_writer_does_not_answer_times_out(tmp_path: Path, mo
     waiting = asyncio.ensure_future(store.insert_job(JobRow.of(job)))
     with pytest.raises(StoreStalled, match="has not finished") as stalled:
         await asyncio.wait_for(stuck, 2)  # the guard of this test only; the store's own timer fires first
-    with pytest.raises(StoreTimeout, match="did not take"):
+    with pytest.raises(StoreTimeout, match="did not take") as timed_out:
         await asyncio.wait_for(waiting, 2)
+    # Both are the store being unavailable to the HTTP layer: 503 with Retry-After.
+    assert isinstance(stalled.value, DatabaseUnavailable) and timed_out.value.retry_after
     release.set()
     assert await asyncio.wait_for(stalled.value.outcome, 2) is True  # the real outcome
     assert await store.ping()  # the writer goes on once it is free again

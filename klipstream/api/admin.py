@@ -37,6 +37,9 @@ async def queue_stats(request: web.Request) -> web.Response:
         webhook_backlog=backlog,
         streams=stream_stats(request.app),
     )
+    if service.shared is not None and service.cluster is not None:
+        stats.instance_id = service.cluster.id
+        stats.instances = await service.shared.instances()
     return model_response(stats)
 
 

@@ -8,8 +8,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from klipstream.api.problems import from_http_exception, problem
+from klipstream.api.problems import from_http_exception, problem, retry_later
 from klipstream.config import Settings
+from klipstream.errors import DatabaseUnavailable
 from klipstream.logs import trace_context
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,9 @@ def http_middleware(
             response = from_http_exception(exc, settings.max_body_bytes)
         except asyncio.CancelledError:
             raise
+        except DatabaseUnavailable as exc:  # not the client's fault, nor a bug: come back shortly
+            log.warning("%s %s: %s", request.method, request.path, exc.message)
+            response = retry_later(503, "Database unavailable", exc.suggested_action, int(exc.retry_after or 5))
         except Exception:
             log.exception("unhandled error on %s %s", request.method, request.path)
             response = problem(500, "Internal error", "The server failed to handle the request; it has been logged.")

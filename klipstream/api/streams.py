@@ -17,7 +17,7 @@ from collections.abc import Callable
 from aiohttp import web
 
 from klipstream.api.auth import require_api_key
-from klipstream.api.context import BROADCASTER, CORS, METRICS, SETTINGS, STATE, TOKENS
+from klipstream.api.context import BROADCASTER, CORS, METRICS, SERVICE, SETTINGS, STATE, TOKENS
 from klipstream.api.jobs import job_document, job_or_404
 from klipstream.api.openapi import Route
 from klipstream.api.problems import retry_later
@@ -61,11 +61,13 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
     topic = broadcaster.topic(job_id)
     topic.subscribers += 1
     metrics.sse_subscribers.inc()
+    unwatch = app[SERVICE].watch(job)  # a job running on another instance: its changes are polled
     try:
         await _follow(response, app, job, topic, last_event_id)
     except (ConnectionResetError, TimeoutError, RuntimeError):
         pass  # the client went away or stalled past the send timeout
     finally:
+        unwatch()
         topic.subscribers -= 1
         topic.last_used = time.monotonic()
         metrics.sse_subscribers.dec()

@@ -103,7 +103,9 @@ async def run_job(
 
 
 def local_settings(base: Settings, data_dir: Path) -> Settings:
-    """The settings of a local run: local files and loopback URLs allowed, no Convex mirror."""
+    """The settings of a local run: local files and loopback URLs allowed, no Convex mirror, and
+    the run's own SQLite store even when KLIPSTREAM_DATABASE_URL names a shared database (a local
+    job must not appear in a cluster's queue)."""
     from dataclasses import replace
 
     return replace(
@@ -114,6 +116,8 @@ def local_settings(base: Settings, data_dir: Path) -> Settings:
         storage="local",
         public_url="",
         convex_url="",
+        database_url="",
+        max_running_jobs=max(1, base.max_running_jobs),  # an API-only setting would never run it
     )
 
 

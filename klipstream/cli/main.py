@@ -2,8 +2,8 @@
 
 `serve` runs the service; `analyze` runs one job in this process through the same JobService and
 pipeline (klipstream.cli.local); `submit`, `status`, `watch`, `cancel` and `jobs` talk to a running
-server (klipstream.cli.remote). Every failure ends as one line on stderr and a non-zero exit code,
-never a traceback.
+server (klipstream.cli.remote); `db upgrade` applies the schema migrations (klipstream.cli.db).
+Every failure ends as one line on stderr and a non-zero exit code, never a traceback.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from klipstream.cli.common import EXIT_CODES_HELP, EXIT_INTERRUPTED, EXIT_USAGE,
 from klipstream.cli.local import cmd_analyze
 from klipstream.cli.remote import cmd_cancel, cmd_jobs, cmd_status, cmd_submit, cmd_watch
 from klipstream.config import ConfigError, Settings, env_table
+from klipstream.errors import DatabaseUnavailable
 from klipstream.models import JobStatus
 
 
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"klipstream {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_serve(commands)
+    _add_db(commands)
     _add_analyze(commands)
     remote = argparse.ArgumentParser(add_help=False)
     group = remote.add_argument_group("server connection")
@@ -92,6 +94,27 @@ def _add_serve(commands: Any) -> None:
     serve.add_argument("--port", type=int, help="listen port (overrides PORT)")
     serve.add_argument("--data-dir", help="job store and artifacts directory (overrides KLIPSTREAM_DATA_DIR)")
     serve.set_defaults(func=cmd_serve)
+
+
+def _add_db(commands: Any) -> None:
+    db = commands.add_parser(
+        "db",
+        help="manage the job database",
+        description="Manage the job database: KLIPSTREAM_DATABASE_URL, else the SQLite file in the data directory.",
+    )
+    actions = db.add_subparsers(dest="db_command", metavar="ACTION", required=True)
+    upgrade = actions.add_parser(
+        "upgrade",
+        help="apply the schema migrations",
+        description="Bring the database's schema to this version's (the server also does this at start).",
+    )
+    upgrade.set_defaults(func=_cmd_db_upgrade)
+
+
+def _cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from klipstream.cli.db import cmd_db_upgrade  # asyncpg is imported only by the commands that use it
+
+    return cmd_db_upgrade(args)
 
 
 def _add_analyze(commands: Any) -> None:
@@ -231,6 +254,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except StartupError as exc:
         print(f"klipstream: cannot start: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except DatabaseUnavailable as exc:  # e.g. PostgreSQL down at start: one line, exit 3
+        raise CliError(f"cannot start: {exc.message}") from None
     return 0
 
 

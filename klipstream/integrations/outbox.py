@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import sqlite3
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,44 +24,12 @@ from typing import Any
 
 import aiosqlite
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS webhook_deliveries (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    id TEXT NOT NULL UNIQUE,            -- the webhook-id header: the same on every retry
-    job_id TEXT NOT NULL,
-    url TEXT NOT NULL,
-    event TEXT NOT NULL,
-    body TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    next_attempt_at REAL NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    state TEXT NOT NULL DEFAULT 'pending', -- pending|delivered|failed|stopped|superseded
-    last_status INTEGER,
-    last_error TEXT,
-    finished_at REAL
-);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_due ON webhook_deliveries(state, next_attempt_at);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_job ON webhook_deliveries(job_id, seq);
-CREATE INDEX IF NOT EXISTS webhook_deliveries_finished ON webhook_deliveries(finished_at) WHERE finished_at IS NOT NULL;
-CREATE TABLE IF NOT EXISTS webhook_attempts (
-    delivery_id TEXT NOT NULL,
-    attempt INTEGER NOT NULL,
-    at REAL NOT NULL,
-    status INTEGER,
-    error TEXT,
-    duration_ms REAL NOT NULL,
-    PRIMARY KEY (delivery_id, attempt)
-);
--- No longer written: a 410 now stops one receiver of a job, recorded as its 'stopped' deliveries.
-CREATE TABLE IF NOT EXISTS webhook_stopped_jobs (
-    job_id TEXT PRIMARY KEY,
-    at REAL NOT NULL,
-    reason TEXT NOT NULL
-);
-"""
+from klipstream.jobs.store.migrations import upgrade_sqlite
+
 InFlight = Iterable[str]  # ids of deliveries being sent now
 Pair = tuple[str, str]  # (job id, url): one receiver of one job
 
+OPEN_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds between tries of opening a file another process holds
 PENDING = "pending"
 DELIVERED = "delivered"
 FAILED = "failed"  # gave up: a permanent refusal or 24 h of failures
@@ -105,13 +74,31 @@ class Outbox:
         if self._db is not None:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Processes opening one file together (instances sharing a data directory) can meet a
+        # lock SQLite reports at once, without waiting out the busy timeout (a switch to WAL, a
+        # last connection's checkpoint): a few tries, bounded.
+        for delay in (*OPEN_RETRY_DELAYS, None):
+            try:
+                self._db = await self._connect()
+                return
+            except sqlite3.OperationalError as exc:
+                if delay is None or "locked" not in str(exc):
+                    raise
+                await asyncio.sleep(delay)
+
+    async def _connect(self) -> aiosqlite.Connection:
+        await asyncio.to_thread(_upgrade, self.path)
         db = await aiosqlite.connect(self.path, isolation_level=None)
-        await db.execute("PRAGMA journal_mode=WAL")
-        await db.execute("PRAGMA synchronous=NORMAL")
-        await db.execute("PRAGMA busy_timeout=5000")
-        await db.executescript(_SCHEMA)
+        try:
+            # The busy timeout first: switching to WAL takes a lock another process may hold.
+            await db.execute("PRAGMA busy_timeout=5000")
+            await db.execute("PRAGMA journal_mode=WAL")
+            await db.execute("PRAGMA synchronous=NORMAL")
+        except BaseException:
+            await db.close()
+            raise
         db.row_factory = aiosqlite.Row
-        self._db = db
+        return db
 
     async def close(self) -> None:
         if self._db is not None:
@@ -283,6 +270,16 @@ class Outbox:
             }
             for d in deliveries
         ]
+
+
+def _upgrade(path: Path) -> None:
+    """The outbox's tables are part of the store's versioned schema (migrations/sqlite/)."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA busy_timeout=5000")
+        upgrade_sqlite(conn)
+    finally:
+        conn.close()
 
 
 def dumps(value: Any) -> str:

@@ -31,6 +31,7 @@ from klipstream.errors import (
 )
 from klipstream.jobs.progress import compute_progress
 from klipstream.jobs.stage import ProgressSink, Resource, Stage, StageContext
+from klipstream.jobs.store import LeaseLost
 from klipstream.models import (
     Job,
     JobError,
@@ -63,6 +64,7 @@ FINAL_SAVE_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
 class CancelReason:
     USER = "user"  # DELETE: the job ends cancelled
     SHUTDOWN = "shutdown"  # SIGTERM: the job goes back to the queue
+    LEASE_LOST = "lease_lost"  # another instance may run it now: stop, and write nothing more
 
 
 @dataclass
@@ -163,11 +165,22 @@ class JobRun(ProgressSink):
         self._stage_started: dict[str, float] = {}
         self._last_persist = 0.0
         self._persisting: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[Any] | None = None
+
+    def lease_lost(self) -> None:
+        """The lease of this job is gone (a shared store re-queued it): stop at once, writing
+        nothing more; another instance runs it from its last checkpoint."""
+        if self.cancel_reason != CancelReason.LEASE_LOST:
+            log.error("lease lost; stopping this run of the job", extra={"job_id": self.job.job_id})
+        self.cancel_reason = CancelReason.LEASE_LOST
+        if self._task is not None and self._task is not asyncio.current_task():
+            self._task.cancel()
 
     # --- entry point ---
     async def run(self) -> None:
         """Run to a terminal state (or back to the queue on shutdown); never raises for a job's
         own failure, so the worker never has to guess the job's state."""
+        self._task = asyncio.current_task()
         try:
             await self._start()
             await self._schedule()
@@ -176,17 +189,18 @@ class JobRun(ProgressSink):
             await self._stop_stages()
             if self.cancel_reason == CancelReason.SHUTDOWN:
                 await self._requeue()
-            else:
+            elif self.cancel_reason != CancelReason.LEASE_LOST:
                 await self._cancelled()
             return
-        except StageFailed as failure:
+        except Exception as exc:
             await self._stop_stages()
-            await self._failed(failure.stage, failure.error)
-            return
-        except Exception as exc:  # a bug in the runner itself: the job still ends, classified
-            log.exception("job run failed outside any stage", extra={"job_id": self.job.job_id})
-            await self._stop_stages()
-            await self._failed(None, classify(exc))
+            if self.cancel_reason == CancelReason.LEASE_LOST:  # whatever failed after that, write nothing
+                return
+            if isinstance(exc, StageFailed):
+                await self._failed(exc.stage, exc.error)
+            else:  # a bug in the runner itself: the job still ends, classified
+                log.exception("job run failed outside any stage", extra={"job_id": self.job.job_id})
+                await self._failed(None, classify(exc))
             return
         await self._completed()
 
@@ -332,7 +346,7 @@ class JobRun(ProgressSink):
                 await self._save()
                 self._emit("stage_changed")
                 return
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, LeaseLost):
                 raise
             except Exception as exc:  # every failure is classified below, by type
                 error = classify(exc)
@@ -519,7 +533,11 @@ class JobRun(ProgressSink):
 
     async def _save(self) -> None:
         self._last_persist = time.monotonic()
-        await self.deps.store.save_job(self.job)
+        try:
+            await self.deps.store.save_job(self.job)
+        except LeaseLost:
+            self.lease_lost()
+            raise
 
     def _close_unfinished_stages(self, reason: str) -> None:
         """A job that ended early: stages that never started are skipped, stages that started (and
@@ -538,6 +556,8 @@ class JobRun(ProgressSink):
             try:
                 await self._save()
                 return
+            except LeaseLost:
+                return  # another instance has the job now: nothing of this run may be written
             except Exception:
                 if delay is None:
                     log.error(
@@ -552,6 +572,8 @@ class JobRun(ProgressSink):
     async def _save_in_background(self) -> None:
         try:
             await self._save()
+        except LeaseLost:
+            pass  # the run is stopping (lease_lost() said why)
         except Exception:  # progress snapshots are best effort; state changes are not
             log.warning("progress checkpoint failed", exc_info=True, extra={"job_id": self.job.job_id})
         finally:

@@ -22,7 +22,7 @@ from klipstream.jobs.janitor import Janitor
 from klipstream.jobs.runner import RunnerDeps, resource_limits
 from klipstream.jobs.service import JobService, Subscription
 from klipstream.jobs.stage import Stage
-from klipstream.jobs.store.sqlite import SQLiteStore
+from klipstream.jobs.store import create_store
 from klipstream.jobs.timings import StageTimings
 from klipstream.network import user_url_session
 from klipstream.transcription.pool import Transcriber
@@ -59,7 +59,7 @@ async def job_runtime(
     transcriber = Transcriber(settings)  # starts its worker processes on first use
     deps = RunnerDeps(
         settings=settings,
-        store=SQLiteStore(settings.database_path),
+        store=create_store(settings),
         http=http,
         storage=storage,
         timings=StageTimings(),

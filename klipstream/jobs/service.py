@@ -22,10 +22,12 @@ from typing import Any, NamedTuple
 
 from pydantic_core import to_json
 
+from klipstream.errors import DatabaseUnavailable
+from klipstream.jobs.cluster import Cluster
 from klipstream.jobs.progress import compute_progress, initial_stage_states
 from klipstream.jobs.runner import CancelReason, JobListener, JobRun, RunnerDeps
 from klipstream.jobs.stage import Resource, Stage
-from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore, StoreStalled
+from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore, SharedJobStore, StoreStalled
 from klipstream.models import (
     RESULT_NEUTRAL_OPTIONS,
     Job,
@@ -42,6 +44,9 @@ from klipstream.queue import JobQueue, WorkerPool
 
 log = logging.getLogger(__name__)
 RECENT_JOBS = 500  # finished jobs kept in memory for polling; older ones are read from the store
+CANCEL_WAIT_SECONDS = 2.5  # how long a cancel waits for the job to stop (here or on its instance)
+READ_CACHE_SECONDS = 0.25  # shared store: how long a job read from it answers polls of the job
+READ_CACHE_SIZE = 10_000
 STORE_WAIT_SECONDS = 30.0  # how long a duplicate submission waits for the first one's row
 
 
@@ -67,6 +72,10 @@ class Subscription:
     # Also called when a job is first queued. That event makes the service parse the new job
     # into a `Job` during the request, so only listeners that act on new jobs ask for it.
     new_jobs: bool
+    # Also called with the changes of jobs running on other instances that someone here follows
+    # (a shared store: klipstream.jobs.cluster polls them). Only the event streams want them:
+    # webhooks, the Convex mirror and metrics are the running instance's business.
+    remote: bool = False
 
 
 class SubmitOutcome(NamedTuple):
@@ -130,7 +139,16 @@ class JobService:
         self.store: JobStore = deps.store
         self.stages = stages
         self.queue = JobQueue(maxsize=self.settings.max_queued_jobs, aging_seconds=self.settings.aging_seconds)
-        self.pool = WorkerPool(self.queue, self._run, self.settings.max_running_jobs)
+        # With a shared store (several instances) the queue is the database's: workers claim from
+        # it, and memory holds only the jobs running here (klipstream.jobs.cluster).
+        self.shared: SharedJobStore | None = self.store if getattr(self.store, "shared", False) else None  # type: ignore[assignment]
+        self.cluster = Cluster(self, self.shared) if self.shared is not None else None
+        self.pool = WorkerPool(
+            self.queue,
+            self._run,
+            self.settings.max_running_jobs,
+            self.cluster.next_job if self.cluster is not None else None,
+        )
         self.subscriptions: list[Subscription] = []
         self.active: dict[str, Job] = {}
         # New jobs as the JSON they were stored as, until something needs them as a `Job` (a
@@ -138,10 +156,13 @@ class JobService:
         # so a submission never pays for building the model.
         self.unparsed: dict[str, str] = {}
         self.recent: OrderedDict[str, Job] = OrderedDict()
+        self._reads: dict[str, tuple[float, Job]] = {}  # shared store: job id -> (monotonic time, job read)
         self.active_by_key: dict[str, str] = {}  # dedup key -> the active job that answers it
         self.runs: dict[str, JobRun] = {}
         # Popped by a worker but not started yet when a DELETE came: the worker ends them cancelled.
         self.cancel_before_start: set[str] = set()
+        # Claimed but not started yet when their lease was lost: the worker drops them.
+        self.lost_before_start: set[str] = set()
         # Inserts in flight (job id -> None, or the future a duplicate submission waits on until the
         # first one's row is written or refused): no future is made unless a duplicate comes.
         self._inserting: dict[str, asyncio.Future[None] | None] = {}
@@ -163,7 +184,10 @@ class JobService:
         await self.store.open()
         for stage, seconds, media in await self.store.stage_runs(time.time() - 7 * 86400):
             self.deps.timings.add(stage, seconds, media)
-        await self._recover()
+        if self.cluster is None:
+            await self._recover()
+        else:  # other instances' running jobs are theirs: expired leases come back through the reaper
+            await self.cluster.start()
         self.pool.start()
         self.started = True
 
@@ -194,6 +218,8 @@ class JobService:
         if running:
             await asyncio.wait(running, timeout=max(0.1, deadline - time.monotonic() - 2.5))
         await self.pool.stop()
+        if self.cluster is not None:
+            await self.cluster.stop()
         await self.store.close()
 
     # --- submission ---
@@ -243,18 +269,29 @@ class JobService:
             raise IdempotencyConflict
         return SubmitOutcome(200, record.response, record.job_id)
 
-    async def _submit(self, request: SubmitRequest, key: IdempotencyRecord | None) -> SubmitOutcome:
+    async def _submit(
+        self, request: SubmitRequest, key: IdempotencyRecord | None, *, separate: bool = False
+    ) -> SubmitOutcome:
+        """`separate`: a job of its own although an active job has the key (see `_lost_race`).
+
+        With a shared store a duplicate of a job this instance does not hold is found by the
+        unique index over active keys when the insert is refused, not by a read before it: the
+        common case, a new video, costs no extra round trip."""
         video_id = video_id_for(request.url)
         dedup = dedup_key(video_id, request.chat_url, request.options)
-        if not request.options.force and dedup in self.active_by_key:
-            existing = await self._active_for(dedup)
+        if not request.options.force and not separate:
+            existing = await self._active_for(dedup) if dedup in self.active_by_key else None
             if existing is not None:
                 if request.callback_url:
                     await self._attach_callback(existing, request.callback_url)
-                return SubmitOutcome(200, self._submit_body(existing, deduplicated=True), existing.job_id)
+                position = await self._shared_place(existing) if self.shared is not None else None
+                body = self._submit_body(existing, deduplicated=True, position=position)
+                return SubmitOutcome(200, body, existing.job_id)
         self.queue.reserve()  # raises QueueFull; the place is held across the store write
         try:
             doc = self._new_job_doc(request, video_id, dedup)
+            if separate:  # a key of its own: the unique index over active keys must not refuse it
+                doc["dedup_key"] = f"{dedup}#{doc['job_id']}"
             encoded = to_json(doc).decode()
             body = self._new_job_body(doc, position=self.queue.place_for_new(request.priority))
         except BaseException:
@@ -273,15 +310,81 @@ class JobService:
             # says, so a duplicate, or a retry with the same Idempotency-Key, finds it.
             stalled.outcome.add_done_callback(lambda done: self._late_insert(done, job_id, dedup, request.priority))
             raise
-        except BaseException:
+        except BaseException as exc:
             self._untrack(job_id, dedup)
             self._inserted(job_id)
             self.queue.release()
+            if self.shared is not None and isinstance(exc, Exception) and not isinstance(exc, DatabaseUnavailable):
+                lost = await self._lost_race(request, key, dedup, separate)
+                if lost is not None:
+                    return lost
             raise
         self._inserted(job_id)
+        if self.shared is not None:
+            self._queued_elsewhere(job_id, dedup, request.priority)
+            return SubmitOutcome(202, body, job_id)
         self.queue.push(job_id, request.priority, reserved=True)
         self._announce_new(job_id)
         return SubmitOutcome(202, body, job_id)
+
+    async def _lost_race(
+        self, request: SubmitRequest, key: IdempotencyRecord | None, dedup: str, separate: bool
+    ) -> SubmitOutcome | None:
+        """An insert into the shared store was refused by a unique index: the Idempotency-Key was
+        stored by another request, or an active job holds the dedup key. Answer with theirs. A
+        new callback can only be attached to a job running here (its runner's memory is the
+        job's state), so a submission whose callback an active job elsewhere lacks gets a job of
+        its own, under a key of its own."""
+        assert self.shared is not None
+        if key is not None:
+            record = await self.store.get_idempotency(key.key)
+            if record is not None:
+                if record.body_hash != key.body_hash:
+                    raise IdempotencyConflict
+                return SubmitOutcome(200, record.response, record.job_id)
+        if request.options.force or separate:
+            return None
+        existing = await self.shared.active_job(dedup)
+        if existing is None:
+            return None
+        run = self.runs.get(existing.job_id)
+        callback = request.callback_url
+        if run is not None:
+            existing = run.job
+            if callback:
+                await self._attach_callback(existing, callback)
+        elif callback and callback != existing.callback_url and callback not in existing.callbacks:
+            return await self._submit(request, key, separate=True)
+        body = self._submit_body(existing, deduplicated=True, position=await self._shared_place(existing))
+        return SubmitOutcome(200, body, existing.job_id)
+
+    def _queued_elsewhere(self, job_id: str, dedup: str, priority: Priority) -> None:
+        """A job just stored in the shared queue: wake this instance's claimers, and forget it
+        (whichever instance claims it holds it in memory from then on)."""
+        self._announce_new(job_id)
+        self._untrack(job_id, dedup)
+        self.queue.release()
+        counts = self.queue.shared_counts
+        counts[priority.value] = counts.get(priority.value, 0) + 1
+        self.queue.poke()
+
+    async def _requeue_shared(self, again: Job, key: str) -> bool:
+        assert self.shared is not None
+        try:
+            return await self.shared.requeue_finished(again)
+        except DatabaseUnavailable:
+            raise
+        except Exception:  # the unique index: another job of the key became active meanwhile
+            other = await self.shared.active_job(key)
+            if other is not None and other.job_id != again.job_id:
+                raise InvalidTransition("another job for this video is already queued or running") from None
+            raise
+
+    async def _shared_place(self, job: Job) -> int | None:
+        assert self.shared is not None
+        if job.status is not JobStatus.QUEUED:
+            return None
+        return await self.shared.queue_place(job.job_id, self.settings.aging_seconds)
 
     def _late_insert(self, outcome: asyncio.Future[None], job_id: str, dedup: str, priority: Priority) -> None:
         """The store finished an insert after its submission was answered 503: queue the job if the
@@ -293,6 +396,9 @@ class JobService:
             return
         self._inserted(job_id)
         log.info("a submission the store was slow to write committed; queueing it", extra={"job_id": job_id})
+        if self.shared is not None:
+            self._queued_elsewhere(job_id, dedup, priority)
+            return
         self.queue.push(job_id, priority, reserved=True)
         self._announce_new(job_id)
 
@@ -405,6 +511,9 @@ class JobService:
 
     # --- lookup ---
     def cached(self, job_id: str) -> Job | None:
+        if self.shared is not None:  # only a job running here is known better here than in the store
+            run = self.runs.get(job_id)
+            return run.job if run is not None else None
         return self._job(job_id) or self.recent.get(job_id)
 
     def live(self, job_id: str) -> Job | None:
@@ -415,12 +524,29 @@ class JobService:
             job.queue_position = self.queue.position(job_id)
         return job
 
-    async def get(self, job_id: str) -> Job:
+    async def get(self, job_id: str, *, fresh: bool = False) -> Job:
+        """The job: from memory when it is running here (or, with SQLite, known here), else from
+        the store. With a shared store a read is reused for READ_CACHE_SECONDS (polls of one job
+        by many clients cost one read), unless `fresh` (cancel and retry decide on it)."""
         job = self.live(job_id)
+        if job is not None:
+            return job
+        if self.shared is not None:
+            now = time.monotonic()
+            hit = self._reads.get(job_id)
+            if hit is not None and not fresh and now - hit[0] < READ_CACHE_SECONDS:
+                return hit[1]
+        job = await self.store.get_job(job_id)
         if job is None:
-            job = await self.store.get_job(job_id)
-            if job is None:
-                raise JobNotFound(job_id)
+            raise JobNotFound(job_id)
+        if self.shared is not None:
+            job.queue_position = await self._shared_place(job)
+            self._reads.pop(job_id, None)
+            if not fresh:  # a fresh read is the caller's to change
+                if len(self._reads) >= READ_CACHE_SIZE:
+                    self._reads.clear()
+                self._reads[job_id] = (now, job)
+        else:
             self._remember(job)
         return job
 
@@ -432,9 +558,11 @@ class JobService:
 
     # --- control ---
     async def cancel(self, job_id: str) -> Job:
-        job = await self.get(job_id)
+        job = await self.get(job_id, fresh=True)
         if job.status.terminal:
             return job
+        if self.shared is not None and job_id not in self.pool.running:
+            return await self._cancel_elsewhere(job)
         if self.queue.remove(job_id):
             try:
                 await self._cancel_unstarted(job)
@@ -455,9 +583,34 @@ class JobService:
         await asyncio.wait([task], timeout=2.5)
         return job
 
-    async def _cancel_unstarted(self, job: Job) -> None:
-        """Cancel a job no stage has run for in this attempt; it stops being the video's active job."""
-        before = job.model_copy(deep=True)
+    async def _cancel_elsewhere(self, job: Job) -> Job:
+        """Cancel a job of the shared store that does not run here: a queued one by a conditional
+        write (no instance has claimed it), a running one by flagging it for its instance, whose
+        heartbeat stops it; then wait (bounded) for it to end."""
+        assert self.shared is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CANCEL_WAIT_SECONDS
+        for _ in range(3):  # the job may change state between the read and the write
+            if job.status is JobStatus.QUEUED:
+                self._mark_cancelled(job)
+                if await self.shared.cancel_queued(job):
+                    self._emit("cancelled", job)
+                    return job
+            elif job.status is JobStatus.RUNNING:
+                if await self.shared.request_cancel(job.job_id):
+                    break
+            else:
+                return job
+            fresh = await self.store.get_job(job.job_id)
+            if fresh is None:
+                raise JobNotFound(job.job_id)
+            job = fresh
+        while loop.time() < deadline and not job.status.terminal:
+            await asyncio.sleep(0.1)
+            job = await self.store.get_job(job.job_id) or job
+        return job
+
+    def _mark_cancelled(self, job: Job) -> None:
         job.status = JobStatus.CANCELLED
         job.finished_at = utcnow()
         job.queue_position = None
@@ -466,6 +619,11 @@ class JobService:
                 state.status = StageStatus.CANCELLED
         job.progress = compute_progress(job, self.stages, self.deps.timings)
         job.updated_at = utcnow()
+
+    async def _cancel_unstarted(self, job: Job) -> None:
+        """Cancel a job no stage has run for in this attempt; it stops being the video's active job."""
+        before = job.model_copy(deep=True)
+        self._mark_cancelled(job)
         try:
             await self.store.save_job(job)
         except BaseException:
@@ -475,12 +633,16 @@ class JobService:
         self._on_job_event("cancelled", job)
 
     async def retry(self, job_id: str) -> Job:
-        job = await self.get(job_id)
+        job = await self.get(job_id, fresh=True)
         if job.status not in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise InvalidTransition(f"only failed or cancelled jobs can be retried; this one is {job.status.value}")
         key = job_dedup_key(job)
         if not job.options.force and self.active_by_key.get(key, job_id) != job_id:
             raise InvalidTransition("another job for this video is already queued or running")
+        if not job.options.force and self.shared is not None:
+            other = await self.shared.active_job(key)
+            if other is not None and other.job_id != job_id:
+                raise InvalidTransition("another job for this video is already queued or running")
         self.queue.reserve()  # raises QueueFull before anything changes
         try:
             again = job.model_copy(deep=True)
@@ -497,10 +659,21 @@ class JobService:
                     state.finished_at = None
             again.progress = compute_progress(again, self.stages, self.deps.timings)
             again.updated_at = utcnow()
-            await self.store.save_job(again)
+            if self.shared is None:
+                await self.store.save_job(again)
+            elif not await self._requeue_shared(again, key):
+                raise InvalidTransition("the job changed meanwhile (retried on another instance?)")
         except BaseException:
             self.queue.release()
             raise
+        if self.shared is not None:
+            self.queue.release()
+            counts = self.queue.shared_counts
+            counts[again.priority.value] = counts.get(again.priority.value, 0) + 1
+            self.queue.poke()
+            again.queue_position = await self._shared_place(again)
+            self._emit("queued", again)
+            return again
         self.recent.pop(job_id, None)
         self._track(again)
         self.queue.push(job_id, again.priority, reserved=True)
@@ -510,6 +683,12 @@ class JobService:
 
     # --- running ---
     async def _run(self, job_id: str) -> None:
+        if self.shared is not None:
+            try:
+                await self._run_claimed(job_id)
+            finally:
+                self.shared.release(job_id)
+            return
         job = self._job(job_id)
         if job is None:  # cancelled while queued, or a stale entry
             return
@@ -530,6 +709,33 @@ class JobService:
             if job.status is JobStatus.QUEUED and not self.shutting_down:
                 self.queue.push(job_id, job.priority, force=True)
 
+    async def _run_claimed(self, job_id: str) -> None:
+        """Run a job this instance claimed from the shared store, under its lease."""
+        assert self.cluster is not None
+        doc = self.cluster.claimed.pop(job_id, None)
+        if doc is None or job_id in self.lost_before_start:
+            self.lost_before_start.discard(job_id)
+            return
+        job = Job.model_validate_json(doc)
+        self._track(job)
+        try:
+            if job_id in self.cancel_before_start:
+                try:
+                    await self._cancel_unstarted(job)
+                except Exception:  # its lease lapses and the reaper re-queues it
+                    log.exception("could not store the cancellation", extra={"job_id": job_id})
+                return
+            self._warm_up()
+            run = JobRun(self.deps, self.stages, job)
+            self.runs[job_id] = run
+            try:
+                await run.run()
+            finally:
+                self.runs.pop(job_id, None)
+        finally:
+            if not job.status.terminal:  # back in the shared queue, or lost: no longer this instance's
+                self._untrack(job_id, job_dedup_key(job))
+
     def _warm_up(self) -> None:
         """Start the transcription workers when a job starts, so loading the model overlaps the
         download and decode instead of delaying the transcription stage."""
@@ -541,6 +747,22 @@ class JobService:
     # --- bookkeeping ---
     def listen(self, listener: JobListener, *, new_jobs: bool = True) -> None:
         self.subscriptions.append(Subscription(listener, new_jobs))
+
+    def watch(self, job: Job) -> Callable[[], None]:
+        """Someone here follows `job` (an event stream): with a shared store and the job running
+        elsewhere, its changes are read from the store and emitted to the remote listeners.
+        Returns the call that ends the watch."""
+        if self.cluster is None or job.job_id in self.runs:
+            return lambda: None
+        return self.cluster.watch(job)
+
+    def emit_remote(self, kind: str, job: Job) -> None:
+        for subscription in self.subscriptions:
+            if subscription.remote:
+                try:
+                    subscription.listener(kind, job)
+                except Exception:
+                    log.exception("listener failed on %s", kind, extra={"job_id": job.job_id})
 
     def unlisten(self, listener: JobListener) -> None:
         self.subscriptions = [s for s in self.subscriptions if s.listener is not listener]

@@ -85,7 +85,9 @@ async def _from_twitch(ctx: StageContext, video_id: str) -> None:
         info = await client.video(video_id)
         duration = info.length_seconds if info else None
     fetch = ChatFetch(client, video_id, split_ranges(duration, settings.chat_ranges), ctx.workdir, duration)
-    ticker = asyncio.create_task(report_progress(fetch, ctx.progress))
+    # The fetch is the first 97 % of the stage: the viewer-clips lookup reports 0.98 after it, and
+    # a late tick of the fetch must not move the progress back.
+    ticker = asyncio.create_task(report_progress(fetch, lambda f, detail: ctx.progress(0.97 * f, detail)))
     try:
         result = await fetch.run()
     finally:

@@ -1,32 +1,61 @@
 """The durable job store: the interface the service uses, and the rows it stores.
 
 `JobStore` is what the job service and the runner call; `SQLiteStore` (klipstream.jobs.store.sqlite)
-is the embedded backend.
+is the embedded backend, `PostgresStore` (klipstream.jobs.store.postgres) the shared one that
+several instances can use at once. Both pass tests/test_store_contract.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from klipstream.errors import DatabaseUnavailable
 from klipstream.models import Job, JobStatus
+
+if TYPE_CHECKING:
+    from klipstream.config import Settings
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 
 
-class StoreTimeout(TimeoutError):
-    """The store did not start the request in time, and never will: nothing was written."""
+RETRY_AFTER_SECONDS = 5  # what a client told the store is unavailable is asked to wait
 
 
-class StoreStalled(TimeoutError):
+class StoreTimeout(DatabaseUnavailable, TimeoutError):
+    """The store did not start the request in time, and never will: nothing was written.
+
+    A `DatabaseUnavailable` (503 with Retry-After on every route), and a `TimeoutError` for the
+    callers that settle a submission's outcome themselves."""
+
+
+class StoreStalled(DatabaseUnavailable, TimeoutError):
     """The store started the request but has not finished it in time: the outcome is not known
     yet. `outcome` settles with the real result when the store gets there, so a caller that must
     know (a submission whose row may still commit) can follow it."""
 
     def __init__(self, message: str, outcome: asyncio.Future[Any]) -> None:
-        super().__init__(message)
+        super().__init__(message, retry_after=RETRY_AFTER_SECONDS)
         self.outcome = outcome
+
+
+class LeaseLost(Exception):
+    """A write of a job whose lease this instance no longer holds (it expired and the job was
+    re-queued, maybe claimed by another instance): the write is refused, and the run stops."""
+
+
+@dataclass(frozen=True)
+class InstanceBeat:
+    """One instance's heartbeat row (the `instances` table of a shared store)."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: float
+    running: int  # jobs running here now
+    max_running: int  # KLIPSTREAM_MAX_RUNNING_JOBS (0: an API-only instance)
 
 
 @dataclass(frozen=True)
@@ -40,6 +69,8 @@ class IdempotencyRecord:
 
 
 class JobStore(Protocol):
+    shared: bool  # True: several instances use this store (SharedJobStore); False: this process only
+
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> bool: ...
@@ -57,6 +88,27 @@ class JobStore(Protocol):
     async def delete_finished_jobs(self, finished_before: float, limit: int) -> list[str]: ...
     async def delete_idempotency(self, created_before: float) -> int: ...
     async def delete_stage_runs(self, finished_before: float) -> int: ...
+
+
+class SharedJobStore(JobStore, Protocol):
+    """A store several instances use at once (PostgreSQL): what klipstream.jobs.cluster needs."""
+
+    def leased(self) -> dict[str, int]: ...
+    def release(self, job_id: str) -> None: ...
+    async def claim(self, owner: str, lease_seconds: float, aging_seconds: float) -> tuple[str, str] | None: ...
+    async def renew(self, lease_seconds: float) -> dict[str, bool]: ...
+    async def reap(self) -> list[str]: ...
+    async def cancel_queued(self, job: Job) -> bool: ...
+    async def request_cancel(self, job_id: str) -> bool: ...
+    async def requeue_finished(self, job: Job) -> bool: ...
+    async def active_job(self, dedup_key: str) -> Job | None: ...
+    async def queue_place(self, job_id: str, aging_seconds: float) -> int | None: ...
+    async def queued_counts(self) -> dict[str, int]: ...
+    async def heartbeat_instance(self, instance: InstanceBeat) -> None: ...
+    async def remove_instance(self, instance_id: str) -> None: ...
+    async def instances(self) -> list[dict[str, Any]]: ...
+    async def jobs_changed(self, since: dict[str, float]) -> list[Job]: ...
+    async def listen(self, on_change: Callable[[str], None]) -> bool: ...
 
 
 class JobRow(NamedTuple):
@@ -86,13 +138,35 @@ class JobRow(NamedTuple):
             job.updated_at.timestamp(),
             job.finished_at.timestamp() if job.finished_at else None,
             job.model_dump_json(exclude_defaults=True),  # a quarter of the bytes; defaults return on read
-            job.dedup_key,
+            "" if job.options.force else job.dedup_key,  # a forced job shares nothing (unique index)
         )
 
     @classmethod
     def new(cls, doc: dict[str, Any], encoded: str) -> JobRow:
         """The row of a job just submitted, from the plain data it was encoded from."""
         created = doc["created_at"].timestamp()
+        forced = bool(doc.get("options", {}).get("force"))
         return cls(
-            doc["job_id"], doc["video_id"], "queued", doc["priority"], created, created, None, encoded, doc["dedup_key"]
+            doc["job_id"],
+            doc["video_id"],
+            "queued",
+            doc["priority"],
+            created,
+            created,
+            None,
+            encoded,
+            "" if forced else doc["dedup_key"],
         )
+
+
+def create_store(settings: Settings) -> JobStore:
+    """PostgreSQL when KLIPSTREAM_DATABASE_URL is set, else SQLite in the data directory."""
+    if settings.database_url:
+        from klipstream.jobs.store.postgres import PostgresStore
+
+        return PostgresStore(
+            settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
+        )
+    from klipstream.jobs.store.sqlite import SQLiteStore
+
+    return SQLiteStore(settings.database_path)

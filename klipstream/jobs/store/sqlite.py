@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from klipstream.jobs.store import ACTIVE, IdempotencyRecord, JobRow, StoreStalled, StoreTimeout
+from klipstream.jobs.store import ACTIVE, RETRY_AFTER_SECONDS, IdempotencyRecord, JobRow, StoreStalled, StoreTimeout
+from klipstream.jobs.store.migrations import upgrade_sqlite
 from klipstream.models import Job
 
 T = TypeVar("T")
@@ -35,54 +36,13 @@ CALL_TIMEOUT_SECONDS = 30.0
 MAX_BATCH = 512  # requests per transaction
 
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    seq INTEGER PRIMARY KEY,  -- insertion order
-    job_id TEXT NOT NULL UNIQUE,
-    video_id TEXT NOT NULL,
-    status TEXT NOT NULL,
-    priority TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
-    finished_at REAL,
-    doc TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
--- Only finished jobs are counted by time, so queued ones stay out of this index.
-DROP INDEX IF EXISTS jobs_finished;
-CREATE INDEX IF NOT EXISTS jobs_finished_at ON jobs (finished_at) WHERE finished_at IS NOT NULL;
-DROP INDEX IF EXISTS jobs_video;  -- deduplication is answered from memory
-CREATE TABLE IF NOT EXISTS idempotency (
-    key TEXT PRIMARY KEY,
-    body_hash TEXT NOT NULL,
-    job_id TEXT NOT NULL,
-    response TEXT NOT NULL,
-    status INTEGER NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS idempotency_created ON idempotency (created_at);
-CREATE TABLE IF NOT EXISTS stage_runs (
-    stage TEXT NOT NULL,
-    seconds REAL NOT NULL,
-    media_seconds REAL,
-    finished_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS stage_runs_time ON stage_runs (stage, finished_at);
-"""
-
-# Columns added after the first release: (table, column, definition). Added on open when missing.
-_COLUMNS = (
-    ("jobs", "dedup_key", "TEXT NOT NULL DEFAULT ''"),
-    ("idempotency", "owner", "TEXT NOT NULL DEFAULT ''"),
-)
-# The deduplication key of active jobs; a server database makes this a unique index.
-_AFTER_COLUMNS = (
-    "CREATE INDEX IF NOT EXISTS jobs_dedup_active ON jobs (dedup_key) WHERE status IN ('queued', 'running');"
-)
+# The schema is versioned: klipstream/jobs/store/migrations/sqlite/*.sql, applied by open().
 
 
 class SQLiteStore:
     """JobStore on SQLite, with all statements run by one writer thread."""
+
+    shared = False  # one instance: its in-memory queue decides what runs
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -117,15 +77,13 @@ class SQLiteStore:
         assert self._loop is not None
         try:
             conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+            conn.execute("PRAGMA busy_timeout=5000")  # first: the switch to WAL may wait for a lock
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=5000")
             # Checkpoints fsync the database; done inline they stall every commit queued behind
             # them (the submission p99). A separate thread checkpoints passively instead.
             conn.execute("PRAGMA wal_autocheckpoint=0")
-            conn.executescript(_SCHEMA)
-            _add_columns(conn)
-            conn.executescript(_AFTER_COLUMNS)
+            upgrade_sqlite(conn)
         except Exception as exc:  # handed to the coroutine awaiting open()
             self._loop.call_soon_threadsafe(_settle, ready, None, exc)
             return
@@ -236,7 +194,10 @@ class SQLiteStore:
             started = batch.started
             batch.expired = not started
         if not started:
-            error = StoreTimeout(f"the store did not take the request within {CALL_TIMEOUT_SECONDS:.0f} s")
+            error = StoreTimeout(
+                f"the store did not take the request within {CALL_TIMEOUT_SECONDS:.0f} s",
+                retry_after=RETRY_AFTER_SECONDS,
+            )
             for _, future in batch.requests:
                 _settle(future, None, error)
             return
@@ -389,13 +350,6 @@ class SQLiteStore:
         return await self._call(
             lambda c: c.execute("DELETE FROM stage_runs WHERE finished_at < ?", (finished_before,)).rowcount
         )
-
-
-def _add_columns(conn: sqlite3.Connection) -> None:
-    for table, column, definition in _COLUMNS:
-        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
-        if column not in present:
-            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
 
 
 Request = tuple[Callable[[sqlite3.Connection], Any], "asyncio.Future[Any]"]

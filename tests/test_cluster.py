@@ -1,0 +1,320 @@
+"""Several real `klipstream serve` processes on one throwaway PostgreSQL database: any instance
+answers for any job (submit on A, status on B, cancel on C, retry), API-only instances run
+nothing, and a job whose instance is killed with `kill -9` runs again on another one after its
+lease expires, from its last completed stage."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.test_process_lifecycle import ROOT, free_port, get_json, wait_for
+
+LEASE_SECONDS = 2.0
+URL = "https://example.com/a.mp4"
+
+
+class Instance:
+    """One server process of the cluster; all share the database, the data directory (job working
+    directories: the checkpoints a resumed job continues from) and the stage marker logs."""
+
+    def __init__(self, name: str, root: Path, database_url: str, max_running: int) -> None:
+        self.name = name
+        self.root = root
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {
+            **os.environ,
+            "KLIPSTREAM_DATABASE_URL": database_url,
+            "KLIPSTREAM_INSTANCE_ID": name,
+            "KLIPSTREAM_LEASE_SECONDS": str(LEASE_SECONDS),
+            "KLIPSTREAM_HEARTBEAT_SECONDS": "0.5",
+            "KLIPSTREAM_CLAIM_POLL_SECONDS": "0.2",
+            "KLIPSTREAM_ADMIN_LOOPBACK": "true",
+            "TEST_MAX_RUNNING_JOBS": str(max_running),
+            "TEST_STEP_SECONDS": "0.15",
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = root / f"{name}.log"
+
+    async def start(self) -> None:
+        cmd = [sys.executable, "-m", "tests.serve_test_pipeline", str(self.root / "data"), str(self.port)]
+        self.proc = subprocess.Popen(
+            [*cmd, str(self.root / "markers")],
+            cwd=ROOT,
+            env=self.env,
+            stdout=self.log.open("ab"),
+            stderr=subprocess.STDOUT,
+        )
+        async with aiohttp.ClientSession() as http:
+            async with asyncio.timeout(30):
+                while True:
+                    try:
+                        async with http.get(f"{self.base}/health/ready") as resp:
+                            if resp.status == 200:
+                                return
+                    except aiohttp.ClientError:
+                        pass
+                    assert self.proc.poll() is None, self.log.read_text()
+                    await asyncio.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path, postgres_url: str):
+    made: list[Instance] = []
+
+    async def start(*specs: tuple[str, int], **env: str) -> list[Instance]:
+        instances = [Instance(name, tmp_path, postgres_url, running) for name, running in specs]
+        for instance in instances:
+            instance.env.update(env)
+        made.extend(instances)  # killed at the end even if one fails to start
+        await asyncio.gather(*(i.start() for i in instances))  # started together: one applies the migrations
+        return instances
+
+    yield start
+    for instance in made:
+        instance.kill()
+
+
+def stage_log(root: Path, stage: str) -> list[str]:
+    path = root / "markers" / f"{stage}.log"
+    return path.read_text().split("\n")[:-1] if path.exists() else []
+
+
+async def post(http: aiohttp.ClientSession, url: str, **kwargs: Any) -> tuple[int, Any]:
+    async with http.post(url, **kwargs) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_submit_on_a_status_on_b_cancel_on_c_retry_anywhere(cluster, tmp_path: Path):
+    a, b, c = await cluster(("a", 0), ("b", 1), ("c", 0))  # only b runs jobs
+    async with aiohttp.ClientSession() as http:
+        headers = {"Idempotency-Key": "order-1"}
+        status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL}, headers=headers)
+        assert status == 202, first
+        job_id = first["job_id"]
+        # the same key on another instance replays the first answer; the same video is deduplicated
+        status, replay = await post(http, f"{c.base}/api/v1/analysis", json={"url": URL}, headers=headers)
+        assert (status, replay["job_id"]) == (200, job_id)
+        status, duplicate = await post(http, f"{b.base}/api/v1/analysis", json={"url": URL})
+        assert (status, duplicate["job_id"], duplicate["deduplicated"]) == (200, job_id, True)
+
+        running = await wait_for(
+            http, f"{c.base}/api/v1/analysis/{job_id}", lambda j: j["stages"][1]["status"] == "running"
+        )
+        assert running["status"] == "running" and running["stages"][0]["status"] == "completed"
+        polled = await get_json(http, f"{a.base}/api/v1/analysis/{job_id}/status")
+        assert polled["status"] == "running"
+
+        stats = await get_json(http, f"{a.base}/api/v1/queue/stats")
+        assert stats["instance_id"] == "a"
+        assert sorted((i["id"], i["max_running"]) for i in stats["instances"]) == [("a", 0), ("b", 1), ("c", 0)]
+
+        sent = time.monotonic()
+        async with http.delete(f"{c.base}/api/v1/analysis/{job_id}") as resp:
+            assert resp.status in (200, 202)
+        cancelled = await wait_for(
+            http, f"{a.base}/api/v1/analysis/{job_id}", lambda j: j["status"] == "cancelled", timeout=5
+        )
+        assert time.monotonic() - sent < 2.0, "a cancel on C stops the job on B within 2 s"
+        assert cancelled["stages"][1]["status"] == "cancelled"
+
+        status, retried = await post(http, f"{c.base}/api/v1/analysis/{job_id}/retry")
+        assert status == 202 and retried["status"] == "queued", retried
+        done = await wait_for(
+            http, f"{a.base}/api/v1/analysis/{job_id}", lambda j: j["status"] in ("completed", "failed"), timeout=30
+        )
+        assert done["status"] == "completed", done
+    b_pid = str(b.proc.pid)  # type: ignore[union-attr]
+    for stage in ("download", "audio", "highlights"):  # every stage ran on b, none on the API-only instances
+        assert all(line.endswith(b_pid) for line in stage_log(tmp_path, stage)), stage
+    # the download finished before the cancel and was not run again by the retry
+    assert stage_log(tmp_path, "download") == [f"start {b_pid}", f"end {b_pid}"]
+
+
+async def test_kill_9_of_the_running_instance_another_resumes_the_job_after_its_lease(cluster, tmp_path: Path):
+    a, b = await cluster(("a", 1), ("b", 1))
+    async with aiohttp.ClientSession() as http:
+        status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
+        assert status == 202
+        job_url = f"/api/v1/analysis/{first['job_id']}"
+        await wait_for(http, f"{a.base}{job_url}", lambda j: j["stages"][1]["status"] == "running")
+        owner_pid = int(stage_log(tmp_path, "audio")[0].split()[1])
+        owner, survivor = (a, b) if owner_pid == a.proc.pid else (b, a)  # type: ignore[union-attr]
+        os.kill(owner_pid, signal.SIGKILL)
+        owner.proc.wait()  # type: ignore[union-attr]
+        killed = time.monotonic()
+        await wait_for(
+            http,
+            f"{survivor.base}{job_url}",
+            lambda j: j["status"] == "running" and j["stages"][1]["status"] == "running",
+            timeout=LEASE_SECONDS + 10,
+        )
+        failover = time.monotonic() - killed
+        assert failover <= LEASE_SECONDS + 5, failover
+        job = await wait_for(
+            http, f"{survivor.base}{job_url}", lambda j: j["status"] in ("completed", "failed"), timeout=30
+        )
+        assert job["status"] == "completed", job
+        assert job["attempts"] == 2
+    survivor_pid = survivor.proc.pid  # type: ignore[union-attr]
+    # the completed download did not run again; audio restarted on the survivor, which finished the job
+    assert stage_log(tmp_path, "download") == [f"start {owner_pid}", f"end {owner_pid}"]
+    assert stage_log(tmp_path, "audio") == [f"start {owner_pid}", f"start {survivor_pid}", f"end {survivor_pid}"]
+    assert stage_log(tmp_path, "highlights") == [f"start {survivor_pid}", f"end {survivor_pid}"]
+
+
+async def test_a_stalled_owner_loses_its_lease_and_stops_without_writing(cluster, tmp_path: Path):
+    """Fencing: an instance frozen past its lease (SIGSTOP: a long GC pause, a stalled VM) finds on
+    waking that another instance took the job over; it stops its run at once and none of its
+    writes lands, so the job completes once, on the other instance."""
+    a, b = await cluster(("a", 1), ("b", 1))
+    async with aiohttp.ClientSession() as http:
+        status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
+        assert status == 202
+        job_url = f"/api/v1/analysis/{first['job_id']}"
+        await wait_for(http, f"{a.base}{job_url}", lambda j: j["stages"][1]["status"] == "running")
+        owner_pid = int(stage_log(tmp_path, "audio")[0].split()[1])
+        owner, survivor = (a, b) if owner_pid == a.proc.pid else (b, a)  # type: ignore[union-attr]
+        os.kill(owner_pid, signal.SIGSTOP)
+        try:
+            await wait_for(
+                http,
+                f"{survivor.base}{job_url}",
+                lambda j: j["status"] == "running" and j["attempts"] == 2,
+                timeout=LEASE_SECONDS + 10,
+            )
+        finally:
+            os.kill(owner_pid, signal.SIGCONT)
+        job = await wait_for(
+            http, f"{owner.base}{job_url}", lambda j: j["status"] in ("completed", "failed", "cancelled"), timeout=30
+        )
+        assert job["status"] == "completed" and job["attempts"] == 2, job
+        await asyncio.sleep(1.5)  # the woken owner's heartbeats and late writes have had their chance
+        again = await get_json(http, f"{survivor.base}{job_url}")
+        assert (again["status"], again["updated_at"]) == (job["status"], job["updated_at"])
+    survivor_pid = survivor.proc.pid  # type: ignore[union-attr]
+    assert "lease lost" in owner.log.read_text()
+    assert stage_log(tmp_path, "highlights") == [f"start {survivor_pid}", f"end {survivor_pid}"]
+    assert stage_log(tmp_path, "download") == [f"start {owner_pid}", f"end {owner_pid}"]
+
+
+@pytest.mark.parametrize("notify", ["true", "false"], ids=["notified", "polling"])
+async def test_a_stream_on_an_api_instance_follows_a_job_running_on_another(cluster, notify: str):
+    """SSE across instances, woken by LISTEN/NOTIFY or polling alone: the job runs on B; a stream
+    opened on A gets the snapshot and the stage events as B stores them, then the terminal event."""
+    a, _ = await cluster(("a", 0), ("b", 1), KLIPSTREAM_DATABASE_NOTIFY=notify)
+    async with aiohttp.ClientSession() as http:
+        status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
+        assert status == 202
+        events: list[tuple[int, str]] = []
+        event_id = None
+        async with http.get(f"{a.base}/api/v1/analysis/{first['job_id']}/stream") as stream:
+            assert stream.status == 200
+            async with asyncio.timeout(30):
+                async for raw in stream.content:
+                    line = raw.decode().rstrip("\r\n")
+                    if line.startswith("id: "):
+                        event_id = int(line[4:])
+                    elif line.startswith("event: "):
+                        events.append((event_id or 0, line[7:]))
+        kinds = [kind for _, kind in events]
+        assert kinds[0] == "snapshot" and kinds[-1] == "completed", kinds
+        # stage changes as B stores them (progress only at B's checkpoints, every 2 s: not asserted)
+        assert kinds.count("stage") >= 3, kinds
+        ids = [event_id for event_id, _ in events[1:]]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids), events
+        job = await get_json(http, f"{a.base}/api/v1/analysis/{first['job_id']}")
+        assert job["status"] == "completed"
+
+
+async def test_concurrent_duplicates_on_two_instances_share_one_job(cluster, postgres_url: str):
+    """Deduplication and idempotency across instances are the database's (a unique index over the
+    active jobs' keys, the keys' primary key): simultaneous submissions on A and B get one job."""
+    a, b = await cluster(("a", 0), ("b", 0))  # API only: the jobs stay queued
+    async with aiohttp.ClientSession() as http:
+        same_video = [
+            post(http, f"{instance.base}/api/v1/analysis", json={"url": "https://example.com/v.mp4"})
+            for _ in range(8)
+            for instance in (a, b)
+        ]
+        same_key = [
+            post(
+                http,
+                f"{instance.base}/api/v1/analysis",
+                json={"url": "https://example.com/k.mp4"},
+                headers={"Idempotency-Key": "shared-key"},
+            )
+            for _ in range(8)
+            for instance in (a, b)
+        ]
+        answers = await asyncio.gather(*same_video, *same_key)
+        videos, keys = answers[:16], answers[16:]
+        assert sorted({status for status, _ in videos}) == [200, 202], videos
+        assert [status for status, _ in videos].count(202) == 1
+        assert len({body["job_id"] for _, body in videos}) == 1
+        assert [status for status, _ in keys].count(202) == 1 and len({body["job_id"] for _, body in keys}) == 1
+        forced = await post(
+            http, f"{b.base}/api/v1/analysis", json={"url": "https://example.com/v.mp4", "options": {"force": True}}
+        )
+        assert forced[0] == 202 and forced[1]["job_id"] != videos[0][1]["job_id"]
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = await conn.fetch("SELECT dedup_key, count(*) AS n FROM jobs GROUP BY dedup_key ORDER BY dedup_key")
+    finally:
+        await conn.close()
+    assert [r["n"] for r in rows] == [1, 1, 1], [dict(r) for r in rows]  # '' (the forced job), k, v
+
+
+@pytest.mark.slow
+async def test_chaos_jobs_survive_instances_killed_and_restarted(cluster, postgres_url: str):
+    """40 short jobs over three instances while instances are killed with `kill -9` and started
+    again: every accepted job completes, once (one terminal row each), none stays behind."""
+    instances = await cluster(("a", 2), ("b", 2), ("c", 2))
+    for instance in instances:
+        instance.env["TEST_STEP_SECONDS"] = "0.03"  # restarts pick it up; stages of ~0.3 s
+    rng = __import__("random").Random(14)
+    async with aiohttp.ClientSession() as http:
+        accepted = []
+        for n in range(40):
+            instance = instances[n % 3]
+            status, body = await post(http, f"{instance.base}/api/v1/analysis", json={"url": f"{URL}?n={n}"})
+            assert status == 202, body
+            accepted.append(body["job_id"])
+        for _ in range(4):  # kill one, let the others work, bring it back
+            await asyncio.sleep(1.5)
+            victim = rng.choice(instances)
+            victim.kill()
+            await asyncio.sleep(1.0)
+            await victim.start()
+        alive = instances[0]
+        async with asyncio.timeout(120):
+            while True:
+                listed = await get_json(http, f"{alive.base}/api/v1/jobs?limit=100")
+                ended = [j for j in listed["jobs"] if j["status"] in ("completed", "failed", "cancelled")]
+                if len(ended) == len(accepted):
+                    break
+                await asyncio.sleep(0.5)
+        assert sorted(j["job_id"] for j in ended) == sorted(accepted)
+        assert {j["status"] for j in ended} == {"completed"}, [j for j in ended if j["status"] != "completed"]
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        rows = await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+    finally:
+        await conn.close()
+    assert {r["status"]: r["n"] for r in rows} == {"completed": 40}

@@ -1,0 +1,270 @@
+"""The JobStore contract, run against both backends (SQLite in a temporary file, a throwaway
+PostgreSQL database), so that neither drifts from what the job service relies on."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore
+from klipstream.jobs.store.postgres import PostgresStore
+from klipstream.jobs.store.sqlite import SQLiteStore
+from klipstream.models import Job, JobError, JobStatus, Priority, utcnow
+
+
+@dataclass
+class Backend:
+    name: str
+    make: Callable[[], JobStore]  # a new store on the same database each call
+    conflict: type[Exception]  # what a duplicate key raises
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        path = tmp_path / "store.sqlite3"
+        return Backend("sqlite", lambda: SQLiteStore(path), sqlite3.IntegrityError)
+    url = request.getfixturevalue("postgres_url")
+    return Backend("postgres", lambda: PostgresStore(url, timeout=10), asyncpg.UniqueViolationError)
+
+
+@pytest.fixture
+async def store(backend: Backend) -> AsyncIterator[JobStore]:
+    store = backend.make()
+    await store.open()
+    yield store
+    await store.close()
+
+
+def new_job(n: int, **fields: object) -> Job:
+    fields.setdefault("video_id", f"v{n}")
+    return Job(job_id=f"job{n:04d}", url=f"https://www.twitch.tv/videos/{n}", **fields)  # type: ignore[arg-type]
+
+
+async def test_inserted_job_reads_back_equal(store: JobStore):
+    job = new_job(1, priority=Priority.HIGH)
+    await store.insert_job(JobRow.of(job))
+    assert await store.get_job("job0001") == job
+    assert await store.get_job("missing") is None
+    assert await store.ping()
+
+
+async def test_new_job_row_from_plain_data(store: JobStore):
+    """The submission path stores the JSON it encoded; reading it back gives the same job."""
+    job = new_job(2)
+    doc = job.model_dump(mode="python", exclude_defaults=True)
+    doc.update(priority=job.priority.value, created_at=job.created_at, dedup_key=job.dedup_key)
+    await store.insert_job(JobRow.new(doc, job.model_dump_json(exclude_defaults=True)))
+    assert await store.get_job(job.job_id) == job
+
+
+async def test_saved_changes_read_back_and_leave_the_active_set(store: JobStore):
+    job = new_job(3)
+    await store.insert_job(JobRow.of(job))
+    job.status = JobStatus.RUNNING
+    job.warnings.append("chat unavailable")
+    await store.save_job(job)
+    assert await store.get_job(job.job_id) == job
+    assert [j.job_id for j in await store.active_jobs()] == [job.job_id]
+    job.status = JobStatus.FAILED
+    job.error = JobError(
+        error_type="network_error",
+        error_code="network_error",
+        message="down",
+        is_retryable=True,
+        suggested_action="retry",
+    )
+    job.finished_at = utcnow()
+    await store.save_job(job)
+    assert await store.get_job(job.job_id) == job
+    assert await store.active_jobs() == []
+
+
+async def test_active_jobs_in_insertion_order(store: JobStore):
+    jobs = [new_job(n) for n in range(5)]
+    for job in jobs:
+        await store.insert_job(JobRow.of(job))
+    jobs[1].status = JobStatus.COMPLETED
+    jobs[1].finished_at = utcnow()
+    jobs[3].status = JobStatus.RUNNING
+    await store.save_job(jobs[1])
+    await store.save_job(jobs[3])
+    assert [j.job_id for j in await store.active_jobs()] == ["job0000", "job0002", "job0003", "job0004"]
+
+
+async def test_list_is_newest_first_with_filter_and_cursor(store: JobStore):
+    jobs = [new_job(n) for n in range(7)]
+    for job in jobs:
+        await store.insert_job(JobRow.of(job))
+    for job in jobs[::2]:
+        job.status = JobStatus.CANCELLED
+        job.finished_at = utcnow()
+        await store.save_job(job)
+    page = await store.list_jobs(None, 3, None)
+    assert [j.job_id for _, j in page] == ["job0006", "job0005", "job0004"]
+    seqs = [seq for seq, _ in page]
+    assert seqs == sorted(seqs, reverse=True)
+    rest = await store.list_jobs(None, 10, seqs[-1])
+    assert [j.job_id for _, j in rest] == ["job0003", "job0002", "job0001", "job0000"]
+    cancelled = await store.list_jobs("cancelled", 10, None)
+    assert [j.job_id for _, j in cancelled] == ["job0006", "job0004", "job0002", "job0000"]
+    assert all(j.status is JobStatus.CANCELLED for _, j in cancelled)
+    assert await store.list_jobs("running", 10, None) == []
+
+
+async def test_idempotency_record_is_stored_with_its_job(store: JobStore):
+    job = new_job(4)
+    record = IdempotencyRecord("key-1", "hash", job.job_id, '{"job_id":"job0004"}', 202)
+    await store.insert_job(JobRow.of(job), record)
+    assert await store.get_idempotency("key-1") == record
+    assert await store.get_idempotency("key-2") is None
+    assert await store.get_job(job.job_id) == job
+
+
+async def test_failed_write_in_a_burst_stays_local(store: JobStore, backend: Backend):
+    """One request of a group commit fails (a reused key, a reused job id); the others commit and
+    the failed one leaves nothing behind."""
+    jobs = [new_job(n) for n in range(6)]
+    record = IdempotencyRecord("same-key", "hash", "job0000", "{}", 202)
+    inserts = [store.insert_job(JobRow.of(job), record if i < 2 else None) for i, job in enumerate(jobs)]
+    inserts.append(store.insert_job(JobRow.of(new_job(3))))  # the same job id again
+    results = await asyncio.gather(*inserts, return_exceptions=True)
+    assert [r is None for r in results] == [True, False, True, True, True, True, False]
+    assert isinstance(results[1], backend.conflict) and isinstance(results[6], backend.conflict)
+    active = [j.job_id for j in await store.active_jobs()]
+    assert active == ["job0000", "job0002", "job0003", "job0004", "job0005"]
+    assert (await store.get_idempotency("same-key")).job_id == "job0000"  # type: ignore[union-attr]
+
+
+async def test_a_burst_of_submissions_is_all_stored(store: JobStore):
+    jobs = [new_job(n) for n in range(600)]  # more than one batch holds
+    records = [IdempotencyRecord(f"k{n}", "h", j.job_id, "{}", 202) if n % 3 == 0 else None for n, j in enumerate(jobs)]
+    await asyncio.gather(*(store.insert_job(JobRow.of(j), r) for j, r in zip(jobs, records, strict=True)))
+    assert len(await store.active_jobs()) == 600
+    assert (await store.get_idempotency("k597")).job_id == "job0597"  # type: ignore[union-attr]
+    assert await store.get_idempotency("k598") is None
+
+
+async def test_stage_runs_and_terminal_counts_since(store: JobStore):
+    await store.record_stage_run("download", 12.5, 3600.0)
+    await store.record_stage_run("chat", 2.0, None)
+    runs = await store.stage_runs(0)
+    assert sorted(runs) == [("chat", 2.0, None), ("download", 12.5, 3600.0)]
+    assert await store.stage_runs(utcnow().timestamp() + 60) == []
+    done = [new_job(n) for n in range(4)]
+    for job, status in zip(done, ["completed", "completed", "failed", "queued"], strict=True):
+        await store.insert_job(JobRow.of(job))
+        if status != "queued":
+            job.status = JobStatus(status)
+            job.finished_at = utcnow()
+            await store.save_job(job)
+    assert await store.terminal_counts((utcnow() - timedelta(minutes=1)).timestamp()) == {"completed": 2, "failed": 1}
+    assert await store.terminal_counts((utcnow() + timedelta(minutes=1)).timestamp()) == {}
+
+
+async def test_state_survives_reopening(backend: Backend):
+    store = backend.make()
+    await store.open()
+    job = new_job(5)
+    await store.insert_job(JobRow.of(job), IdempotencyRecord("k", "h", job.job_id, "{}", 202))
+    job.status = JobStatus.RUNNING
+    await store.save_job(job)
+    await store.close()
+    again = backend.make()
+    await again.open()  # the migrations find the schema current
+    assert await again.get_job(job.job_id) == job
+    assert [j.job_id for j in await again.active_jobs()] == [job.job_id]
+    assert await again.get_idempotency("k") is not None
+    await again.close()
+
+
+async def test_writes_made_just_before_close_are_committed(backend: Backend):
+    store = backend.make()
+    await store.open()
+    job = new_job(6)
+    insert = asyncio.ensure_future(store.insert_job(JobRow.of(job)))
+    await asyncio.sleep(0)  # queued for this loop turn, not yet handed to the writer
+    await store.close()
+    await insert
+    again = backend.make()
+    await again.open()
+    assert await again.get_job(job.job_id) == job
+    await again.close()
+
+
+async def test_calls_after_close_are_refused(backend: Backend):
+    store = backend.make()
+    await store.open()
+    await store.close()
+    with pytest.raises(RuntimeError):
+        await store.get_job("a")
+    with pytest.raises(RuntimeError):
+        await store.save_job(new_job(7))
+
+
+async def test_saves_of_a_job_from_successive_loop_turns_land_in_order(store: JobStore):
+    """Writes are not awaited one by one here (as a runner's background progress save and its
+    next state change are not): the last save made is the one the store keeps, even when the
+    earlier one is in a slower transaction still in flight."""
+    job = new_job(8)
+    await store.insert_job(JobRow.of(job))
+    for n in range(30):
+        # A slow batch whose save comes last, then a fast one with only a save: the second must
+        # not overtake the first.
+        slow = [store.insert_job(JobRow.of(new_job(1000 + n * 100 + i))) for i in range(60)]
+        job.warnings.append(f"step {n}a")
+        slow.append(store.save_job(job.model_copy(deep=True)))
+        first = asyncio.gather(*slow)
+        await asyncio.sleep(0.001)  # the slow batch is on its way
+        job.warnings.append(f"step {n}b")
+        await asyncio.gather(first, store.save_job(job.model_copy(deep=True)))
+        stored = await store.get_job(job.job_id)
+        assert stored is not None and stored.warnings == job.warnings, f"round {n}"
+
+
+async def test_dedup_key_and_key_owner_read_back(store: JobStore):
+    job = new_job(9, dedup_key="v9:0123456789abcdef")
+    record = IdempotencyRecord("owner-a:key", "hash", job.job_id, "{}", 202, "owner-a")
+    await store.insert_job(JobRow.of(job), record)
+    assert (await store.get_job(job.job_id)).dedup_key == "v9:0123456789abcdef"  # type: ignore[union-attr]
+    assert await store.get_idempotency("owner-a:key") == record
+
+
+async def test_retention_deletes_only_what_ended_before_the_cutoff(store: JobStore):
+    """The janitor's deletes: finished jobs by their end, in bounded batches; active jobs never;
+    idempotency records and stage runs by age."""
+    jobs = [new_job(n) for n in range(6)]
+    for job in jobs:
+        await store.insert_job(JobRow.of(job), IdempotencyRecord(f"k{job.job_id}", "h", job.job_id, "{}", 202))
+    old = utcnow() - timedelta(hours=2)
+    for job, status in zip(jobs, ["completed", "failed", "cancelled", "completed", "running", "queued"], strict=True):
+        job.status = JobStatus(status)
+        if job.status.terminal:
+            job.finished_at = old if job.job_id != "job0003" else utcnow()
+        await store.save_job(job)
+    states = await store.job_states(["job0000", "job0004", "job0005", "missing"])
+    assert states["job0000"] == ("completed", old.timestamp())
+    assert states["job0004"] == ("running", None) and states["job0005"] == ("queued", None)
+    assert "missing" not in states
+    assert await store.job_states([]) == {}
+    cutoff = (utcnow() - timedelta(hours=1)).timestamp()
+    first = await store.delete_finished_jobs(cutoff, 2)
+    second = await store.delete_finished_jobs(cutoff, 2)
+    assert len(first) == 2 and sorted(first + second) == ["job0000", "job0001", "job0002"]
+    assert await store.delete_finished_jobs(cutoff, 2) == []
+    left = await store.job_states([j.job_id for j in jobs])
+    assert sorted(left) == ["job0003", "job0004", "job0005"]
+    assert await store.delete_idempotency(utcnow().timestamp() - 3600) == 0
+    assert await store.delete_idempotency(utcnow().timestamp() + 60) == 6
+    assert await store.get_idempotency("kjob0003") is None
+    await store.record_stage_run("download", 1.0, None)
+    assert await store.delete_stage_runs(utcnow().timestamp() - 3600) == 0
+    assert await store.delete_stage_runs(utcnow().timestamp() + 60) == 1
+    assert await store.stage_runs(0) == []

@@ -4,6 +4,8 @@
 #
 #   PROJECT_ID=my-proj ./deploy/deploy.sh                 # CPU service
 #   PROJECT_ID=my-proj VARIANT=gpu ./deploy/deploy.sh     # NVIDIA L4 variant
+#   PROJECT_ID=my-proj VARIANT=cluster CLOUDSQL_INSTANCE=my-proj:us-central1:klipstream-db ./deploy/deploy.sh
+#                                                         # several instances on Cloud SQL (docs/deploy.md)
 #
 # Variables: PROJECT_ID (required), REGION (us-central1), SERVICE (klipstream-analysis, or
 # klipstream-analysis-gpu for VARIANT=gpu), REPOSITORY (klipstream, an Artifact Registry Docker
@@ -19,9 +21,16 @@ VARIANT="${VARIANT:-cpu}"
 case "$VARIANT" in
   cpu) MANIFEST=deploy/cloudrun.yaml; DEFAULT_SERVICE=klipstream-analysis; WITH_CUDA="" ;;
   gpu) MANIFEST=deploy/cloudrun-gpu.yaml; DEFAULT_SERVICE=klipstream-analysis-gpu; WITH_CUDA=1 ;;
-  *) echo "VARIANT must be cpu or gpu" >&2; exit 2 ;;
+  cluster) MANIFEST=deploy/cloudrun-cluster.yaml; DEFAULT_SERVICE=klipstream-analysis; WITH_CUDA="" ;;
+  *) echo "VARIANT must be cpu, gpu or cluster" >&2; exit 2 ;;
 esac
 SERVICE="${SERVICE:-$DEFAULT_SERVICE}"
+CLOUDSQL_INSTANCE="${CLOUDSQL_INSTANCE:-}"  # PROJECT:REGION:INSTANCE, VARIANT=cluster only
+MAX_INSTANCES="${MAX_INSTANCES:-4}"  # VARIANT=cluster only
+if [ "$VARIANT" = cluster ] && [ -z "$CLOUDSQL_INSTANCE" ]; then
+  echo "VARIANT=cluster needs CLOUDSQL_INSTANCE=PROJECT:REGION:INSTANCE (docs/deploy.md)" >&2
+  exit 2
+fi
 REPOSITORY="${REPOSITORY:-klipstream}"
 SERVICE_ACCOUNT="${SERVICE_ACCOUNT:-klipstream-analysis@${PROJECT_ID}.iam.gserviceaccount.com}"
 CONVEX_URL="${CONVEX_URL:-}"
@@ -34,7 +43,9 @@ if [ -n "$WHISPER_MODEL" ] && [ ! -f "$WHISPER_MODEL/model.bin" ]; then
   echo "WHISPER_MODEL=$WHISPER_MODEL: no model.bin there (it must be a CTranslate2 model inside this repository)" >&2
   exit 2
 fi
-for secret in klipstream-admin-token klipstream-api-keys klipstream-convex-secret klipstream-webhook-secret; do
+secrets="klipstream-admin-token klipstream-api-keys klipstream-convex-secret klipstream-webhook-secret"
+[ "$VARIANT" = cluster ] && secrets="$secrets klipstream-database-url"
+for secret in $secrets; do
   if ! gcloud secrets describe "$secret" --project "$PROJECT_ID" >/dev/null 2>&1; then
     echo "Secret Manager secret $secret is missing; see docs/deploy.md (create it, even with a placeholder)" >&2
     exit 2
@@ -70,6 +81,8 @@ sed -e "s|__SERVICE_ACCOUNT__|${SERVICE_ACCOUNT}|g" \
     -e "s|__REGION__|${REGION}|g" \
     -e "s|__IMAGE__|${IMAGE}|g" \
     -e "s|__CONVEX_URL__|${CONVEX_URL}|g" \
+    -e "s|__CLOUDSQL_INSTANCE__|${CLOUDSQL_INSTANCE}|g" \
+    -e "s|__MAX_INSTANCES__|${MAX_INSTANCES}|g" \
     "$MANIFEST" >"$manifest"
 gcloud run services replace "$manifest" --project "$PROJECT_ID" --region "$REGION"
 rm -f "$manifest"

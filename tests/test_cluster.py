@@ -8,8 +8,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -18,60 +16,31 @@ import aiohttp
 import asyncpg
 import pytest
 
-from tests.test_process_lifecycle import ROOT, free_port, get_json, wait_for
+from tests.test_process_lifecycle import ServerProcess, get_json, wait_for
 
 LEASE_SECONDS = 2.0
 URL = "https://example.com/a.mp4"
 
 
-class Instance:
+class Instance(ServerProcess):
     """One server process of the cluster; all share the database, the data directory (job working
     directories: the checkpoints a resumed job continues from) and the stage marker logs."""
 
     def __init__(self, name: str, root: Path, database_url: str, max_running: int) -> None:
-        self.name = name
-        self.root = root
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.env = {
-            **os.environ,
-            "KLIPSTREAM_DATABASE_URL": database_url,
-            "KLIPSTREAM_INSTANCE_ID": name,
-            "KLIPSTREAM_LEASE_SECONDS": str(LEASE_SECONDS),
-            "KLIPSTREAM_HEARTBEAT_SECONDS": "0.5",
-            "KLIPSTREAM_CLAIM_POLL_SECONDS": "0.2",
-            "KLIPSTREAM_ADMIN_LOOPBACK": "true",
-            "TEST_MAX_RUNNING_JOBS": str(max_running),
-            "TEST_STEP_SECONDS": "0.15",
-        }
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = root / f"{name}.log"
-
-    async def start(self) -> None:
-        cmd = [sys.executable, "-m", "tests.serve_test_pipeline", str(self.root / "data"), str(self.port)]
-        self.proc = subprocess.Popen(
-            [*cmd, str(self.root / "markers")],
-            cwd=ROOT,
-            env=self.env,
-            stdout=self.log.open("ab"),
-            stderr=subprocess.STDOUT,
+        super().__init__(
+            root,
+            name=name,
+            env={
+                "KLIPSTREAM_DATABASE_URL": database_url,
+                "KLIPSTREAM_INSTANCE_ID": name,
+                "KLIPSTREAM_LEASE_SECONDS": str(LEASE_SECONDS),
+                "KLIPSTREAM_HEARTBEAT_SECONDS": "0.5",
+                "KLIPSTREAM_CLAIM_POLL_SECONDS": "0.2",
+                "KLIPSTREAM_ADMIN_LOOPBACK": "true",
+                "TEST_MAX_RUNNING_JOBS": str(max_running),
+                "TEST_STEP_SECONDS": "0.15",
+            },
         )
-        async with aiohttp.ClientSession() as http:
-            async with asyncio.timeout(30):
-                while True:
-                    try:
-                        async with http.get(f"{self.base}/health/ready") as resp:
-                            if resp.status == 200:
-                                return
-                    except aiohttp.ClientError:
-                        pass
-                    assert self.proc.poll() is None, self.log.read_text()
-                    await asyncio.sleep(0.05)
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
 
 
 @pytest.fixture
@@ -88,7 +57,7 @@ async def cluster(tmp_path: Path, postgres_url: str):
 
     yield start
     for instance in made:
-        instance.kill()
+        instance.stop()
 
 
 def stage_log(root: Path, stage: str) -> list[str]:
@@ -299,7 +268,7 @@ async def test_chaos_jobs_survive_instances_killed_and_restarted(cluster, postgr
         for _ in range(4):  # kill one, let the others work, bring it back
             await asyncio.sleep(1.5)
             victim = rng.choice(instances)
-            victim.kill()
+            victim.stop()
             await asyncio.sleep(1.0)
             await victim.start()
         alive = instances[0]

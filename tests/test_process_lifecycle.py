@@ -25,23 +25,29 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, tmp_path: Path) -> None:
-        self.data_dir = tmp_path / "data"
-        self.markers = tmp_path / "markers"
+    """One `klipstream serve` of the test pipeline (tests/serve_test_pipeline.py) under `root`:
+    data directory, stage marker logs and its own log file; `env` is added to this environment."""
+
+    def __init__(self, root: Path, *, name: str = "server", env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.data_dir = root / "data"
+        self.markers = root / "markers"
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
+        self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tmp_path / "server.log"
+        self.log = root / f"{name}.log"
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = 30.0) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.serve_test_pipeline", str(self.data_dir), str(self.port), str(self.markers)],
             cwd=ROOT,
+            env=self.env,
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
         )
         async with aiohttp.ClientSession() as http:
-            async with asyncio.timeout(20):
+            async with asyncio.timeout(timeout):
                 while True:
                     try:
                         async with http.get(f"{self.base}/health/ready") as resp:

@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from klipstream.config import Settings
+from klipstream.integrations.outbox import NewDelivery, Outbox
 from klipstream.jobs.store import IdempotencyRecord, JobRow
 from klipstream.jobs.store.postgres import PostgresStore
 from klipstream.jobs.store.sqlite import SQLiteStore
@@ -231,5 +232,10 @@ async def test_bad_sources_and_targets_are_one_line_errors_and_write_nothing(pos
     await refused("--from", str(path), "--to", nobody, code=3, says="cannot reach postgresql://")
     await refused("--from", str(path), code=2, says="KLIPSTREAM_DATABASE_URL")
     assert await fetchval(postgres_url, "SELECT to_regclass('jobs') IS NULL")  # nothing was written
+    outbox = Outbox(path)  # a webhook the stopped server had not sent yet
+    await outbox.open()
+    await outbox.add([NewDelivery("d1", "j1", "http://127.0.0.1:9/hook", "job.queued", "{}", 1.0)])
+    await outbox.close()
     copied = await db_copy("--from", str(path), "--to", postgres_url)  # once the server is stopped
     assert copied.returncode == 0 and counts(copied.stdout)["jobs"] == "1 copied, 0 already there"
+    assert "1 webhook deliveries are still pending" in copied.stderr and "not copied" in copied.stderr

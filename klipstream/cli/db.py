@@ -155,8 +155,8 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
         print(copied.line())
     if pending:
         print(
-            f"warning: {pending} webhook deliveries are still pending in {source}; they are not copied "
-            "(the outbox stays in each instance's local file): run the SQLite instance until they are sent",
+            f"warning: {pending} webhook deliveries are still pending in {source} and are not copied (the "
+            "outbox stays in each instance's own file): an instance started with this data directory sends them",
             file=sys.stderr,
         )
     print(f"copied {source} into {where}")

@@ -146,9 +146,9 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
         except UNAVAILABLE as exc:
             raise CliError(f"cannot reach {where}: {type(exc).__name__}: {exc}", EXIT_UNREACHABLE) from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
-            raise CliError(f"copy to {where} failed, nothing was written: {type(exc).__name__}: {exc}") from None
+            raise CliError(f"copy to {where} failed, no rows were written: {type(exc).__name__}: {exc}") from None
         except sqlite3.Error as exc:
-            raise CliError(f"cannot read {source}: {exc}; nothing was written", EXIT_UNREACHABLE) from None
+            raise CliError(f"cannot read {source}: {exc}; no rows were written", EXIT_UNREACHABLE) from None
     finally:
         conn.close()
     for copied in tables:
@@ -170,7 +170,7 @@ def _open_source(path: Path) -> sqlite3.Connection:
     refuses while another connection has the file open: a server still using the file is detected
     here, and none can start writing to it until the copy is done."""
     try:
-        conn = sqlite3.connect(f"file:{path}?mode=rw", uri=True, isolation_level=None, timeout=1.0)
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=rw", uri=True, isolation_level=None, timeout=1.0)
     except sqlite3.Error as exc:
         raise CliError(f"cannot open {path}: {exc}", EXIT_USAGE) from None
     try:

@@ -2,7 +2,8 @@
 
 `serve` runs the service; `analyze` runs one job in this process through the same JobService and
 pipeline (klipstream.cli.local); `submit`, `status`, `watch`, `cancel` and `jobs` talk to a running
-server (klipstream.cli.remote); `db upgrade` applies the schema migrations (klipstream.cli.db).
+server (klipstream.cli.remote); `db upgrade` applies the schema migrations and `db copy` moves an SQLite
+store into PostgreSQL (klipstream.cli.db).
 Every failure ends as one line on stderr and a non-zero exit code, never a traceback.
 """
 
@@ -109,12 +110,41 @@ def _add_db(commands: Any) -> None:
         description="Bring the database's schema to this version's (the server also does this at start).",
     )
     upgrade.set_defaults(func=_cmd_db_upgrade)
+    copy = actions.add_parser(
+        "copy",
+        help="copy an SQLite job store into PostgreSQL",
+        description=(
+            "Copy the jobs (with their results and stages), idempotency keys and stage timings of an SQLite job "
+            "store into PostgreSQL, in one transaction, after bringing both schemas to this version's. Running "
+            "jobs arrive queued, to be claimed by any instance. Rows the target holds already are left as they "
+            "are, so running the copy again copies only what is missing. Stop the server using the SQLite file "
+            "first: the copy refuses a file that is in use."
+        ),
+        epilog="Exit codes: 0 copied, 2 usage error (bad source file, file in use), 3 database unreachable or refused.",
+    )
+    copy.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="FILE",
+        help="the SQLite file (klipstream.sqlite3 in the data directory)",
+    )
+    copy.add_argument(
+        "--to", metavar="URL", help="the PostgreSQL database, postgresql://… (default: $KLIPSTREAM_DATABASE_URL)"
+    )
+    copy.set_defaults(func=_cmd_db_copy)
 
 
 def _cmd_db_upgrade(args: argparse.Namespace) -> int:
     from klipstream.cli.db import cmd_db_upgrade  # asyncpg is imported only by the commands that use it
 
     return cmd_db_upgrade(args)
+
+
+def _cmd_db_copy(args: argparse.Namespace) -> int:
+    from klipstream.cli.db import cmd_db_copy
+
+    return cmd_db_copy(args)
 
 
 def _add_analyze(commands: Any) -> None:

@@ -116,15 +116,23 @@ async def test_submit_on_a_status_on_b_cancel_on_c_retry_anywhere(cluster, tmp_p
     assert stage_log(tmp_path, "download") == [f"start {b_pid}", f"end {b_pid}"]
 
 
+async def start_on_one_of(
+    http: aiohttp.ClientSession, a: Instance, b: Instance, root: Path
+) -> tuple[str, int, Instance, Instance]:
+    """Submit a job on `a` and wait for its audio stage: (job path, owner pid, owner, the other)."""
+    status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
+    assert status == 202
+    job_url = f"/api/v1/analysis/{first['job_id']}"
+    await wait_for(http, f"{a.base}{job_url}", lambda j: j["stages"][1]["status"] == "running")
+    owner_pid = int(stage_log(root, "audio")[0].split()[1])
+    owner, survivor = (a, b) if owner_pid == a.proc.pid else (b, a)  # type: ignore[union-attr]
+    return job_url, owner_pid, owner, survivor
+
+
 async def test_kill_9_of_the_running_instance_another_resumes_the_job_after_its_lease(cluster, tmp_path: Path):
     a, b = await cluster(("a", 1), ("b", 1))
     async with aiohttp.ClientSession() as http:
-        status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
-        assert status == 202
-        job_url = f"/api/v1/analysis/{first['job_id']}"
-        await wait_for(http, f"{a.base}{job_url}", lambda j: j["stages"][1]["status"] == "running")
-        owner_pid = int(stage_log(tmp_path, "audio")[0].split()[1])
-        owner, survivor = (a, b) if owner_pid == a.proc.pid else (b, a)  # type: ignore[union-attr]
+        job_url, owner_pid, owner, survivor = await start_on_one_of(http, a, b, tmp_path)
         os.kill(owner_pid, signal.SIGKILL)
         owner.proc.wait()  # type: ignore[union-attr]
         killed = time.monotonic()
@@ -154,12 +162,7 @@ async def test_a_stalled_owner_loses_its_lease_and_stops_without_writing(cluster
     writes lands, so the job completes once, on the other instance."""
     a, b = await cluster(("a", 1), ("b", 1))
     async with aiohttp.ClientSession() as http:
-        status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
-        assert status == 202
-        job_url = f"/api/v1/analysis/{first['job_id']}"
-        await wait_for(http, f"{a.base}{job_url}", lambda j: j["stages"][1]["status"] == "running")
-        owner_pid = int(stage_log(tmp_path, "audio")[0].split()[1])
-        owner, survivor = (a, b) if owner_pid == a.proc.pid else (b, a)  # type: ignore[union-attr]
+        job_url, owner_pid, owner, survivor = await start_on_one_of(http, a, b, tmp_path)
         os.kill(owner_pid, signal.SIGSTOP)
         try:
             await wait_for(

@@ -699,13 +699,9 @@ class JobService:
                 log.exception("could not store the cancellation; the job goes back in line", extra={"job_id": job_id})
                 self.queue.push(job_id, job.priority, force=True)
             return
-        self._warm_up()
-        run = JobRun(self.deps, self.stages, job)
-        self.runs[job_id] = run
         try:
-            await run.run()
+            await self._execute(job)
         finally:
-            self.runs.pop(job_id, None)
             if job.status is JobStatus.QUEUED and not self.shutting_down:
                 self.queue.push(job_id, job.priority, force=True)
 
@@ -725,16 +721,20 @@ class JobService:
                 except Exception:  # its lease lapses and the reaper re-queues it
                     log.exception("could not store the cancellation", extra={"job_id": job_id})
                 return
-            self._warm_up()
-            run = JobRun(self.deps, self.stages, job)
-            self.runs[job_id] = run
-            try:
-                await run.run()
-            finally:
-                self.runs.pop(job_id, None)
+            await self._execute(job)
         finally:
             if not job.status.terminal:  # back in the shared queue, or lost: no longer this instance's
                 self._untrack(job_id, job_dedup_key(job))
+
+    async def _execute(self, job: Job) -> None:
+        """Run a job's stages here, registered in `runs` while they run (cancel finds it there)."""
+        self._warm_up()
+        run = JobRun(self.deps, self.stages, job)
+        self.runs[job.job_id] = run
+        try:
+            await run.run()
+        finally:
+            self.runs.pop(job.job_id, None)
 
     def _warm_up(self) -> None:
         """Start the transcription workers when a job starts, so loading the model overlaps the

@@ -194,13 +194,11 @@ class TimeMap:
     def __init__(self, pieces: tuple[tuple[int, int], ...]) -> None:
         self.pieces = pieces
         self.clip_samples: list[int] = []  # where each piece begins in the clip, samples
-        self.clip_starts: list[float] = []  # the same in seconds
         self.clip_ends: list[float] = []
         self.vod_starts: list[float] = []
         clip = 0
         for s, e in pieces:
             self.clip_samples.append(clip)
-            self.clip_starts.append(clip / SAMPLE_RATE)
             clip += e - s
             self.clip_ends.append(clip / SAMPLE_RATE)
             self.vod_starts.append(s / SAMPLE_RATE)
@@ -215,7 +213,8 @@ class TimeMap:
         # A start exactly on a border belongs to the next piece, an end to the previous one.
         i = bisect.bisect_left(self.clip_ends, t) if end else bisect.bisect_right(self.clip_ends, t)
         i = min(i, len(self.clip_ends) - 1)
-        local = min(max(t - self.clip_starts[i], 0.0), self.clip_ends[i] - self.clip_starts[i])
+        start = self.clip_samples[i] / SAMPLE_RATE
+        local = min(max(t - start, 0.0), self.clip_ends[i] - start)
         return round(self.vod_starts[i] + local, 3)
 
 

@@ -247,6 +247,34 @@ UPDATE convex_updates SET attempts = attempts + 1, next_attempt_at = $1, last_er
 WHERE job_id = $3 AND claimed_by = $4
 """
 
+# The pending outbox rows of an SQLite file (klipstream.integrations.outbox, `klipstream db copy`):
+# keyed by delivery id and job id, so an import repeated or interrupted writes nothing twice.
+IMPORT_DELIVERIES = """
+INSERT INTO webhook_deliveries
+    (id, job_id, url, event, body, created_at, next_attempt_at, attempts, last_status, last_error)
+SELECT r.id, r.job_id, r.url, r.event, r.body, r.created_at, r.next_attempt_at, r.attempts, r.last_status,
+    r.last_error
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::float8[], $8::int[],
+    $9::int[], $10::text[]) WITH ORDINALITY
+    AS r (id, job_id, url, event, body, created_at, next_attempt_at, attempts, last_status, last_error, n)
+ORDER BY r.n
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+IMPORT_ATTEMPTS = """
+INSERT INTO webhook_attempts (delivery_id, attempt, at, status, error, duration_ms)
+SELECT * FROM unnest($1::text[], $2::int[], $3::float8[], $4::int[], $5::text[], $6::float8[])
+ON CONFLICT (delivery_id, attempt) DO NOTHING
+RETURNING delivery_id
+"""
+IMPORT_CONVEX = """
+INSERT INTO convex_updates (job_id, path, args, version, updated_at, next_attempt_at)
+SELECT r.job_id, r.path, r.args, 1, r.updated_at, r.updated_at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS r (job_id, path, args, updated_at)
+ON CONFLICT (job_id) DO NOTHING
+RETURNING job_id
+"""
+
 
 def effect_statements(effects: Effects) -> tuple[tuple[str, Sequence[Any]], ...]:
     """The statements that write `effects`, for the transaction of the job change causing them."""
@@ -795,6 +823,19 @@ class PostgresStore:
         if writes:
             await asyncio.gather(*writes)
 
+    async def import_deliveries(self, deliveries: Sequence[Sequence[Any]], attempts: Sequence[Sequence[Any]]) -> int:
+        """Pending deliveries of an SQLite outbox (IMPORT_DELIVERIES' columns) with their attempts,
+        in one transaction; how many were new here."""
+
+        async def run(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                new = await conn.fetch(IMPORT_DELIVERIES, *map(list, zip(*deliveries, strict=True)))
+                if attempts:
+                    await conn.fetch(IMPORT_ATTEMPTS, *map(list, zip(*attempts, strict=True)))
+            return len(new)
+
+        return await self._with_connection(run)
+
     async def claim_deliveries(self, owner: str, now: float, limit: int, lease_seconds: float) -> list[Delivery]:
         rows = await self._with_connection(lambda c: c.fetch(_CLAIM_DELIVERIES, owner, now, lease_seconds, limit))
         return sorted((Delivery(*r) for r in rows), key=lambda d: d.created_at)
@@ -900,7 +941,9 @@ class PostgresStore:
         await self._with_connection(lambda c: c.execute(*args))
 
     async def convex_backlog(self) -> int:
-        return await self._read(lambda c: c.fetchval("SELECT count(*) FROM convex_updates WHERE version > sent_version"))
+        return await self._read(
+            lambda c: c.fetchval("SELECT count(*) FROM convex_updates WHERE version > sent_version")
+        )
 
 
 async def _keep_session(conn: asyncpg.Connection) -> None:

@@ -184,10 +184,10 @@ async def test_slow_store_write_is_settled_and_replayed_by_idempotency_key(make_
     monkeypatch.setattr(store_module, "CALL_TIMEOUT_SECONDS", 1.0)  # after start: startup has its own pace
     blocker = sqlite3.connect(settings.database_path, isolation_level=None, check_same_thread=False)
 
-    async def insert_behind_a_lock(self: SQLiteStore, row: Any, record: Any = None) -> None:
+    async def insert_behind_a_lock(self: SQLiteStore, row: Any, record: Any = None, effects: Any = NO_EFFECTS) -> None:
         if not blocker.in_transaction:
             blocker.execute("BEGIN IMMEDIATE")  # a second writer takes the lock just before ours
-        await original(self, row, record)
+        await original(self, row, record, effects)
 
     monkeypatch.setattr(SQLiteStore, "insert_job", insert_behind_a_lock)
     try:

@@ -975,12 +975,28 @@ class _Batch:
 def _runs(writes: list[_Write]) -> list[tuple[str, list[Sequence[Any]]]]:
     """Consecutive writes of the same statement, as (statement, argument rows), in order."""
     runs: list[tuple[str, list[Sequence[Any]]]] = []
+
+    def add(sql: str, args: Sequence[Any]) -> None:
+        if runs and runs[-1][0] == sql:
+            runs[-1][1].append(args)
+        else:
+            runs.append((sql, [args]))
+
+    # The outbox rows of the writes (`then`) go after all the writes' own statements when no
+    # write's own statement is one of them (a burst of submissions with their Convex rows: two runs,
+    # not two per submission). Job rows and outbox rows never read each other, so this keeps every
+    # order that matters: of a job's writes, and of the outbox rows among themselves.
+    mains = {w.sql for w in writes}
+    hoist = not any(sql in mains for w in writes for sql, _ in w.then)
     for write in writes:
-        for sql, args in ((write.sql, write.args), *write.then):
-            if runs and runs[-1][0] == sql:
-                runs[-1][1].append(args)
-            else:
-                runs.append((sql, [args]))
+        add(write.sql, write.args)
+        if not hoist:
+            for sql, args in write.then:
+                add(sql, args)
+    if hoist:
+        for write in writes:
+            for sql, args in write.then:
+                add(sql, args)
     return runs
 
 

@@ -43,6 +43,7 @@ class Request:
     webhook_id: str
     event: str
     job_id: str
+    created: str  # the event's `timestamp`: when the job change happened
     started: float
     ended: float = 0.0
     status: int = 0
@@ -71,7 +72,9 @@ class Receiver:
 
     async def handle(self, request: web.Request) -> web.Response:
         body = json.loads(await request.read())
-        record = Request(request.headers["webhook-id"], body["type"], body["data"]["job_id"], time.monotonic())
+        record = Request(
+            request.headers["webhook-id"], body["type"], body["data"]["job_id"], body["timestamp"], time.monotonic()
+        )
         self.requests.append(record)
         if self.open_ids[record.webhook_id]:
             self.concurrent_duplicates.append(record.webhook_id)
@@ -234,8 +237,9 @@ async def test_two_instances_never_send_one_delivery_at_once(
     by_id = Counter(r.webhook_id for r in hooks.requests)
     assert max(by_id.values()) == 1  # nothing was sent twice at all
     for job_id in jobs:
-        events = [r.event for r in hooks.requests if r.job_id == job_id]
-        assert events[0] == "job.started" and events[-1] == "job.completed", events
+        received = [r for r in hooks.requests if r.job_id == job_id]
+        assert received[0].event == "job.started" and received[-1].event == "job.completed", received
+        assert [r.created for r in received] == sorted(r.created for r in received)  # in the order they happened
     sent_by = {p.name: len(re.findall(r"webhook job\.\S+ msg_\w+ for job", p.log.read_text())) for p in (a, b)}
     assert all(sent_by.values()), sent_by
     assert all(d["state"] == "delivered" for d in history["webhook_deliveries"])

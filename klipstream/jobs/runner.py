@@ -31,7 +31,7 @@ from klipstream.errors import (
 )
 from klipstream.jobs.progress import compute_progress
 from klipstream.jobs.stage import ProgressSink, Resource, Stage, StageContext
-from klipstream.jobs.store import LeaseLost
+from klipstream.jobs.store import NO_EFFECTS, Effects, LeaseLost
 from klipstream.models import (
     Job,
     JobError,
@@ -55,7 +55,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JobListener = Callable[[str, Job], None]  # (event kind, job): started, stage_changed, progress, ...
-PROGRESS_PERSIST_SECONDS = 2.0
+# The rows a job change writes with the job (event stream rows, ...), by the change's kind (None: a
+# checkpoint no one is told about); and what is told they committed.
+EffectsOf = Callable[[str | None, Job], Effects]
+Committed = Callable[[Job, Effects], None]
+
+
+def _no_effects(kind: str | None, job: Job) -> Effects:
+    return NO_EFFECTS
+
+
+def _nothing_committed(job: Job, effects: Effects) -> None:
+    return None
+
+
 # A terminal state is written with retries: a job must not stay "running" in the store because
 # one write failed. Delays between the attempts, in seconds.
 FINAL_SAVE_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
@@ -80,6 +93,8 @@ class RunnerDeps:
     limits: dict[Resource, ResourceLimit] = field(default_factory=dict)
     transcriber: Transcriber | None = None  # None in pipelines without a transcription stage
     user_http: aiohttp.ClientSession | None = None  # for user-supplied URLs (klipstream.network)
+    effects: EffectsOf = _no_effects  # composed by the JobService from its producers
+    committed: Committed = _nothing_committed
 
 
 class ResourceLimit:
@@ -164,7 +179,12 @@ class JobRun(ProgressSink):
         )
         self._stage_started: dict[str, float] = {}
         self._last_persist = 0.0
-        self._persisting: asyncio.Task[None] | None = None
+        self._last_progress = 0.0
+        self._persisting: asyncio.Task[None] | None = None  # the progress checkpoint in flight
+        self._background: set[asyncio.Task[None]] = set()  # other saves without a caller waiting
+        # One save of this job at a time: its events get consecutive sequences and are published
+        # in the order they committed (the store writes a job's rows in order anyway).
+        self._save_lock = asyncio.Lock()
         self._task: asyncio.Task[Any] | None = None
 
     def lease_lost(self) -> None:
@@ -213,7 +233,7 @@ class JobRun(ProgressSink):
         job.error = None
         job.queue_position = None
         self._refresh_progress()
-        await self._save()
+        await self._save("started")
         self._emit("started")
 
     async def _prepare_workdir(self) -> None:
@@ -302,6 +322,7 @@ class JobRun(ProgressSink):
                     state.status = StageStatus.SKIPPED
                     state.message = "not requested for this job"
                     state.finished_at = utcnow()
+                    self._save_soon("stage_changed")
                     self._emit("stage_changed")
                     changed = True
                     continue
@@ -310,6 +331,7 @@ class JobRun(ProgressSink):
                     state.status = StageStatus.SKIPPED
                     state.message = "an input it needs is unavailable for this video"
                     state.finished_at = utcnow()
+                    self._save_soon("stage_changed")
                     self._emit("stage_changed")
                     changed = True
                 elif readiness == "ready":
@@ -343,7 +365,7 @@ class JobRun(ProgressSink):
                 state.message = str(exc)
                 state.finished_at = utcnow()
                 self.job.warnings.append(f"{stage.display.value}: {exc}")
-                await self._save()
+                await self._save("stage_changed")
                 self._emit("stage_changed")
                 return
             except (asyncio.CancelledError, LeaseLost):
@@ -360,7 +382,7 @@ class JobRun(ProgressSink):
                 delay = self.retry.delay(attempt, error.retry_after)
                 state.status = StageStatus.PENDING
                 state.message = f"retrying in {delay:.1f} s after: {error.message}"
-                await self._save()
+                await self._save("stage_changed")
                 self._emit("stage_changed")
                 await asyncio.sleep(delay)
         await self._stage_completed(stage, state, ctx)
@@ -385,7 +407,7 @@ class JobRun(ProgressSink):
             state.message = None
             self._stage_started[stage.name] = time.monotonic()
             self._refresh_progress()
-            await self._save()
+            await self._save("stage_changed")
             self._emit("stage_changed")
             timeout = stage.timeout(ctx) if stage.timeout else self.settings.stage_timeout_seconds
             deadline = asyncio.timeout(timeout)
@@ -417,7 +439,7 @@ class JobRun(ProgressSink):
         media_seconds = self.job.video.duration_seconds if self.job.video else None
         self.deps.timings.add(stage.name, seconds, media_seconds)
         self._refresh_progress()
-        await self._save()
+        await self._save("stage_changed")
         await self.deps.store.record_stage_run(stage.name, seconds, media_seconds)
         self._emit("stage_changed")
         for key, path in ctx.outputs.items():
@@ -462,7 +484,7 @@ class JobRun(ProgressSink):
         job.status = JobStatus.COMPLETED
         job.finished_at = utcnow()
         self._refresh_progress()
-        await self._save_final()
+        await self._save_final("completed")
         self._emit("completed")
         if not self.settings.keep_workdirs:
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
@@ -474,7 +496,7 @@ class JobRun(ProgressSink):
         job.finished_at = utcnow()
         self._close_unfinished_stages(f"not run: the job failed{f' in {stage}' if stage else ''}")
         self._refresh_progress()
-        await self._save_final()
+        await self._save_final("failed")
         log.warning(
             "job failed: %s",
             error.message,
@@ -492,14 +514,14 @@ class JobRun(ProgressSink):
         except OSError:
             log.warning("could not remove partial files", exc_info=True, extra={"job_id": job.job_id})
         self._refresh_progress()
-        await self._save_final()
+        await self._save_final("cancelled")
         self._emit("cancelled")
 
     async def _requeue(self) -> None:
         """Shutdown: checkpoint and hand the job back to the queue for the next process."""
         self.job.status = JobStatus.QUEUED
         self._refresh_progress()
-        await self._save()
+        await self._save("requeued")
         self._emit("requeued")
 
     # --- ProgressSink, called by stages ---
@@ -512,8 +534,10 @@ class JobRun(ProgressSink):
             state.message = detail
         self._refresh_progress()
         self._emit("progress")
-        if time.monotonic() - self._last_persist > PROGRESS_PERSIST_SECONDS and self._persisting is None:
-            self._persisting = asyncio.create_task(self._save_in_background())
+        # A progress event (and checkpoint of the job) at most every KLIPSTREAM_STREAM_PROGRESS_SECONDS.
+        if time.monotonic() - self._last_progress >= self.settings.stream_progress_seconds and self._persisting is None:
+            self._last_progress = time.monotonic()
+            self._persisting = asyncio.create_task(self._save_in_background("progress"))
 
     def warn(self, stage: str, message: str) -> None:
         self.job.warnings.append(f"{self.by_name[stage].display.value}: {message}")
@@ -531,13 +555,29 @@ class JobRun(ProgressSink):
         self.job.progress = compute_progress(self.job, self.stages, self.deps.timings, self._stage_started)
         self.job.updated_at = utcnow()
 
-    async def _save(self) -> None:
-        self._last_persist = time.monotonic()
-        try:
-            await self.deps.store.save_job(self.job)
-        except LeaseLost:
-            self.lease_lost()
-            raise
+    async def _save(self, kind: str | None = None) -> None:
+        """Write the job with the effects of the change `kind` (its stream event, ...) in one
+        transaction; once committed, they are published. A failed write's event sequence is not
+        reused (the write may still have committed): the stream skips it, and a subscriber behind
+        the gap gets a fresh snapshot."""
+        async with self._save_lock:
+            self._last_persist = time.monotonic()
+            if kind in ("progress", "stage_changed") and self.job.status is not JobStatus.RUNNING:
+                kind = None  # a background save that ran after the run ended: no event after the last
+            effects = self.deps.effects(kind, self.job)
+            try:
+                await self.deps.store.save_job(self.job, effects)
+            except LeaseLost:
+                self.lease_lost()
+                raise
+            self.deps.committed(self.job, effects)
+
+    def _save_soon(self, kind: str) -> None:
+        """A change made where nothing can wait for the store (a skipped stage): saved, with its
+        event, by a task of its own (after any save in flight)."""
+        task = asyncio.create_task(self._save_in_background(kind, checkpoint=False))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _close_unfinished_stages(self, reason: str) -> None:
         """A job that ended early: stages that never started are skipped, stages that started (and
@@ -549,12 +589,13 @@ class JobRun(ProgressSink):
                 state.finished_at = now
                 state.message = reason
 
-    async def _save_final(self) -> None:
+    async def _save_final(self, kind: str) -> None:
         """Write a terminal state, retrying: the job's event goes out even if the store stays down
-        (then the store still says running, and the next process runs the job again)."""
+        (then the store still says running, and the next process runs the job again; the event is
+        published here unstored, so this instance's streams end)."""
         for delay in (*FINAL_SAVE_DELAYS, None):
             try:
-                await self._save()
+                await self._save(kind)
                 return
             except LeaseLost:
                 return  # another instance has the job now: nothing of this run may be written
@@ -565,19 +606,22 @@ class JobRun(ProgressSink):
                         exc_info=True,
                         extra={"job_id": self.job.job_id},
                     )
+                    self.deps.committed(self.job, self.deps.effects(kind, self.job))
                     return
                 log.warning("storing the job's final state failed; retrying", extra={"job_id": self.job.job_id})
                 await asyncio.sleep(delay)
 
-    async def _save_in_background(self) -> None:
+    async def _save_in_background(self, kind: str | None = None, *, checkpoint: bool = True) -> None:
+        """`checkpoint`: the progress checkpoint (`_persisting`), at most one in flight."""
         try:
-            await self._save()
+            await self._save(kind)
         except LeaseLost:
             pass  # the run is stopping (lease_lost() said why)
         except Exception:  # progress snapshots are best effort; state changes are not
-            log.warning("progress checkpoint failed", exc_info=True, extra={"job_id": self.job.job_id})
+            log.warning("background checkpoint failed", exc_info=True, extra={"job_id": self.job.job_id})
         finally:
-            self._persisting = None
+            if checkpoint:
+                self._persisting = None
 
     def _emit(self, kind: str) -> None:
         try:

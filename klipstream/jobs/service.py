@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pydantic_core import to_json
 
@@ -27,7 +27,16 @@ from klipstream.jobs.cluster import Cluster
 from klipstream.jobs.progress import compute_progress, initial_stage_states
 from klipstream.jobs.runner import CancelReason, JobListener, JobRun, RunnerDeps
 from klipstream.jobs.stage import Resource, Stage
-from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore, SharedJobStore, StoreStalled
+from klipstream.jobs.store import (
+    NO_EFFECTS,
+    Effects,
+    EventRow,
+    IdempotencyRecord,
+    JobRow,
+    JobStore,
+    SharedJobStore,
+    StoreStalled,
+)
 from klipstream.models import (
     RESULT_NEUTRAL_OPTIONS,
     Job,
@@ -72,10 +81,22 @@ class Subscription:
     # Also called when a job is first queued. That event makes the service parse the new job
     # into a `Job` during the request, so only listeners that act on new jobs ask for it.
     new_jobs: bool
-    # Also called with the changes of jobs running on other instances that someone here follows
-    # (a shared store: klipstream.jobs.cluster polls them). Only the event streams want them:
-    # webhooks, the Convex mirror and metrics are the running instance's business.
-    remote: bool = False
+
+
+class EffectsProducer(Protocol):
+    """Makes the rows a job change writes in the same transaction as the job (the store's
+    `Effects`), and learns when they committed (klipstream.jobs.events.StreamEvents)."""
+
+    def effects(self, kind: str | None, job: Job) -> Effects: ...
+    def committed(self, job: Job, effects: Effects) -> None: ...
+
+
+class EventFeed(Protocol):
+    """Where the stored events of a job followed here go (the broadcaster), and from which event
+    on: klipstream.jobs.cluster reads the newer ones from the table."""
+
+    def cursor(self, job_id: str) -> int | None: ...
+    def publish(self, rows: list[EventRow]) -> None: ...
 
 
 class SubmitOutcome(NamedTuple):
@@ -150,6 +171,7 @@ class JobService:
             self.cluster.next_job if self.cluster is not None else None,
         )
         self.subscriptions: list[Subscription] = []
+        self.producers: list[EffectsProducer] = []
         self.active: dict[str, Job] = {}
         # New jobs as the JSON they were stored as, until something needs them as a `Job` (a
         # status poll, a cancel, a worker): most are first touched by the worker that runs them,
@@ -174,6 +196,8 @@ class JobService:
         self._new_progress: tuple[int, dict[str, Any]] | None = None  # (timings version, progress)
         self.stream_url = stream_url or (lambda job_id: f"{self.base}/api/v1/analysis/{job_id}/stream")
         deps.listener = self._on_job_event
+        deps.effects = self._effects
+        deps.committed = self._committed
 
     @property
     def base(self) -> str:
@@ -368,10 +392,10 @@ class JobService:
         counts[priority.value] = counts.get(priority.value, 0) + 1
         self.queue.poke()
 
-    async def _requeue_shared(self, again: Job, key: str) -> bool:
+    async def _requeue_shared(self, again: Job, key: str, effects: Effects) -> bool:
         assert self.shared is not None
         try:
-            return await self.shared.requeue_finished(again)
+            return await self.shared.requeue_finished(again, effects)
         except DatabaseUnavailable:
             raise
         except Exception:  # the unique index: another job of the key became active meanwhile
@@ -593,7 +617,9 @@ class JobService:
         for _ in range(3):  # the job may change state between the read and the write
             if job.status is JobStatus.QUEUED:
                 self._mark_cancelled(job)
-                if await self.shared.cancel_queued(job):
+                effects = self._effects("cancelled", job)
+                if await self.shared.cancel_queued(job, effects):
+                    self._committed(job, effects)
                     self._emit("cancelled", job)
                     return job
             elif job.status is JobStatus.RUNNING:
@@ -624,12 +650,14 @@ class JobService:
         """Cancel a job no stage has run for in this attempt; it stops being the video's active job."""
         before = job.model_copy(deep=True)
         self._mark_cancelled(job)
+        effects = self._effects("cancelled", job)
         try:
-            await self.store.save_job(job)
+            await self.store.save_job(job, effects)
         except BaseException:
             for name in Job.model_fields:
                 setattr(job, name, getattr(before, name))
             raise
+        self._committed(job, effects)
         self._on_job_event("cancelled", job)
 
     async def retry(self, job_id: str) -> Job:
@@ -659,13 +687,15 @@ class JobService:
                     state.finished_at = None
             again.progress = compute_progress(again, self.stages, self.deps.timings)
             again.updated_at = utcnow()
+            effects = self._effects("queued", again)
             if self.shared is None:
-                await self.store.save_job(again)
-            elif not await self._requeue_shared(again, key):
+                await self.store.save_job(again, effects)
+            elif not await self._requeue_shared(again, key, effects):
                 raise InvalidTransition("the job changed meanwhile (retried on another instance?)")
         except BaseException:
             self.queue.release()
             raise
+        self._committed(again, effects)
         if self.shared is not None:
             self.queue.release()
             counts = self.queue.shared_counts
@@ -748,21 +778,30 @@ class JobService:
     def listen(self, listener: JobListener, *, new_jobs: bool = True) -> None:
         self.subscriptions.append(Subscription(listener, new_jobs))
 
-    def watch(self, job: Job) -> Callable[[], None]:
-        """Someone here follows `job` (an event stream): with a shared store and the job running
-        elsewhere, its changes are read from the store and emitted to the remote listeners.
-        Returns the call that ends the watch."""
-        if self.cluster is None or job.job_id in self.runs:
+    def watch(self, job_id: str, feed: EventFeed) -> Callable[[], None]:
+        """Someone here follows the job (an event stream): with a shared store, while the job does
+        not run here, its new stored events are read from the table into `feed`. Returns the
+        call that ends the watch."""
+        if self.cluster is None:
             return lambda: None
-        return self.cluster.watch(job)
+        return self.cluster.watch(job_id, feed)
 
-    def emit_remote(self, kind: str, job: Job) -> None:
-        for subscription in self.subscriptions:
-            if subscription.remote:
-                try:
-                    subscription.listener(kind, job)
-                except Exception:
-                    log.exception("listener failed on %s", kind, extra={"job_id": job.job_id})
+    # --- effects: rows written with a job change ---
+    def _effects(self, kind: str | None, job: Job) -> Effects:
+        """The rows of every producer for this change of `job`, to be written with it."""
+        if not self.producers:
+            return NO_EFFECTS
+        parts = [producer.effects(kind, job) for producer in self.producers]
+        if len(parts) == 1:
+            return parts[0]
+        return Effects(*(tuple(row for rows in fields for row in rows) for fields in zip(*parts, strict=True)))
+
+    def _committed(self, job: Job, effects: Effects) -> None:
+        for producer in self.producers:
+            try:
+                producer.committed(job, effects)
+            except Exception:  # one producer's bug must not stop the others
+                log.exception("publishing committed effects failed", extra={"job_id": job.job_id})
 
     def unlisten(self, listener: JobListener) -> None:
         self.subscriptions = [s for s in self.subscriptions if s.listener is not listener]

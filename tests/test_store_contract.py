@@ -362,3 +362,18 @@ async def test_retention_deletes_a_jobs_events_with_it(store: JobStore):
     assert await store.delete_finished_jobs((utcnow() - timedelta(hours=1)).timestamp(), 10) == [gone.job_id]
     assert await store.job_events(gone.job_id, 0) == []
     assert [e.seq for e in await store.job_events(kept.job_id, 0)] == [1, 2]
+
+
+async def test_a_burst_of_saves_with_events_is_all_stored(store: JobStore):
+    """Saves with events made in one loop turn go in one transaction (PostgreSQL: one pipelined
+    statement for the run): every job's change and event lands."""
+    jobs = [new_job(n) for n in range(20)]
+    for job in jobs:
+        await store.insert_job(JobRow.of(job))
+    for job in jobs:
+        job.status = JobStatus.RUNNING
+    await asyncio.gather(*(store.save_job(job, events_of(job, "stage")) for job in jobs))
+    rows = await store.events_after({job.job_id: 0 for job in jobs})
+    assert sorted((e.job_id, e.seq) for e in rows) == [(job.job_id, 1) for job in jobs]
+    stored = [await store.get_job(job.job_id) for job in jobs]
+    assert all(job is not None and job.status is JobStatus.RUNNING and job.event_seq == 1 for job in stored)

@@ -216,7 +216,8 @@ async def _serve_sink(response: EventStream, app: web.Application, job: Job, top
         if last is not None and last.id == sink.cursor and last.final:
             return
         if topic.closing is not None and sink.cursor >= topic.last_id:
-            await _send(response, topic.closing.chunk)  # shutdown: reconnect (elsewhere), Last-Event-ID unchanged
+            # Shutdown: reconnect (elsewhere), with the id of the last event this subscriber got.
+            await _send(response, http_chunk(frame(sink.cursor, *topic.closing)))
             return
         if sink.transport.is_closing():
             raise ConnectionResetError

@@ -98,7 +98,7 @@ class Topic:
         self.subscribers = 0
         self.sinks: set[Sink] = set()
         self.terminal = False
-        self.closing: Event | None = None  # the server's request to reconnect (shutdown)
+        self.closing: tuple[str, str] | None = None  # the server's request to reconnect: (type, data)
         self.last_used = time.monotonic()
         self._wakeup: asyncio.Future[None] | None = None
 
@@ -128,11 +128,10 @@ class Topic:
         return event
 
     def close_streams(self, type_: str, data: str) -> None:
-        """Ask every subscriber to reconnect. The frame repeats the last id (it is no event of the
-        job: the client's Last-Event-ID must stay that of the last event it got), and goes to each
-        subscriber once it has caught up."""
-        encoded = frame(self.last_id, type_, data)
-        self.closing = Event(self.last_id, type_, data, encoded, http_chunk(encoded))
+        """Ask every subscriber to reconnect. Each gets the frame once it has caught up, with the id
+        of the last event it got (it is no event of the job: the Last-Event-ID it reconnects with
+        must stay that of the last event it really has)."""
+        self.closing = (type_, data)
         for sink in tuple(self.sinks):
             sink.notify()
         self.wake()

@@ -531,3 +531,28 @@ async def test_a_burst_of_saves_with_events_is_all_stored(store: JobStore):
     assert sorted((e.job_id, e.seq) for e in rows) == [(job.job_id, 1) for job in jobs]
     stored = [await store.get_job(job.job_id) for job in jobs]
     assert all(job is not None and job.status is JobStatus.RUNNING and job.event_seq == 1 for job in stored)
+
+
+async def test_events_and_outbox_rows_of_one_change_commit_together(store: JobStore, backend: Backend):
+    """A change carrying both kinds of effects writes both with the job; a refused insert (the
+    job exists) writes neither, while the burst's other change still writes both."""
+    first, taken = new_job(1), new_job(2)
+    await store.insert_job(JobRow.of(taken))
+
+    def both(n: int, job: Job) -> Effects:
+        return Effects(events=events_of(job, "stage").events, deliveries=[hook(n, job, "job.started")])
+
+    results = await asyncio.gather(
+        store.insert_job(JobRow.of(first), effects=both(1, first)),
+        store.insert_job(JobRow.of(taken), effects=both(2, taken)),
+        return_exceptions=True,
+    )
+    assert results[0] is None and isinstance(results[1], backend.conflict)
+    assert [e.seq for e in await store.job_events(first.job_id, 0)] == [1]
+    assert [h["id"] for h in await store.delivery_history(first.job_id)] == ["msg_1"]
+    assert await store.job_events(taken.job_id, 0) == []
+    assert await store.delivery_history(taken.job_id) == []
+    first.status = JobStatus.RUNNING
+    await store.save_job(first, both(3, first))
+    assert [e.seq for e in await store.job_events(first.job_id, 0)] == [1, 2]
+    assert [h["id"] for h in await store.delivery_history(first.job_id)] == ["msg_1", "msg_3"]

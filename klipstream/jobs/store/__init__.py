@@ -165,7 +165,11 @@ def create_store(settings: Settings) -> JobStore:
         from klipstream.jobs.store.postgres import PostgresStore
 
         return PostgresStore(
-            settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            timeout=settings.database_timeout_seconds,
+            max_queued=settings.max_queued_jobs,
+            max_running=settings.cluster_max_running_jobs,
         )
     from klipstream.jobs.store.sqlite import SQLiteStore
 

@@ -36,6 +36,7 @@ from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.store import ACTIVE, IdempotencyRecord, InstanceBeat, JobRow, LeaseLost
 from klipstream.jobs.store.migrations import upgrade_postgres
 from klipstream.models import Job
+from klipstream.queue import QueueFull
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -47,6 +48,12 @@ NOTIFY_CHANNEL = "klipstream_jobs"  # payload: the ids of the jobs a commit wrot
 NOTIFY_MAX_PAYLOAD = 7000  # bytes (PostgreSQL's limit is 8000)
 LISTEN_SELF_TEST_SECONDS = 1.0
 INSTANCE_FORGET_SECONDS = 3600.0  # an instance silent this long (killed, scaled in) leaves the instances table
+# Transaction-scoped advisory locks (pg_advisory_xact_lock) that make the cluster-wide bounds
+# atomic: every bounded claim, and every transaction that adds to the queue under the bound, takes
+# its lock first, so each one counts the jobs the previous holder committed. Different keys from
+# the migrations' lock ("klip"), so neither waits for the other.
+RUNNING_LOCK_KEY = 0x6B6C7275  # "klru": claims under KLIPSTREAM_CLUSTER_MAX_RUNNING_JOBS
+QUEUED_LOCK_KEY = 0x6B6C7175  # "klqu": new and retried jobs under KLIPSTREAM_MAX_QUEUED_JOBS
 
 # What "the database is not there" looks like: the socket (refused, reset, unreachable), the
 # protocol (connection lost mid-call), the server (shutting down, starting up, crash recovery:
@@ -99,6 +106,24 @@ WHERE seq = (
 ) AND status = 'queued'
 RETURNING job_id, lease_token, doc
 """
+# The same claim under a cluster-wide running limit ($4), run right after RUNNING_LOCK_KEY is taken
+# in the same transaction: the statement's snapshot is taken after the lock, so its count of
+# running jobs includes every claim committed before (READ COMMITTED: a snapshot per statement).
+_CLAIM_LIMITED = f"""
+UPDATE jobs SET status = 'running', lease_owner = $1, lease_token = nextval('lease_tokens'),
+    lease_expires_at = {_NOW} + $2::double precision
+WHERE seq = (
+    SELECT seq FROM jobs WHERE status = 'queued' AND (SELECT count(*) FROM jobs WHERE status = 'running') < $4
+    ORDER BY {_SCORE} DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED
+) AND status = 'queued'
+RETURNING job_id, lease_token, doc
+"""
+# Room in the queue, cheaply when it is plainly there: every queued job's seq lies between the
+# oldest queued job's and the newest row's, so their difference bounds the count from above (two
+# index probes). Only when that bound leaves too little room are the queued jobs counted, and
+# then no further than the limit ($1).
+_QUEUED_AT_MOST = "SELECT (SELECT max(seq) FROM jobs) - (SELECT min(seq) FROM jobs WHERE status = 'queued') + 1"
+_QUEUED_COUNT = "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' LIMIT $1) AS q"
 _RENEW = f"""
 UPDATE jobs SET lease_expires_at = {_NOW} + $3::double precision
 FROM unnest($1::text[], $2::bigint[]) AS held (job_id, token)
@@ -158,8 +183,21 @@ class PostgresStore:
 
     shared = True  # several instances use one database: jobs are claimed with leases (klipstream.jobs.cluster)
 
-    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        timeout: float = 5.0,
+        max_queued: int | None = None,
+        max_running: int | None = None,
+    ) -> None:
+        """`max_queued`: the queue bound (KLIPSTREAM_MAX_QUEUED_JOBS), held by the database across
+        every instance: a new or retried job beyond it is refused with QueueFull. `max_running`:
+        the cluster-wide running limit (KLIPSTREAM_CLUSTER_MAX_RUNNING_JOBS); None: none."""
         self.url = url
+        self.max_queued = max_queued
+        self.max_running = max_running
         self.pool_size = max(WRITERS + 1, pool_size)  # the writers' connections and one for reads at least
         self.timeout = timeout
         self._pool: asyncpg.Pool | None = None
@@ -312,7 +350,7 @@ class PostgresStore:
         if not writes:  # every caller has been answered already (timed out)
             return
         try:
-            await self._with_connection(lambda conn: _commit_on(conn, writes), deadline)
+            await self._with_connection(lambda conn: _commit_on(conn, writes, self.max_queued), deadline)
         except DatabaseUnavailable as exc:
             for write in writes:
                 _settle(write.future, exc)
@@ -531,7 +569,11 @@ class PostgresStore:
         """Take the next queued job (priority lanes, FIFO, ageing from the stored enqueue time) with
         a lease for `owner`; (job id, stored JSON), or None when nothing is queued. SKIP LOCKED: two
         instances claiming at once take different jobs, and neither waits for the other."""
-        row = await self._with_connection(lambda c: c.fetchrow(_CLAIM, owner, lease_seconds, aging_seconds))
+        limit = self.max_running
+        if limit is None:
+            row = await self._with_connection(lambda c: c.fetchrow(_CLAIM, owner, lease_seconds, aging_seconds))
+        else:
+            row = await self._with_connection(lambda c: _claim_limited(c, owner, lease_seconds, aging_seconds, limit))
         if row is None:
             return None
         self._leases[row["job_id"]] = row["lease_token"]
@@ -575,13 +617,22 @@ class PostgresStore:
         return status.endswith(" 1")
 
     async def requeue_finished(self, job: Job) -> bool:
-        """Store `job` (queued again) if its row is still failed or cancelled: one retry wins."""
+        """Store `job` (queued again) if its row is still failed or cancelled: one retry wins.
+        Under the queue bound like a new job: QueueFull when the shared queue is full."""
         row = JobRow.of(job)
-        status = await self._with_connection(
-            lambda c: c.execute(
-                _REQUEUE_FINISHED, row.status, row.priority, row.updated_at, row.doc, row.dedup_key, row.job_id
-            )
-        )
+        args = (row.status, row.priority, row.updated_at, row.doc, row.dedup_key, row.job_id)
+        limit = self.max_queued
+
+        async def requeue(conn: asyncpg.Connection) -> str:
+            if limit is None:
+                return await conn.execute(_REQUEUE_FINISHED, *args)
+            async with conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock($1)", QUEUED_LOCK_KEY)
+                if await _queue_room(conn, limit, 1) < 1:
+                    raise QueueFull
+                return await conn.execute(_REQUEUE_FINISHED, *args)
+
+        status = await self._with_connection(requeue)
         return status.endswith(" 1")
 
     async def active_job(self, dedup_key: str) -> Job | None:
@@ -688,11 +739,34 @@ async def _run(conn: asyncpg.Connection, sql: str, rows: list[Sequence[Any]]) ->
         await conn.executemany(sql, rows)  # pipelined, and atomic on its own
 
 
-async def _commit_on(conn: asyncpg.Connection, writes: list[_Write]) -> None:
+async def _claim_limited(
+    conn: asyncpg.Connection, owner: str, lease_seconds: float, aging_seconds: float, limit: int
+) -> asyncpg.Record | None:
+    """A claim under the cluster-wide running limit: claims of every instance queue on one
+    transaction-scoped advisory lock, so two of them can never both see the last free place."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", RUNNING_LOCK_KEY)
+        return await conn.fetchrow(_CLAIM_LIMITED, owner, lease_seconds, aging_seconds, limit)
+
+
+async def _queue_room(conn: asyncpg.Connection, limit: int, wanted: int) -> int:
+    """How many of `wanted` new queued jobs fit under `limit` now (QUEUED_LOCK_KEY held)."""
+    at_most = await conn.fetchval(_QUEUED_AT_MOST) or 0
+    if at_most + wanted <= limit:
+        return wanted
+    queued = await conn.fetchval(_QUEUED_COUNT, limit)
+    return max(0, min(wanted, limit - queued))
+
+
+async def _commit_on(conn: asyncpg.Connection, writes: list[_Write], max_queued: int | None = None) -> None:
     """Commit the writes not yet answered, together; if a statement fails, each write alone.
 
-    Writes committed or refused alone are settled here; the caller settles the rest together."""
+    Writes committed or refused alone are settled here; the caller settles the rest together.
+    With a queue bound, new jobs beyond it are refused (QueueFull) and the rest committed."""
     writes = [w for w in writes if not w.future.done()]
+    if max_queued is not None and any(w.sql is _INSERT_JOB for w in writes):
+        await _commit_bounded(conn, writes, max_queued)
+        return
     try:
         await _execute(conn, writes)
         return
@@ -708,6 +782,48 @@ async def _commit_on(conn: asyncpg.Connection, writes: list[_Write]) -> None:
             _settle(write.future, _own_failure(alone))  # this write's own failure, handed to its caller
         else:
             _settle(write.future, None)
+
+
+async def _commit_bounded(conn: asyncpg.Connection, writes: list[_Write], limit: int) -> None:
+    """The writes of a batch holding new jobs, under the queue bound held by the database.
+
+    The batch takes QUEUED_LOCK_KEY, counts the room left and inserts only the new jobs that fit,
+    all in one transaction: two instances' batches cannot both fill the last places. The new jobs
+    beyond the room are answered QueueFull (the 429 of a full queue). If a statement fails (a
+    unique index), each write runs alone, as in `_commit_on`, each new job with its own count."""
+    try:
+        refused = await _execute_bounded(conn, writes, limit)
+    except Exception as exc:
+        if isinstance(exc, _NOT_THIS_WRITE) or conn.is_closed():
+            raise
+    else:
+        for write in refused:
+            _settle(write.future, QueueFull())
+        return
+    for write in writes:
+        try:
+            refused = await _execute_bounded(conn, [write], limit)
+        except Exception as alone:
+            if isinstance(alone, _NOT_THIS_WRITE) or conn.is_closed():
+                raise
+            _settle(write.future, _own_failure(alone))
+        else:
+            _settle(write.future, QueueFull() if refused else None)
+
+
+async def _execute_bounded(conn: asyncpg.Connection, writes: list[_Write], limit: int) -> list[_Write]:
+    """Commit the writes, less the new jobs the queue has no room for (returned, not written)."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", QUEUED_LOCK_KEY)
+        inserts = [w for w in writes if w.sql is _INSERT_JOB]
+        room = await _queue_room(conn, limit, len(inserts)) if inserts else 0
+        refused = inserts[room:]
+        if refused:
+            dropped = {id(w) for w in refused}
+            writes = [w for w in writes if id(w) not in dropped]
+        for sql, rows in _runs(writes):
+            await _run(conn, sql, rows)
+    return refused
 
 
 async def _execute(conn: asyncpg.Connection, writes: list[_Write]) -> None:

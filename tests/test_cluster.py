@@ -290,3 +290,29 @@ async def test_chaos_jobs_survive_instances_killed_and_restarted(cluster, postgr
     finally:
         await conn.close()
     assert {r["status"]: r["n"] for r in rows} == {"completed": 40}
+
+
+async def test_the_queue_bound_holds_across_instances_under_concurrent_submissions(cluster, postgres_url: str):
+    """KLIPSTREAM_MAX_QUEUED_JOBS is the database's with PostgreSQL: 40 different videos submitted
+    at once on two API-only instances against a bound of 10 give exactly 10 jobs; every other
+    submission gets today's answer to a full queue (429 with Retry-After), not a job."""
+    a, b = await cluster(("a", 0), ("b", 0), KLIPSTREAM_MAX_QUEUED_JOBS="10")
+    async with aiohttp.ClientSession() as http:
+
+        async def submit(instance: Instance, n: int) -> tuple[int, str | None, Any]:
+            async with http.post(f"{instance.base}/api/v1/analysis", json={"url": f"{URL}?bound={n}"}) as resp:
+                return resp.status, resp.headers.get("Retry-After"), await resp.json()
+
+        answers = await asyncio.gather(*(submit((a, b)[n % 2], n) for n in range(40)))
+        statuses = [status for status, _, _ in answers]
+        assert statuses.count(202) == 10 and statuses.count(429) == 30, answers
+        assert all(retry == "30" for status, retry, _ in answers if status == 429), answers
+        accepted = {body["job_id"] for status, _, body in answers if status == 202}
+        status, _, _ = await submit(b, 99)
+        assert status == 429
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        stored = {r["job_id"] for r in await conn.fetch("SELECT job_id FROM jobs WHERE status = 'queued'")}
+    finally:
+        await conn.close()
+    assert stored == accepted

@@ -44,16 +44,11 @@ MAX_BATCH = 512  # writes per transaction
 WRITERS = 2  # write transactions in flight at once (on their own pooled connections)
 RETRY_AFTER_SECONDS = 5
 LEASE_LOST_SQLSTATE = "KS001"  # raised by klipstream_fence() (migration 3)
+QUEUE_FULL_SQLSTATE = "KS002"  # raised by klipstream_queue_admit() (migration 7)
 NOTIFY_CHANNEL = "klipstream_jobs"  # payload: the ids of the jobs a commit wrote, comma-separated, or "*"
 NOTIFY_MAX_PAYLOAD = 7000  # bytes (PostgreSQL's limit is 8000)
 LISTEN_SELF_TEST_SECONDS = 1.0
 INSTANCE_FORGET_SECONDS = 3600.0  # an instance silent this long (killed, scaled in) leaves the instances table
-# Transaction-scoped advisory locks (pg_advisory_xact_lock) that make the cluster-wide bounds
-# atomic: every bounded claim, and every transaction that adds to the queue under the bound, takes
-# its lock first, so each one counts the jobs the previous holder committed. Different keys from
-# the migrations' lock ("klip"), so neither waits for the other.
-RUNNING_LOCK_KEY = 0x6B6C7275  # "klru": claims under KLIPSTREAM_CLUSTER_MAX_RUNNING_JOBS
-QUEUED_LOCK_KEY = 0x6B6C7175  # "klqu": new and retried jobs under KLIPSTREAM_MAX_QUEUED_JOBS
 
 # What "the database is not there" looks like: the socket (refused, reset, unreachable), the
 # protocol (connection lost mid-call), the server (shutting down, starting up, crash recovery:
@@ -72,12 +67,16 @@ _REFUSED_BY_CLIENT = (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientE
 _NOT_THIS_WRITE = UNAVAILABLE + _REFUSED_BY_CLIENT  # failures of the connection, not of one write
 
 # A new job and, when the submission carried an Idempotency-Key, its record: one statement either
-# way, so a burst of submissions is one run of one statement whatever keys they carry.
+# way, so a burst of submissions is one run of one statement whatever keys they carry. The queue
+# bound ($17; NULL: none) is the database's (klipstream_queue_admit, migration 7): a job beyond it
+# fails the statement with KS002, QueueFull to the caller.
 _INSERT_JOB = """
 WITH job AS (
     INSERT INTO jobs
         (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc, dedup_key, enqueued_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $5)
+    SELECT $1::text, $2::text, $3::text, $4::text, $5::double precision, $6::double precision,
+        $7::double precision, $8::text, $9::text, $5::double precision
+    WHERE klipstream_queue_admit($17::integer)
 )
 INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at, owner)
 SELECT $10::text, $11::text, $12::text, $13::text, $14::integer, $15::double precision, $16::text
@@ -106,24 +105,20 @@ WHERE seq = (
 ) AND status = 'queued'
 RETURNING job_id, lease_token, doc
 """
-# The same claim under a cluster-wide running limit ($4), run right after RUNNING_LOCK_KEY is taken
-# in the same transaction: the statement's snapshot is taken after the lock, so its count of
-# running jobs includes every claim committed before (READ COMMITTED: a snapshot per statement).
+# The same claim under a cluster-wide running limit ($4): once the next job is chosen and locked,
+# klipstream_running_below (migration 7) takes an advisory lock, held to the end of this
+# statement's transaction, and counts the running jobs with a snapshot taken after it, so claims
+# racing on several instances cannot both take the last place. Called last (the costliest
+# condition of the row found by seq), so only the count and the update of one row are serialised
+# across the cluster, not the search of the queue.
 _CLAIM_LIMITED = f"""
 UPDATE jobs SET status = 'running', lease_owner = $1, lease_token = nextval('lease_tokens'),
     lease_expires_at = {_NOW} + $2::double precision
 WHERE seq = (
-    SELECT seq FROM jobs WHERE status = 'queued' AND (SELECT count(*) FROM jobs WHERE status = 'running') < $4
-    ORDER BY {_SCORE} DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED
-) AND status = 'queued'
+    SELECT seq FROM jobs WHERE status = 'queued' ORDER BY {_SCORE} DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED
+) AND status = 'queued' AND klipstream_running_below($4::integer)
 RETURNING job_id, lease_token, doc
 """
-# Room in the queue, cheaply when it is plainly there: every queued job's seq lies between the
-# oldest queued job's and the newest row's, so their difference bounds the count from above (two
-# index probes). Only when that bound leaves too little room are the queued jobs counted, and
-# then no further than the limit ($1).
-_QUEUED_AT_MOST = "SELECT (SELECT max(seq) FROM jobs) - (SELECT min(seq) FROM jobs WHERE status = 'queued') + 1"
-_QUEUED_COUNT = "SELECT count(*) FROM (SELECT 1 FROM jobs WHERE status = 'queued' LIMIT $1) AS q"
 _RENEW = f"""
 UPDATE jobs SET lease_expires_at = {_NOW} + $3::double precision
 FROM unnest($1::text[], $2::bigint[]) AS held (job_id, token)
@@ -147,7 +142,7 @@ _CANCEL_QUEUED = "UPDATE jobs SET status=$1, updated_at=$2, finished_at=$3, doc=
 _REQUEUE_FINISHED = f"""
 UPDATE jobs SET status=$1, priority=$2, updated_at=$3, finished_at=NULL, doc=$4, dedup_key=$5,
     enqueued_at={_NOW}, cancel_requested=false, lease_owner=NULL, lease_token=NULL, lease_expires_at=NULL
-WHERE job_id=$6 AND status IN ('failed', 'cancelled')
+WHERE job_id=$6 AND status IN ('failed', 'cancelled') AND klipstream_queue_admit($7::integer)
 """
 _ENTERED = "COALESCE(enqueued_at, created_at)"
 # Jobs ahead of a queued job: in each lane, those that entered before the job's entry time shifted
@@ -350,7 +345,7 @@ class PostgresStore:
         if not writes:  # every caller has been answered already (timed out)
             return
         try:
-            await self._with_connection(lambda conn: _commit_on(conn, writes, self.max_queued), deadline)
+            await self._with_connection(lambda conn: _commit_on(conn, writes), deadline)
         except DatabaseUnavailable as exc:
             for write in writes:
                 _settle(write.future, exc)
@@ -457,7 +452,7 @@ class PostgresStore:
                 idempotency.owner,
             )
         )
-        await self._write(_INSERT_JOB, (*row, *record), row.job_id)
+        await self._write(_INSERT_JOB, (*row, *record, self.max_queued), row.job_id)
 
     async def save_job(self, job: Job) -> None:
         """Write the job; a job leased here only while the lease is still ours (else LeaseLost)."""
@@ -573,7 +568,9 @@ class PostgresStore:
         if limit is None:
             row = await self._with_connection(lambda c: c.fetchrow(_CLAIM, owner, lease_seconds, aging_seconds))
         else:
-            row = await self._with_connection(lambda c: _claim_limited(c, owner, lease_seconds, aging_seconds, limit))
+            row = await self._with_connection(
+                lambda c: c.fetchrow(_CLAIM_LIMITED, owner, lease_seconds, aging_seconds, limit)
+            )
         if row is None:
             return None
         self._leases[row["job_id"]] = row["lease_token"]
@@ -620,19 +617,14 @@ class PostgresStore:
         """Store `job` (queued again) if its row is still failed or cancelled: one retry wins.
         Under the queue bound like a new job: QueueFull when the shared queue is full."""
         row = JobRow.of(job)
-        args = (row.status, row.priority, row.updated_at, row.doc, row.dedup_key, row.job_id)
-        limit = self.max_queued
-
-        async def requeue(conn: asyncpg.Connection) -> str:
-            if limit is None:
-                return await conn.execute(_REQUEUE_FINISHED, *args)
-            async with conn.transaction():
-                await conn.execute("SELECT pg_advisory_xact_lock($1)", QUEUED_LOCK_KEY)
-                if await _queue_room(conn, limit, 1) < 1:
-                    raise QueueFull
-                return await conn.execute(_REQUEUE_FINISHED, *args)
-
-        status = await self._with_connection(requeue)
+        args = (row.status, row.priority, row.updated_at, row.doc, row.dedup_key, row.job_id, self.max_queued)
+        try:
+            status = await self._with_connection(lambda c: c.execute(_REQUEUE_FINISHED, *args))
+        except asyncpg.PostgresError as exc:
+            failure = _own_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
         return status.endswith(" 1")
 
     async def active_job(self, dedup_key: str) -> Job | None:
@@ -739,34 +731,11 @@ async def _run(conn: asyncpg.Connection, sql: str, rows: list[Sequence[Any]]) ->
         await conn.executemany(sql, rows)  # pipelined, and atomic on its own
 
 
-async def _claim_limited(
-    conn: asyncpg.Connection, owner: str, lease_seconds: float, aging_seconds: float, limit: int
-) -> asyncpg.Record | None:
-    """A claim under the cluster-wide running limit: claims of every instance queue on one
-    transaction-scoped advisory lock, so two of them can never both see the last free place."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", RUNNING_LOCK_KEY)
-        return await conn.fetchrow(_CLAIM_LIMITED, owner, lease_seconds, aging_seconds, limit)
-
-
-async def _queue_room(conn: asyncpg.Connection, limit: int, wanted: int) -> int:
-    """How many of `wanted` new queued jobs fit under `limit` now (QUEUED_LOCK_KEY held)."""
-    at_most = await conn.fetchval(_QUEUED_AT_MOST) or 0
-    if at_most + wanted <= limit:
-        return wanted
-    queued = await conn.fetchval(_QUEUED_COUNT, limit)
-    return max(0, min(wanted, limit - queued))
-
-
-async def _commit_on(conn: asyncpg.Connection, writes: list[_Write], max_queued: int | None = None) -> None:
+async def _commit_on(conn: asyncpg.Connection, writes: list[_Write]) -> None:
     """Commit the writes not yet answered, together; if a statement fails, each write alone.
 
-    Writes committed or refused alone are settled here; the caller settles the rest together.
-    With a queue bound, new jobs beyond it are refused (QueueFull) and the rest committed."""
+    Writes committed or refused alone are settled here; the caller settles the rest together."""
     writes = [w for w in writes if not w.future.done()]
-    if max_queued is not None and any(w.sql is _INSERT_JOB for w in writes):
-        await _commit_bounded(conn, writes, max_queued)
-        return
     try:
         await _execute(conn, writes)
         return
@@ -784,48 +753,6 @@ async def _commit_on(conn: asyncpg.Connection, writes: list[_Write], max_queued:
             _settle(write.future, None)
 
 
-async def _commit_bounded(conn: asyncpg.Connection, writes: list[_Write], limit: int) -> None:
-    """The writes of a batch holding new jobs, under the queue bound held by the database.
-
-    The batch takes QUEUED_LOCK_KEY, counts the room left and inserts only the new jobs that fit,
-    all in one transaction: two instances' batches cannot both fill the last places. The new jobs
-    beyond the room are answered QueueFull (the 429 of a full queue). If a statement fails (a
-    unique index), each write runs alone, as in `_commit_on`, each new job with its own count."""
-    try:
-        refused = await _execute_bounded(conn, writes, limit)
-    except Exception as exc:
-        if isinstance(exc, _NOT_THIS_WRITE) or conn.is_closed():
-            raise
-    else:
-        for write in refused:
-            _settle(write.future, QueueFull())
-        return
-    for write in writes:
-        try:
-            refused = await _execute_bounded(conn, [write], limit)
-        except Exception as alone:
-            if isinstance(alone, _NOT_THIS_WRITE) or conn.is_closed():
-                raise
-            _settle(write.future, _own_failure(alone))
-        else:
-            _settle(write.future, QueueFull() if refused else None)
-
-
-async def _execute_bounded(conn: asyncpg.Connection, writes: list[_Write], limit: int) -> list[_Write]:
-    """Commit the writes, less the new jobs the queue has no room for (returned, not written)."""
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock($1)", QUEUED_LOCK_KEY)
-        inserts = [w for w in writes if w.sql is _INSERT_JOB]
-        room = await _queue_room(conn, limit, len(inserts)) if inserts else 0
-        refused = inserts[room:]
-        if refused:
-            dropped = {id(w) for w in refused}
-            writes = [w for w in writes if id(w) not in dropped]
-        for sql, rows in _runs(writes):
-            await _run(conn, sql, rows)
-    return refused
-
-
 async def _execute(conn: asyncpg.Connection, writes: list[_Write]) -> None:
     """All the writes in one transaction: one round trip when they are one run of one statement."""
     runs = _runs(writes)
@@ -838,9 +765,13 @@ async def _execute(conn: asyncpg.Connection, writes: list[_Write]) -> None:
 
 
 def _own_failure(exc: BaseException) -> BaseException:
-    """A write's failure as its caller should see it: the fence's refusal is LeaseLost."""
-    if getattr(exc, "sqlstate", None) == LEASE_LOST_SQLSTATE:
+    """A write's failure as its caller should see it: the fence's refusal is LeaseLost, the queue
+    bound's is QueueFull."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate == LEASE_LOST_SQLSTATE:
         return LeaseLost(str(exc))
+    if sqlstate == QUEUE_FULL_SQLSTATE:
+        return QueueFull(str(exc))
     return exc
 
 

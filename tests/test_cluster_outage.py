@@ -25,6 +25,8 @@ from tests.test_process_lifecycle import get_json, wait_for
 
 LEASE_SECONDS = 12.0  # longer than the outage: no job may be taken over because of it
 OUTAGE_SECONDS = 2.5  # between the server's stop and its start again
+# Connections listening for job changes: asyncpg's add_listener leaves LISTEN as their last query.
+LISTENERS = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN %klipstream_jobs%'"
 
 
 @pytest.fixture
@@ -144,6 +146,14 @@ async def _run_under_restart(server: PostgresServer, instances: list[Instance], 
         done = await _all_ended(url, [*accepted, across], timeout=120)
         assert set(done.values()) == {"completed"}, {k: v for k, v in done.items() if v != "completed"}
 
+        # both instances listen for job changes again, on new connections (the old ones died)
+        conn = await asyncpg.connect(url)
+        try:
+            async with asyncio.timeout(10):
+                while await conn.fetchval(LISTENERS) < 2:
+                    await asyncio.sleep(0.2)
+        finally:
+            await conn.close()
         job = await get_json(http, f"{b.base}/api/v1/analysis/{across}")
         assert job["status"] == "completed" and job["attempts"] == 1, job
     # the job running across the outage ran every stage once, in one process: nothing was redone

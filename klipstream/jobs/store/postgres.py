@@ -369,6 +369,11 @@ class PostgresStore:
         except Exception as exc:
             log.debug("job change notification not sent: %s", exc)
 
+    def listening(self) -> bool:
+        """The LISTEN connection is open. It is not after a restart of the database (or a broken
+        network): the cluster's heartbeat then listens again (klipstream.jobs.cluster)."""
+        return self._listener is not None and not self._listener.is_closed()
+
     async def listen(self, on_change: Callable[[str], None]) -> bool:
         """Receive the job changes every instance notifies, on a connection of its own. Checks
         that a notification really arrives (it does not through a transaction-pooling proxy such
@@ -387,6 +392,8 @@ class PostgresStore:
         except UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
         await conn.add_listener(NOTIFY_CHANNEL, received)
+        if self._listener is not None:  # a lost one (listening() said so): let it go
+            self._listener.terminate()
         self._listener = conn
         await self._with_connection(lambda c: c.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, token))
         try:

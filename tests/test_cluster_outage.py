@@ -184,3 +184,131 @@ async def _all_ended(url: str, job_ids: list[str], timeout: float) -> dict[str, 
                 await asyncio.sleep(0.25)
     finally:
         await conn.close()
+
+
+class FreezableProxy:
+    """A TCP proxy in front of PostgreSQL for one instance: `freeze()` stops forwarding while
+    keeping every connection open, so that instance's database calls hang (a network partition:
+    no error, no answer) while the other instances reach the database as usual."""
+
+    def __init__(self, upstream_port: int) -> None:
+        self.upstream_port = upstream_port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    def freeze(self) -> None:
+        self.flowing.clear()
+
+    def thaw(self) -> None:
+        self.flowing.set()
+
+    async def _connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self.flowing.wait()
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        for source, sink in ((reader, up_writer), (up_reader, writer)):
+            task = asyncio.create_task(self._pump(source, sink))
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
+
+    async def _pump(self, source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+        try:
+            while data := await source.read(65536):
+                await self.flowing.wait()
+                sink.write(data)
+                await sink.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            sink.close()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            self.server.close()
+        for task in list(self.tasks):
+            task.cancel()
+
+
+async def test_an_instance_cut_off_from_the_database_stops_its_job_before_another_takes_it(
+    postgres_url: str, tmp_path: Path
+):
+    """Fencing in time, not only in writes: instance A loses the database without an error (its
+    calls hang, longer than a lease) while B still reaches it. A's lease watchdog stops A's stage
+    before B's reaper can hand the job over, so the stage never runs on both; B completes the job
+    and A works again once the network does."""
+    port = int(postgres_url.rsplit(":", 1)[1].split("/", 1)[0])
+    proxy = FreezableProxy(port)
+    await proxy.start()
+    env = {
+        "KLIPSTREAM_LEASE_SECONDS": "3",
+        "KLIPSTREAM_DATABASE_TIMEOUT_SECONDS": "10",  # a hung call lasts far longer than the lease
+        "TEST_STEP_SECONDS": "0.8",  # stages of about 8 s: A is early in one when it is cut off
+    }
+    a = Instance("a", tmp_path, postgres_url.replace(f":{port}/", f":{proxy.port}/"), 1)
+    b = Instance("b", tmp_path, postgres_url, 1)
+    for instance in (a, b):
+        instance.env.update(env)
+    try:
+        await a.start()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20)) as http:
+            status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": f"{URL}?partition"})
+            assert status == 202, first
+            job_url = f"/api/v1/analysis/{first['job_id']}"
+            await wait_for(http, f"{a.base}{job_url}", lambda j: j["stages"][0]["status"] == "running")
+            await b.start()  # only now: the job is A's
+            # cut A off early in a stage, so that the stage would still run when B takes the job
+            await wait_for(
+                http,
+                f"{a.base}{job_url}",
+                lambda j: any(s["status"] == "running" and s["progress"] <= 0.2 for s in j["stages"]),
+                timeout=30,
+            )
+            proxy.freeze()
+            try:
+                await wait_for(
+                    http, f"{b.base}{job_url}", lambda j: j["status"] == "running" and j["attempts"] == 2, timeout=20
+                )
+                await asyncio.sleep(2.0)  # A stays cut off while B runs the job
+            finally:
+                proxy.thaw()
+            job = await wait_for(
+                http, f"{b.base}{job_url}", lambda j: j["status"] in ("completed", "failed"), timeout=90
+            )
+            assert job["status"] == "completed" and job["attempts"] == 2, job
+            status, again = await post(http, f"{a.base}/api/v1/analysis", json={"url": f"{URL}?after-partition"})
+            assert status == 202, again  # A works again without a restart
+    finally:
+        a.stop()
+        b.stop()
+        await proxy.stop()
+    a_pid, b_pid = a.proc.pid, b.proc.pid  # type: ignore[union-attr]
+    runs = runs_of(tmp_path, first["job_id"])
+    times = _run_times(tmp_path, first["job_id"])
+    a_runs = [t for t in times if t[1] == a_pid]
+    b_runs = [t for t in times if t[1] == b_pid]
+    assert a_runs and b_runs, runs
+    a_stopped = max(end for _, _, _, end in a_runs)
+    b_started = min(start for _, _, start, _ in b_runs)
+    assert a_stopped < b_started, (f"A's stage ran {a_stopped - b_started:.2f} s into B's run", times)
+    assert "leases not renewed" in a.log.read_text()
+
+
+def _run_times(root: Path, job_id: str) -> list[tuple[str, int, float, float]]:
+    """(stage, pid, start, end or stop) of one job's finished stage runs."""
+    started: dict[tuple[str, int], float] = {}
+    runs = []
+    for line in (root / "markers" / "runs.log").read_text().splitlines():
+        job, stage, event, pid, at = line.split()
+        if job != job_id:
+            continue
+        if event == "start":
+            started[(stage, int(pid))] = float(at)
+        else:
+            runs.append((stage, int(pid), started.pop((stage, int(pid))), float(at)))
+    return runs

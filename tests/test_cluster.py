@@ -260,7 +260,7 @@ CHAOS_JOBS = 200
 # "Outbox in the same transaction"). Until they are, a kill -9 between a job's completion and the
 # dispatcher's flush to its outbox loses that job.completed webhook, and the chaos test reports the
 # loss as an expected failure; with the outbox in the job store, set this True: no loss is allowed.
-OUTBOX_IN_JOB_TRANSACTION = False
+OUTBOX_IN_JOB_TRANSACTION = True
 
 
 class WebhookReceiver:

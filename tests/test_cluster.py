@@ -256,11 +256,6 @@ async def test_concurrent_duplicates_on_two_instances_share_one_job(cluster, pos
 
 
 CHAOS_JOBS = 200
-# Whether a job's webhook deliveries are written in the same transaction as its state (issue 14,
-# "Outbox in the same transaction"). Until they are, a kill -9 between a job's completion and the
-# dispatcher's flush to its outbox loses that job.completed webhook, and the chaos test reports the
-# loss as an expected failure; with the outbox in the job store, set this True: no loss is allowed.
-OUTBOX_IN_JOB_TRANSACTION = True
 
 
 class WebhookReceiver:
@@ -350,6 +345,9 @@ async def test_chaos_jobs_survive_instances_killed_and_restarted(cluster, postgr
         TEST_STEP_SECONDS="0.03",  # stages of ~0.3 s
         KLIPSTREAM_LEASE_SECONDS="3",
         KLIPSTREAM_WEBHOOK_RETRY_BASE_SECONDS="0.5",
+        # a delivery claimed by an instance killed before it sent it is claimed again after this
+        KLIPSTREAM_OUTBOX_CLAIM_SECONDS="3",
+        KLIPSTREAM_WEBHOOK_TIMEOUT_SECONDS="2",
     )
     deaths: dict[int, float] = {}  # pid -> when it was killed (and dead)
     down: set[str] = set()
@@ -442,11 +440,6 @@ async def test_chaos_jobs_survive_instances_killed_and_restarted(cluster, postgr
         f" {sum(len(r) for r in runs.values())} stage runs, {duplicates} duplicate job.completed deliveries,"
         f" {len(missing)} job.completed webhooks missing, {elapsed:.1f} s"
     )
-    if missing and not OUTBOX_IN_JOB_TRANSACTION:
-        pytest.xfail(
-            f"{len(missing)} of {len(accepted)} job.completed webhooks lost to kill -9: the outbox is not yet"
-            " written in the job's own transaction (issue 14, 'Outbox in the same transaction')"
-        )
     assert not missing, f"{len(missing)} of {len(accepted)} jobs' job.completed webhooks never came ({kills} kills)"
 
 

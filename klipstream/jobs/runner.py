@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from klipstream.artifacts import spec
 from klipstream.errors import (
+    DatabaseUnavailable,
     InsufficientResources,
     InternalError,
     KlipstreamError,
@@ -72,6 +73,9 @@ def _nothing_committed(job: Job, effects: Effects) -> None:
 # A terminal state is written with retries: a job must not stay "running" in the store because
 # one write failed. Delays between the attempts, in seconds.
 FINAL_SAVE_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
+# A shared store (PostgreSQL) that cannot be reached: a state change is written again after these
+# delays (the last one repeating) until the database is back, while the running stages go on.
+OUTAGE_SAVE_DELAYS = (0.25, 0.5, 1.0, 2.0)
 
 
 class CancelReason:
@@ -441,7 +445,10 @@ class JobRun(ProgressSink):
         self.deps.timings.add(stage.name, seconds, media_seconds)
         self._refresh_progress()
         await self._save("stage_changed")
-        await self.deps.store.record_stage_run(stage.name, seconds, media_seconds)
+        try:
+            await self.deps.store.record_stage_run(stage.name, seconds, media_seconds)
+        except DatabaseUnavailable as exc:  # a statistic (ETAs): not worth stopping the job for
+            log.warning("stage timing not recorded: %s", exc.message, extra={"job_id": self.job.job_id})
         self._emit("stage_changed")
         for key, path in ctx.outputs.items():
             if spec(key).published:
@@ -560,18 +567,42 @@ class JobRun(ProgressSink):
         """Write the job with the effects of the change `kind` (its stream event, webhook
         deliveries, Convex update) in one transaction; once committed, they are published. A
         failed write's event sequence is not reused (the write may still have committed): the
-        stream skips it, and a subscriber behind the gap gets a fresh snapshot."""
+        stream skips it, and a subscriber behind the gap gets a fresh snapshot.
+
+        With a shared store, a database outage does not end the run: the write (with its effects)
+        is made again until the database is back (the running stages go on meanwhile, and this
+        checkpoint lands then). The outage cannot outlast the lease unnoticed: the cluster's lease
+        watchdog stops a run whose lease went unrenewed for nearly a lease (`lease_lost`, which
+        cancels this wait), since another instance may take the job after that."""
         async with self._save_lock:
             self._last_persist = time.monotonic()
             if effects is None:
                 if kind in ("progress", "stage_changed") and self.job.status is not JobStatus.RUNNING:
                     kind = None  # a background save that ran after the run ended: no event after the last
                 effects = self.deps.effects(kind, self.job)
-            try:
-                await self.deps.store.save_job(self.job, effects)
-            except LeaseLost:
-                self.lease_lost()
-                raise
+            shared = self.deps.store.shared
+            waits = 0
+            while True:
+                try:
+                    await self.deps.store.save_job(self.job, effects)
+                    break
+                except LeaseLost:
+                    self.lease_lost()
+                    raise
+                except DatabaseUnavailable as exc:
+                    if not shared or self.cancel_reason == CancelReason.LEASE_LOST:
+                        raise
+                    delay = OUTAGE_SAVE_DELAYS[min(waits, len(OUTAGE_SAVE_DELAYS) - 1)]
+                    if waits == 0:
+                        log.warning(
+                            "the job database is unavailable (%s); the job goes on and is saved when it is back",
+                            exc.message,
+                            extra={"job_id": self.job.job_id},
+                        )
+                    waits += 1
+                    await asyncio.sleep(delay)
+            if waits:
+                log.info("the job database is back; job saved", extra={"job_id": self.job.job_id})
             self.deps.committed(self.job, effects)
 
     def _close_unfinished_stages(self, reason: str) -> None:

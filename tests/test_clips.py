@@ -349,9 +349,7 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
     [((1080, 1920), (1280, 720)), ((562, 1000), (1280, 720)), ((360, 640), (720, 1280)), ((720, 1280), (480, 600)),
      ((360, 640), (1280, 480))],
 )  # fmt: skip
-def test_blurred_fill_scales_only_the_bands_and_looks_the_same(
-    size: tuple[int, int], source: tuple[int, int]
-) -> None:
+def test_blurred_fill_scales_only_the_bands_and_looks_the_same(size: tuple[int, int], source: tuple[int, int]) -> None:
     """Bands above/below (or beside) the gameplay are scaled up on their own and stacked: the picture
     must match the whole-frame blur it replaces (the gameplay kept even-sized, bands within a blur's rounding)."""
     layout = Layout(size[0], size[1], Fill.BLUR, None)

@@ -5,8 +5,9 @@ ffmpeg has and PyAV's bundled libraries do not. Input is the finished horizontal
 vertical version is frame-for-frame the same cut and caption times are clip-relative.
 
 Layouts: `crop` scales the gameplay to cover the frame and keeps its centre; `blur` fits it to the
-width over a blurred, zoomed copy of itself (blurred at 1/8 size, which is cheap and looks the
-same). A facecam box (fractions of the source frame) is cropped out and stacked above the gameplay.
+width between two bands of a blurred, zoomed copy of itself (blurred at 1/8 size, which is cheap and
+looks the same, and only the bands are scaled back up). A facecam box (fractions of the source
+frame) is cropped out and stacked above the gameplay.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def vertical_size(height: int) -> tuple[int, int]:
 BLUR_SCALE = 8  # the blurred fill is made at 1/8 of the output size, then scaled up
 
 
-def _game(label_in: str, label_out: str, width: int, height: int, fill: Fill, source_w: int, source_h: int) -> list[str]:
+def _game(
+    label_in: str, label_out: str, width: int, height: int, fill: Fill, source_w: int, source_h: int
+) -> list[str]:
     """Gameplay (a source_w×source_h input) into a width×height area."""
     if fill is Fill.CROP:
         return [
@@ -121,9 +124,7 @@ def _band(start: int, size: int, total: int, small_total: int, across: int, wide
     scaled = max(size, even((hi - lo) * factor))
     offset = min(max(0, round((start - lo * factor) / 2) * 2), scaled - size)
     if wide:
-        return (
-            f"crop=iw:{hi - lo}:0:{lo},scale={across}:{scaled}:flags=bilinear,crop={across}:{size}:0:{offset}"
-        )
+        return f"crop=iw:{hi - lo}:0:{lo},scale={across}:{scaled}:flags=bilinear,crop={across}:{size}:0:{offset}"
     return f"crop={hi - lo}:ih:{lo}:0,scale={scaled}:{across}:flags=bilinear,crop={size}:{across}:{offset}:0"
 
 

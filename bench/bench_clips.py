@@ -15,6 +15,7 @@ Rounds are interleaved and the median is reported.
 
     python bench/bench_clips.py            # 1 h VOD, 10 x 30 s, 3 rounds
     python bench/bench_clips.py --quick    # 10 min VOD, 3 x 30 s, 1 round
+    python bench/bench_clips.py --compare /tmp/old   # vertical: this checkout vs another, interleaved
 """
 
 from __future__ import annotations
@@ -125,11 +126,18 @@ def ffmpeg_per_span(vod: Path, out: Path, cuts: list[tuple[float, float]], codec
 
 
 def worker(
-    vod: Path, out: Path, cuts: list[tuple[float, float]], *, vertical: bool, memory: bool = False
+    vod: Path,
+    out: Path,
+    cuts: list[tuple[float, float]],
+    *,
+    vertical: bool,
+    memory: bool = False,
+    root: Path = ROOT,
 ) -> tuple[float, float, int, dict]:
     """Run the clips stage's child on a plan like the stage writes: (wall s, CPU s, peak RSS, manifest).
 
-    `memory`: sample the process group's RSS (a run of its own: the sampling takes CPU; peak 0 otherwise)."""
+    `memory`: sample the process group's RSS (a run of its own: the sampling takes CPU; peak 0 otherwise).
+    `root`: the checkout whose `klipstream` the child runs (`python -m` puts its cwd first on the path)."""
     from klipstream.clips.worker import ClipTask, Plan, VerticalPlan
 
     transcript = None
@@ -169,7 +177,7 @@ def worker(
     started, cpu = time.perf_counter(), _child_cpu()
     proc = subprocess.Popen(
         [sys.executable, "-m", "klipstream.clips.worker", str(out / "plan.json")],
-        cwd=ROOT,
+        cwd=root,
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
@@ -187,6 +195,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="10 min VOD, 3 spans, 1 round")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--no-vertical", action="store_true")
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also time the vertical run of another checkout (e.g. `git worktree add /tmp/old main`), "
+        "interleaved with this one for --rounds rounds, and print both",
+    )
     args = parser.parse_args()
     duration = 600 if args.quick else 3600
     count = 3 if args.quick else 10
@@ -210,10 +225,17 @@ def main() -> None:
         methods = sorted({c["method"] for c in manifest["clips"]})
         encoded = sum(c["encoded_frames"] for c in manifest["clips"]) / sum(c["frames"] for c in manifest["clips"])
         vertical_row = None
+        compared: dict[str, list[tuple[float, float, float]]] = {"this": [], "other": []}
         if not args.no_vertical:
-            wall, cpu, _, v_manifest = worker(vod, out, cuts, vertical=True)
+            for r in range(rounds if args.compare else 1):
+                pairs = [("this", ROOT), ("other", args.compare)] if args.compare else [("this", ROOT)]
+                for key, root in pairs if r % 2 == 0 else pairs[::-1]:  # alternate who goes first
+                    wall, cpu, _, v_manifest = worker(vod, out, cuts, vertical=True, root=root)
+                    v_out = sum(c["duration"] for c in v_manifest["clips"])
+                    compared[key].append((v_out, wall, cpu))
+                    print(f"vertical round {r + 1} ({key}): {v_out / wall:.2f}x real time", file=sys.stderr)
             v_peak = worker(vod, out, cuts, vertical=True, memory=True)[2]
-            v_out = sum(c["duration"] for c in v_manifest["clips"])
+            v_out, wall, cpu = (statistics.median(run[i] for run in compared["this"]) for i in range(3))
             vertical_row = (v_out, wall, cpu, v_peak)
         load = max(load, os.getloadavg()[0])
 
@@ -245,6 +267,16 @@ def main() -> None:
             f"thumbnails, captions, vertical, edit lists): {wall:.1f} s wall = **{v_out / wall:.2f}× real time**; "
             f"{cpu:.1f} CPU s = {v_out / (cpu / cores):.2f}× real time on {cores} otherwise idle cores; "
             f"peak RSS {v_peak / 2**20:.0f} MB"
+        )
+    if args.compare and compared["other"]:
+        cpu_this, cpu_other = (statistics.median(c for *_, c in compared[k]) for k in ("this", "other"))
+        this = [v / w for v, w, _ in compared["this"]]
+        other = [v / w for v, w, _ in compared["other"]]
+        print(
+            f"\nvertical, this checkout vs {args.compare} (median of {rounds} interleaved rounds): "
+            f"{statistics.median(this):.2f}× vs {statistics.median(other):.2f}× real time; per round "
+            f"{', '.join(f'{a / b:.3f}' for a, b in zip(this, other, strict=True))} times as fast; CPU s "
+            f"{cpu_this:.1f} vs {cpu_other:.1f}"
         )
 
 

@@ -9,6 +9,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import numpy as np
 import opentimelineio as otio
 import pysubs2
 import pytest
@@ -19,6 +20,7 @@ from klipstream.clips import captions as cap
 from klipstream.clips.cut import cut_clip, probe, thumbnail
 from klipstream.clips.editlists import EditClip, edl_rate, timeline, write_all
 from klipstream.clips.encoding import Encoder, choose
+from klipstream.clips.vertical import Box, Fill, Layout, even, filter_graph
 from klipstream.clips.worker import ClipTask, Plan, VerticalPlan
 from klipstream.clips.worker import run as run_worker
 from klipstream.models import JobOptions
@@ -312,3 +314,53 @@ async def test_stage_without_highlights_warns_and_makes_nothing(ts_source: Path,
         )
         await CLIPS.run(ctx)
     assert ctx.outputs == {} and sink.warnings == ["no clips were made because no highlight was found to cut"]
+
+
+# --- the vertical filter graph ---------------------------------------------------------------------------
+def _render(graph: str, source: tuple[int, int], size: tuple[int, int], frames: int = 3) -> np.ndarray:
+    """`frames` frames of `graph` over a moving test pattern, as one uint8 array of yuv420p bytes."""
+    raw = subprocess.run(
+        ["ffmpeg", "-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i",
+         f"testsrc2=size={source[0]}x{source[1]}:rate=30,format=yuv420p", "-filter_complex", graph,
+         "-map", "[out]", "-frames:v", str(frames), "-f", "rawvideo", "-pix_fmt", "yuv420p", "-"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    assert len(raw) == frames * size[0] * size[1] * 3 // 2, "the graph makes frames of the layout's size"
+    return np.frombuffer(raw, np.uint8)
+
+
+def _whole_frame_blur(w: int, h: int, source_w: int, source_h: int) -> str:
+    """The look the blurred fill must keep: the whole blurred frame scaled up, the gameplay laid over it."""
+    sw, sh = even(w / 8), even(h / 8)
+    return (
+        f"[0:v]split=2[b][f];[b]scale={sw}:{sh}:force_original_aspect_ratio=increase,crop={sw}:{sh},"
+        f"gblur=sigma=4,eq=brightness=-0.08,scale={w}:{h},setsar=1[bg];"
+        f"[f]scale={w}:{h}:force_original_aspect_ratio=decrease,setsar=1[fg];[bg][fg]overlay=(W-w)/2:(H-h)/2[out]"
+    )
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return 99.0 if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+@pytest.mark.parametrize(
+    ("size", "source"),
+    [((1080, 1920), (1280, 720)), ((562, 1000), (1280, 720)), ((360, 640), (720, 1280)), ((720, 1280), (480, 600)),
+     ((360, 640), (1280, 480))],
+)  # fmt: skip
+def test_blurred_fill_scales_only_the_bands_and_looks_the_same(size: tuple[int, int], source: tuple[int, int]) -> None:
+    """Bands above/below (or beside) the gameplay are scaled up on their own and stacked: the picture
+    must match the whole-frame blur it replaces (the gameplay kept even-sized, bands within a blur's rounding)."""
+    layout = Layout(size[0], size[1], Fill.BLUR, None)
+    graph = filter_graph(layout, *source, None)
+    assert "overlay" not in graph
+    ours = _render(graph, source, size)
+    reference = _render(_whole_frame_blur(*size, *source), source, size)
+    assert _psnr(ours, reference) > 32  # a blur resampled differently; swapped bands score 28-30
+
+
+def test_blurred_fill_under_a_facecam_keeps_the_layout() -> None:
+    layout = Layout(540, 960, Fill.BLUR, Box(0.7, 0.6, 0.28, 0.36))
+    frames = _render(filter_graph(layout, 1280, 720, None), (1280, 720), (540, 960), frames=1)
+    assert frames.size == 540 * 960 * 3 // 2

@@ -4,7 +4,9 @@ The pipeline is a list of `Stage` declarations in dependency order. The runner s
 whose needed artifacts exist (so chat runs beside the download, chat analysis beside
 transcription), checkpoints each finished stage to the store, publishes its artifacts while later
 stages run, retries retryable failures with backoff, and turns everything that happens into job
-events. A resumed job (retry, restart) skips the stages whose artifacts are already on disk.
+events. A resumed job (retry, restart, or claimed by another instance) skips the stages whose
+outputs are on disk or, with shared storage, restorable from the job's checkpoints
+(klipstream.jobs.checkpoints): a completed stage copies there what later stages still need.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from klipstream.errors import (
     TimeLimitExceeded,
     classify,
 )
+from klipstream.jobs.checkpoints import CheckpointStore, LocalCheckpoints, consumers
 from klipstream.jobs.progress import compute_progress
 from klipstream.jobs.stage import ProgressSink, Resource, Stage, StageContext
 from klipstream.jobs.store import LeaseLost
@@ -59,6 +62,10 @@ PROGRESS_PERSIST_SECONDS = 2.0
 # A terminal state is written with retries: a job must not stay "running" in the store because
 # one write failed. Delays between the attempts, in seconds.
 FINAL_SAVE_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
+# A completed stage's checkpoint waits this long for the job database to come back (an outage):
+# the stage's work is done and is not thrown away for a write that would succeed a minute later.
+CHECKPOINT_SAVE_SECONDS = 300.0
+CHECKPOINT_SAVE_RETRY = RetryPolicy(None, 0.5, 10.0)
 
 
 class CancelReason:
@@ -80,6 +87,7 @@ class RunnerDeps:
     limits: dict[Resource, ResourceLimit] = field(default_factory=dict)
     transcriber: Transcriber | None = None  # None in pipelines without a transcription stage
     user_http: aiohttp.ClientSession | None = None  # for user-supplied URLs (klipstream.network)
+    checkpoints: CheckpointStore = field(default_factory=LocalCheckpoints)  # shared storage, or the data dir
 
 
 class ResourceLimit:
@@ -165,6 +173,7 @@ class JobRun(ProgressSink):
         self._stage_started: dict[str, float] = {}
         self._last_persist = 0.0
         self._persisting: asyncio.Task[None] | None = None
+        self._dirty = False
         self._task: asyncio.Task[Any] | None = None
 
     def lease_lost(self) -> None:
@@ -183,6 +192,7 @@ class JobRun(ProgressSink):
         self._task = asyncio.current_task()
         try:
             await self._start()
+            await self._restore()
             await self._schedule()
             await self._finish_publishing()
         except asyncio.CancelledError:
@@ -245,27 +255,142 @@ class JobRun(ProgressSink):
         states = []
         for stage in self.stages:
             state = known.get(stage.name) or StageState(name=stage.name, display=stage.display)
-            if state.status.done and not self._outputs_present(stage, state):
-                state.status = StageStatus.PENDING
             if not state.status.done:
-                state.status = StageStatus.PENDING
-                state.progress = 0.0
-                state.error = None
-                state.finished_at = None
+                self._reset(state)
             states.append(state)
         self.job.stages = states
-        for key, filename in list(self.job.artifacts.items()):
+        self._reconcile()
+        self._remove_partial_files()
+        self._collect_available()
+
+    @staticmethod
+    def _reset(state: StageState) -> None:
+        state.status = StageStatus.PENDING
+        state.progress = 0.0
+        state.error = None
+        state.finished_at = None
+
+    def _reconcile(self) -> None:
+        """Completed stages whose outputs are neither here nor restorable run again; repeated
+        until stable, because a stage that runs again makes its own inputs needed."""
+        changed = True
+        while changed:
+            changed = False
+            for stage in self.stages:
+                state = self.job.stage(stage.name)
+                if state.status is StageStatus.COMPLETED and not self._outputs_present(stage):
+                    self._reset(state)
+                    changed = True
+
+    def _outputs_present(self, stage: Stage) -> bool:
+        """With the data directory as the checkpoint every output must be on disk (as always);
+        with shared checkpoints an output may instead be restorable, or not needed at all (published
+        already, and read by no stage that still runs)."""
+        for key in stage.provides:
+            filename = self.job.artifacts.get(key)
+            if filename is None or (self.workdir / filename).is_file():
+                continue
+            if not self.deps.checkpoints.remote:
+                return False
+            if key in self.job.checkpoints:
+                continue
+            if key not in self._needed_keys():
+                continue
+            return False
+        return True
+
+    def _needed_keys(self) -> set[str]:
+        """Artifacts this run must have on disk: read by a stage that still runs, or published
+        outputs of completed stages whose publication was not recorded (published again)."""
+        needed = {
+            key
+            for stage in self.stages
+            if self.job.stage(stage.name).status is StageStatus.PENDING
+            and (stage.wanted is None or stage.wanted(self.job.options))
+            for key in (*stage.needs, *stage.uses)
+        }
+        for stage in self.stages:
+            if self.job.stage(stage.name).status is StageStatus.COMPLETED:
+                needed.update(
+                    key
+                    for key in stage.provides
+                    if key in self.job.artifacts and spec(key).published and key not in self.job.results
+                )
+        return needed
+
+    def _collect_available(self) -> None:
+        """The artifacts on disk whose producer completed (a stage that runs again rewrites its own)."""
+        self.available.clear()
+        for key, filename in self.job.artifacts.items():
+            producer = self.producers.get(key)
+            if producer is not None and self.job.stage(producer).status is not StageStatus.COMPLETED:
+                continue
             path = self.workdir / filename
             if path.is_file():
                 self.available[key] = path
-        self._remove_partial_files()
 
-    def _outputs_present(self, stage: Stage, state: StageState) -> bool:
-        if state.status is not StageStatus.COMPLETED:
+    async def _restore(self) -> None:
+        """Bring back from the checkpoints what the remaining stages need; an output that cannot be
+        restored (missing, corrupt) makes its stage run again, with a warning, not a failure."""
+        if not self.deps.checkpoints.remote:
+            return
+        restored: list[str] = []
+        while True:
+            missing = [
+                key
+                for key in sorted(self._needed_keys())
+                if key in self.job.artifacts
+                and self.producers.get(key) is not None
+                and self.job.stage(self.producers[key]).status is StageStatus.COMPLETED
+                and not (self.workdir / self.job.artifacts[key]).is_file()
+            ]
+            if not missing:
+                break
+            for key in missing:
+                if await self._restore_one(key):
+                    restored.append(key)
+                else:
+                    self._reset(self.job.stage(self.producers[key]))
+            self._reconcile()
+        self._collect_available()
+        if restored:
+            log.info("restored %s from checkpoints", ", ".join(restored), extra={"job_id": self.job.job_id})
+        self._republish_unrecorded()
+
+    async def _restore_one(self, key: str) -> bool:
+        checkpoint = self.job.checkpoints.get(key)
+        producer = self.by_name[self.producers[key]]
+        try:
+            if checkpoint is None:
+                raise StorageError(f"no checkpoint of {key!r} was recorded", code="checkpoint_missing")
+            await self.deps.checkpoints.restore(checkpoint, self.workdir / self.job.artifacts[key])
             return True
-        return all(
-            (self.workdir / self.job.artifacts[key]).is_file() for key in stage.provides if key in self.job.artifacts
-        )
+        except (asyncio.CancelledError, LeaseLost):
+            raise
+        except Exception as exc:  # missing, corrupt or unreachable: the stage runs again instead
+            error = classify(exc)
+            self.job.checkpoints.pop(key, None)
+            message = f"its checkpoint of {key} could not be restored ({error.message}); the step runs again."
+            self.job.warnings.append(f"{producer.display.value}: {message}")
+            log.warning(
+                "checkpoint of %s not restored; stage %s runs again: %s",
+                key,
+                producer.name,
+                error.message,
+                extra={"job_id": self.job.job_id, "stage": producer.name, "error_type": error.error_type},
+            )
+            return False
+
+    def _republish_unrecorded(self) -> None:
+        """Outputs of completed stages whose publication was in flight when the last run stopped."""
+        for stage in self.stages:
+            if self.job.stage(stage.name).status is not StageStatus.COMPLETED:
+                continue
+            for key in stage.provides:
+                path = self.available.get(key)
+                if path is not None and spec(key).published and key not in self.job.results:
+                    task = asyncio.create_task(self._publish(key, path), name=f"publish-{key}")
+                    self.publishing.add(task)
 
     def _remove_partial_files(self) -> None:
         """Delete everything in the job directory that is not a checkpointed artifact."""
@@ -409,6 +534,7 @@ class JobRun(ProgressSink):
         for key, path in ctx.outputs.items():
             self.available[key] = path
             self.job.artifacts[key] = path.name
+        await self._checkpoint_outputs(stage, ctx.outputs)
         seconds = time.monotonic() - self._stage_started.get(stage.name, time.monotonic())
         state.status = StageStatus.COMPLETED
         state.progress = 1.0
@@ -417,18 +543,89 @@ class JobRun(ProgressSink):
         media_seconds = self.job.video.duration_seconds if self.job.video else None
         self.deps.timings.add(stage.name, seconds, media_seconds)
         self._refresh_progress()
-        await self._save()
-        await self.deps.store.record_stage_run(stage.name, seconds, media_seconds)
+        await self._save_checkpoint()
+        try:
+            await self.deps.store.record_stage_run(stage.name, seconds, media_seconds)
+        except Exception:  # statistics for the ETA; the job's own state is stored already
+            log.warning("could not record the stage's run time", exc_info=True, extra={"job_id": self.job.job_id})
         self._emit("stage_changed")
+        await self._discard_spent_checkpoints()
         for key, path in ctx.outputs.items():
             if spec(key).published:
                 task = asyncio.create_task(self._publish(key, path), name=f"publish-{key}")
                 self.publishing.add(task)
 
+    async def _checkpoint_outputs(self, stage: Stage, outputs: dict[str, Path]) -> None:
+        """Copy to shared storage the outputs a later stage of this job reads, before the stage is
+        stored as completed (so a completed stage in the job row always has its checkpoints). A
+        failed copy is a warning: the job goes on, and only a resume elsewhere would run the stage again."""
+        if not self.deps.checkpoints.remote:
+            return
+        for key, path in outputs.items():
+            if not consumers(key, self.stages, self.job.options):
+                continue
+            try:
+                self.job.checkpoints[key] = await self.deps.checkpoints.save(self.job.job_id, key, path)
+            except (asyncio.CancelledError, LeaseLost):
+                raise
+            except Exception as exc:
+                self.job.checkpoints.pop(key, None)
+                log.warning(
+                    "could not checkpoint %s; a resume on another instance runs %s again: %s",
+                    key,
+                    stage.name,
+                    classify(exc).message,
+                    extra={"job_id": self.job.job_id, "stage": stage.name},
+                )
+
+    async def _discard_spent_checkpoints(self) -> None:
+        """Drop checkpoints every reader of which has completed (the media once the audio is
+        decoded, the PCM once transcribed): storage holds what a resume needs, not the history."""
+        spent = [
+            key
+            for key in self.job.checkpoints
+            if all(
+                self.job.stage(s.name).status is StageStatus.COMPLETED
+                for s in consumers(key, self.stages, self.job.options)
+            )
+        ]
+        for key in spent:
+            checkpoint = self.job.checkpoints.pop(key)
+            try:
+                await self.deps.checkpoints.discard(checkpoint)
+            except Exception:  # the job's end (or the janitor) removes it
+                log.warning("could not discard checkpoint %s", key, exc_info=True, extra={"job_id": self.job.job_id})
+
+    async def _save_checkpoint(self) -> None:
+        """Store a completed stage, waiting out a database outage (bounded): the stage's work is
+        done, and the write succeeds when the database is back. A lost lease stops at once."""
+        deadline = time.monotonic() + CHECKPOINT_SAVE_SECONDS
+        failures = 0
+        while True:
+            try:
+                await self._save()
+                return
+            except LeaseLost:
+                raise
+            except Exception as exc:
+                error = classify(exc)
+                failures += 1
+                if not error.retryable or time.monotonic() >= deadline:
+                    raise
+                delay = min(CHECKPOINT_SAVE_RETRY.delay(failures), max(0.0, deadline - time.monotonic()))
+                log.warning(
+                    "storing a completed stage failed (%s); trying again in %.1f s",
+                    error.message,
+                    delay,
+                    extra={"job_id": self.job.job_id},
+                )
+                await asyncio.sleep(delay)
+
     async def _publish(self, key: str, path: Path) -> None:
         stored = await self.deps.storage.put(self.job.video_id, spec(key), path)
         self.job.results[key] = stored.url
         self.job.result_uris[key] = stored.uri
+        self._persist_soon()  # a resume elsewhere then knows it is published and need not restore it
 
     async def _finish_publishing(self) -> None:
         if not self.publishing:
@@ -466,6 +663,18 @@ class JobRun(ProgressSink):
         self._emit("completed")
         if not self.settings.keep_workdirs:
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+        await self._remove_checkpoints()
+
+    async def _remove_checkpoints(self) -> None:
+        """A completed job needs no checkpoints; failed and cancelled jobs keep theirs for a retry
+        until the janitor's KLIPSTREAM_RETAIN_WORKDIRS_SECONDS."""
+        if not self.deps.checkpoints.remote or self.cancel_reason == CancelReason.LEASE_LOST:
+            return
+        try:
+            async with asyncio.timeout(60):
+                await self.deps.checkpoints.remove_job(self.job.job_id)
+        except Exception:  # the janitor removes them later
+            log.warning("could not remove the job's checkpoints", exc_info=True, extra={"job_id": self.job.job_id})
 
     async def _failed(self, stage: str | None, error: KlipstreamError) -> None:
         job = self.job
@@ -523,6 +732,13 @@ class JobRun(ProgressSink):
         self.job.updated_at = utcnow()
         self._persisting = self._persisting or asyncio.create_task(self._save_in_background())
 
+    def _persist_soon(self) -> None:
+        """Save the job in the background, once more after a save already under way (which may
+        have serialised the job before this change)."""
+        self._dirty = True
+        if self._persisting is None:
+            self._persisting = asyncio.create_task(self._save_in_background())
+
     def set_highlights(self, highlights: list[dict[str, Any]]) -> None:
         self.job.highlights = highlights
 
@@ -571,7 +787,11 @@ class JobRun(ProgressSink):
 
     async def _save_in_background(self) -> None:
         try:
+            self._dirty = False
             await self._save()
+            while self._dirty:
+                self._dirty = False
+                await self._save()
         except LeaseLost:
             pass  # the run is stopping (lease_lost() said why)
         except Exception:  # progress snapshots are best effort; state changes are not

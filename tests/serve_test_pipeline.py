@@ -67,6 +67,7 @@ def derived_stage(
     display: DisplayStage,
     uses: tuple[str, ...] = (),
     size: int = 64,
+    steps: int = STEPS,
 ) -> Stage:
     """A slow stage whose outputs are a pure function of its inputs' bytes (no pid, no time), so a
     job that resumes on another instance from restored checkpoints must end with the same results."""
@@ -79,8 +80,8 @@ def derived_stage(
             path = ctx.optional_input(key) if key in uses else ctx.input(key)
             if path is not None:
                 digest.update(await asyncio.to_thread(_file_digest, path))
-        for step in range(STEPS):
-            ctx.progress((step + 1) / STEPS)
+        for step in range(steps):
+            ctx.progress((step + 1) / steps)
             await asyncio.sleep(STEP_SECONDS)
         for key in provides:
             seed = hashlib.sha256(digest.digest() + key.encode()).digest()
@@ -128,7 +129,12 @@ def checkpoint_pipeline(marker_dir: Path) -> list[Stage]:
             size=big,
         ),
         derived_stage(
-            "transcribe", marker_dir, needs=("pcm",), provides=("transcript_json",), display=DisplayStage.TRANSCRIBING
+            "transcribe",
+            marker_dir,
+            needs=("pcm",),
+            provides=("transcript_json",),
+            display=DisplayStage.TRANSCRIBING,
+            steps=2 * STEPS,  # the longest stage, as in life: the tests kill an instance during it
         ),
         derived_stage(
             "highlights",

@@ -107,7 +107,13 @@ async def run_until_transcribing(http: aiohttp.ClientSession, a: Peer, b: Peer, 
     status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
     assert status == 202, first
     job_url = f"/api/v1/analysis/{first['job_id']}"
-    await wait_for(http, f"{a.base}{job_url}", lambda j: j["stages"][2]["status"] == "running", timeout=60)
+    # the waveform's checkpoint is its published object, recorded once its upload finished
+    await wait_for(
+        http,
+        f"{a.base}{job_url}",
+        lambda j: j["stages"][2]["status"] == "running" and set(j["checkpoints"]) == {"pcm", "waveform"},
+        timeout=60,
+    )
     owner_pid = int(markers(root, "transcribe")[0].split()[1])
     owner, survivor = (a, b) if owner_pid == a.proc.pid else (b, a)  # type: ignore[union-attr]
     return job_url, owner, survivor
@@ -148,7 +154,10 @@ async def test_kill_9_resumes_on_a_peer_with_its_own_data_dir_from_the_checkpoin
         assert set(running["checkpoints"]) == {"pcm", "waveform"}, running["checkpoints"]
         assert running["checkpoints"]["pcm"]["size"] == BIG
         stored = await gcs_names(http, emulator, CHECKPOINT_BUCKET, f"_checkpoints/{job_id}/")
-        assert sorted(n.rsplit("/", 1)[1] for n in stored) == sorted(c["file"] for c in running["checkpoints"].values())
+        # the unpublished PCM is copied under the job's prefix; the published waveform's checkpoint
+        # is its published object (not a second upload)
+        assert [n.rsplit("/", 1)[1] for n in stored] == [running["checkpoints"]["pcm"]["file"]]
+        assert running["checkpoints"]["waveform"]["uri"] == running["result_uris"]["waveform"]
 
         owner_pid = kill(owner)
         done = await wait_for(

@@ -95,11 +95,13 @@ class GcsCheckpoints:
             raise InternalError(f"Refusing a checkpoint of the unsafe file name {filename!r}.")
         return self._prefix(job_id) + filename
 
-    def _location(self, checkpoint: Checkpoint) -> tuple[str, str]:
+    @staticmethod
+    def _location(checkpoint: Checkpoint) -> tuple[str, str]:
+        """(bucket, object) of a checkpoint: a copy under _checkpoints/, or a published artifact."""
         rest = checkpoint.uri.removeprefix("gs://")
         bucket, _, name = rest.partition("/")
-        if rest == checkpoint.uri or not name.startswith(f"{PREFIX}/"):
-            raise StorageError(f"{checkpoint.uri} is not a checkpoint of this service.", code="checkpoint_invalid")
+        if rest == checkpoint.uri or not bucket or not name:
+            raise StorageError(f"{checkpoint.uri} is not a Cloud Storage object.", code="checkpoint_invalid")
         return bucket, name
 
     async def save(self, job_id: str, key: str, path: Path) -> Checkpoint:
@@ -113,8 +115,10 @@ class GcsCheckpoints:
         await self._storage.download_file(bucket, name, dest, size=checkpoint.size, md5=checkpoint.md5)
 
     async def discard(self, checkpoint: Checkpoint) -> None:
+        """Delete a copy under _checkpoints/; a published artifact serving as checkpoint stays."""
         bucket, name = self._location(checkpoint)
-        await self._storage.delete_object(bucket, name)
+        if name.startswith(f"{PREFIX}/"):
+            await self._storage.delete_object(bucket, name)
 
     async def remove_job(self, job_id: str) -> int:
         return await self._storage.delete_prefix(self.bucket, self._prefix(job_id))

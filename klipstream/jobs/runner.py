@@ -36,6 +36,7 @@ from klipstream.jobs.progress import compute_progress
 from klipstream.jobs.stage import ProgressSink, Resource, Stage, StageContext
 from klipstream.jobs.store import LeaseLost
 from klipstream.models import (
+    Checkpoint,
     Job,
     JobError,
     JobStatus,
@@ -279,6 +280,8 @@ class JobRun(ProgressSink):
             for stage in self.stages:
                 state = self.job.stage(stage.name)
                 if state.status is StageStatus.COMPLETED and not self._outputs_present(stage):
+                    if self.deps.checkpoints.remote:
+                        self._rerun_warning(stage, "an output it made is neither here nor checkpointed")
                     self._reset(state)
                     changed = True
 
@@ -370,16 +373,22 @@ class JobRun(ProgressSink):
         except Exception as exc:  # missing, corrupt or unreachable: the stage runs again instead
             error = classify(exc)
             self.job.checkpoints.pop(key, None)
-            message = f"its checkpoint of {key} could not be restored ({error.message}); the step runs again."
-            self.job.warnings.append(f"{producer.display.value}: {message}")
-            log.warning(
-                "checkpoint of %s not restored; stage %s runs again: %s",
-                key,
-                producer.name,
-                error.message,
-                extra={"job_id": self.job.job_id, "stage": producer.name, "error_type": error.error_type},
-            )
+            self._rerun_warning(producer, f"its checkpoint of {key} could not be restored ({error.message})", error)
             return False
+
+    def _rerun_warning(self, stage: Stage, why: str, error: KlipstreamError | None = None) -> None:
+        """A completed stage runs again on resume: the job says so (it takes longer), it does not fail."""
+        self.job.warnings.append(f"{stage.display.value}: {why}; the step runs again.")
+        log.warning(
+            "completed stage %s runs again: %s",
+            stage.name,
+            why,
+            extra={
+                "job_id": self.job.job_id,
+                "stage": stage.name,
+                "error_type": error.error_type if error else "checkpoint_missing",
+            },
+        )
 
     def _republish_unrecorded(self) -> None:
         """Outputs of completed stages whose publication was in flight when the last run stopped."""
@@ -556,13 +565,14 @@ class JobRun(ProgressSink):
                 self.publishing.add(task)
 
     async def _checkpoint_outputs(self, stage: Stage, outputs: dict[str, Path]) -> None:
-        """Copy to shared storage the outputs a later stage of this job reads, before the stage is
-        stored as completed (so a completed stage in the job row always has its checkpoints). A
-        failed copy is a warning: the job goes on, and only a resume elsewhere would run the stage again."""
+        """Copy to shared storage the unpublished outputs a later stage of this job reads, before
+        the stage is stored as completed (so a completed stage in the job row has their checkpoints).
+        A published output's checkpoint is its published object (`_publish`), not a second copy.
+        A failed copy is a warning: the job goes on; only a resume elsewhere runs the stage again."""
         if not self.deps.checkpoints.remote:
             return
         for key, path in outputs.items():
-            if not consumers(key, self.stages, self.job.options):
+            if spec(key).published or not consumers(key, self.stages, self.job.options):
                 continue
             try:
                 self.job.checkpoints[key] = await self.deps.checkpoints.save(self.job.job_id, key, path)
@@ -581,20 +591,20 @@ class JobRun(ProgressSink):
     async def _discard_spent_checkpoints(self) -> None:
         """Drop checkpoints every reader of which has completed (the media once the audio is
         decoded, the PCM once transcribed): storage holds what a resume needs, not the history."""
-        spent = [
-            key
-            for key in self.job.checkpoints
-            if all(
-                self.job.stage(s.name).status is StageStatus.COMPLETED
-                for s in consumers(key, self.stages, self.job.options)
-            )
-        ]
+        spent = [key for key in self.job.checkpoints if self._spent(key)]
         for key in spent:
             checkpoint = self.job.checkpoints.pop(key)
             try:
                 await self.deps.checkpoints.discard(checkpoint)
             except Exception:  # the job's end (or the janitor) removes it
                 log.warning("could not discard checkpoint %s", key, exc_info=True, extra={"job_id": self.job.job_id})
+
+    def _spent(self, key: str) -> bool:
+        """Every stage of this job that reads `key` has completed."""
+        return all(
+            self.job.stage(s.name).status is StageStatus.COMPLETED
+            for s in consumers(key, self.stages, self.job.options)
+        )
 
     async def _save_checkpoint(self) -> None:
         """Store a completed stage, waiting out a database outage (bounded): the stage's work is
@@ -625,6 +635,17 @@ class JobRun(ProgressSink):
         stored = await self.deps.storage.put(self.job.video_id, spec(key), path)
         self.job.results[key] = stored.url
         self.job.result_uris[key] = stored.uri
+        if (
+            self.deps.checkpoints.remote
+            and stored.md5_base64 is not None
+            and consumers(key, self.stages, self.job.options)
+            and not self._spent(key)
+        ):
+            # the published copy is the checkpoint; its MD5 refuses a restore if another job of the
+            # same video has replaced the object since
+            self.job.checkpoints[key] = Checkpoint(
+                file=path.name, uri=stored.uri, size=stored.size, md5=stored.md5_base64
+            )
         self._persist_soon()  # a resume elsewhere then knows it is published and need not restore it
 
     async def _finish_publishing(self) -> None:

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Protocol
 
 from klipstream.artifacts import spec
 from klipstream.errors import InternalError, StorageError
-from klipstream.integrations.storage import GcsStorage
 from klipstream.models import Checkpoint, JobOptions
 
 if TYPE_CHECKING:
     from klipstream.config import Settings
-    from klipstream.integrations.storage import Storage
+    from klipstream.integrations.storage import GcsStorage, Storage
     from klipstream.jobs.stage import Stage
 
 log = logging.getLogger(__name__)
@@ -145,6 +144,8 @@ def _timestamp(value: str | None) -> float:
 
 
 def create_checkpoints(settings: Settings, storage: Storage) -> CheckpointStore:
+    from klipstream.integrations.storage import GcsStorage  # imported late: the storage package imports the jobs
+
     if isinstance(storage, GcsStorage):
         return GcsCheckpoints(settings, storage)
     return LocalCheckpoints()

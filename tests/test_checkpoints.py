@@ -17,13 +17,17 @@ from urllib.parse import quote
 import aiohttp
 import pytest
 
+from klipstream.errors import VideoNotFound
+from tests.scheduler_stages import Recorder, simple_pipeline
 from tests.serve_test_pipeline import _file_digest, _write_derived
+from tests.test_api_basics import wait_status
 from tests.test_cluster import post
 from tests.test_process_lifecycle import ServerProcess, get_json, wait_for
 from tests.test_storage_gcs import emulator  # noqa: F401  (the module-scoped emulator fixture)
 
 LEASE_SECONDS = 2.0
 URL = "https://example.com/resume.mp4"
+JANITOR_URL = "https://example.com/janitor.mp4"
 CHECKPOINT_BUCKET = "klipstream-vods-raw"  # the default: the raw bucket, under _checkpoints/
 BIG = 6 * 1024 * 1024  # media and PCM stand-ins: above the resumable-upload threshold
 
@@ -217,3 +221,32 @@ async def test_a_missing_or_corrupt_checkpoint_makes_its_stage_run_again(
         f"end {survivor_pid}",
     ]
     assert markers(tmp_path, "download")[-2:] == [f"start {survivor_pid}", f"end {survivor_pid}"]
+
+
+async def test_a_failed_job_keeps_its_checkpoints_for_a_retry_until_the_janitor_retention(
+    make_client,
+    make_settings,
+    monkeypatch: pytest.MonkeyPatch,
+    emulator: str,  # noqa: F811
+):
+    """In one process (the service's own SQLite store): a job that fails after its audio stage
+    keeps the PCM checkpoint (a retry elsewhere would restore it); the janitor removes it once the
+    failed job is older than KLIPSTREAM_RETAIN_WORKDIRS_SECONDS."""
+    monkeypatch.setenv("STORAGE_EMULATOR_HOST", emulator)
+    recorder = Recorder()
+    recorder.failures["transcribe"] = [VideoNotFound("gone")]
+    settings = make_settings(storage="gcs", janitor_interval_seconds=0.2, retain_workdirs_seconds=2.0)
+    client = await make_client(settings, simple_pipeline(recorder))
+    job_id = (await (await client.post("/api/v1/analysis", json={"url": JANITOR_URL})).json())["job_id"]
+    failed = await wait_status(client, job_id, {"failed", "completed"})
+    assert failed["status"] == "failed", failed
+    # the media was dropped once decoded; the PCM transcription needs stays, listed in the job
+    # (published outputs are listed too when their publication finished before the failure)
+    assert "pcm" in failed["checkpoints"] and "media" not in failed["checkpoints"], failed["checkpoints"]
+    async with aiohttp.ClientSession() as http:
+        kept = await gcs_names(http, emulator, CHECKPOINT_BUCKET, f"_checkpoints/{job_id}/")
+        assert [n.rsplit("/", 1)[1] for n in kept] == [failed["checkpoints"]["pcm"]["file"]]
+        await checkpoints_gone(http, emulator, job_id)  # swept 2 s after the job ended
+        # published outputs serving as checkpoints are results, not the janitor's to remove
+        for key in set(failed["checkpoints"]) - {"pcm"}:
+            assert await gcs_read(http, emulator, failed["checkpoints"][key]["uri"])

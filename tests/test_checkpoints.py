@@ -18,6 +18,8 @@ import aiohttp
 import pytest
 
 from klipstream.errors import VideoNotFound
+from klipstream.jobs.runner import FINAL_SAVE_DELAYS
+from tests.pg_server import running_server
 from tests.scheduler_stages import Recorder, simple_pipeline
 from tests.serve_test_pipeline import _file_digest, _write_derived
 from tests.test_api_basics import wait_status
@@ -28,6 +30,8 @@ from tests.test_storage_gcs import emulator  # noqa: F401  (the module-scoped em
 LEASE_SECONDS = 2.0
 URL = "https://example.com/resume.mp4"
 JANITOR_URL = "https://example.com/janitor.mp4"
+OUTAGE_URL = "https://example.com/outage.mp4"
+FINAL_SAVE_WINDOW = sum(FINAL_SAVE_DELAYS) + 1.0
 CHECKPOINT_BUCKET = "klipstream-vods-raw"  # the default: the raw bucket, under _checkpoints/
 BIG = 6 * 1024 * 1024  # media and PCM stand-ins: above the resumable-upload threshold
 
@@ -250,3 +254,31 @@ async def test_a_failed_job_keeps_its_checkpoints_for_a_retry_until_the_janitor_
         # published outputs serving as checkpoints are results, not the janitor's to remove
         for key in set(failed["checkpoints"]) - {"pcm"}:
             assert await gcs_read(http, emulator, failed["checkpoints"][key]["uri"])
+
+
+async def test_a_stage_that_completes_during_a_database_outage_is_stored_when_the_database_is_back(
+    make_client, make_settings
+):
+    """The download finishes while PostgreSQL is down: the job neither fails nor runs the stage
+    again; its completion is written once the database is back, and the job completes."""
+    with running_server() as server:
+        recorder = Recorder()
+        settings = make_settings(database_url=server.create_database(), database_timeout_seconds=3)
+        client = await make_client(settings, simple_pipeline(recorder, download=True))
+        resp = await client.post("/api/v1/analysis", json={"url": OUTAGE_URL})
+        assert resp.status == 202
+        job_id = (await resp.json())["job_id"]
+        async with asyncio.timeout(20):
+            while "start" not in recorder.events("download"):
+                await asyncio.sleep(0.05)
+        await asyncio.to_thread(server.stop, "fast")
+        recorder.gate("download").set()  # the stage completes while the database is down
+        async with asyncio.timeout(10):
+            while "end" not in recorder.events("download"):
+                await asyncio.sleep(0.05)
+        await asyncio.sleep(FINAL_SAVE_WINDOW)  # longer than a failed job's own final-save retries
+        await asyncio.to_thread(server.start)
+        done = await wait_status(client, job_id, {"completed", "failed"})
+        assert done["status"] == "completed", done
+        assert recorder.events("download") == ["start", "end"]  # not run again
+        assert done["stages"][0]["attempts"] == 1

@@ -344,6 +344,8 @@ class GcsStorage:
         while True:
             try:
                 return await op()
+            except StorageError:
+                raise  # already classified by the operation itself
             except Exception as exc:
                 failures += 1
                 if not _is_transient(exc) or self._retry.exhausted(failures):
@@ -392,6 +394,8 @@ class GcsStorage:
             headers = await self._auth()
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
             async with self._session.get(url, params={"alt": "media"}, headers=headers, timeout=timeout) as resp:
+                if resp.status == 404:
+                    raise StorageError(f"gs://{bucket}/{name} does not exist.", code="gcs_object_not_found")
                 await self._raise_for(resp)
                 sink = await asyncio.to_thread(_HashingWriter, tmp)
                 try:

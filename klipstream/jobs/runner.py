@@ -336,6 +336,7 @@ class JobRun(ProgressSink):
         """Bring back from the checkpoints what the remaining stages need; an output that cannot be
         restored (missing, corrupt) makes its stage run again, with a warning, not a failure."""
         if not self.deps.checkpoints.remote:
+            self._republish_unrecorded()
             return
         restored: list[str] = []
         while True:

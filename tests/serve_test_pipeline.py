@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from klipstream.artifacts import spec
 from klipstream.config import Settings
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.logs import configure_logging
@@ -85,12 +86,17 @@ def derived_stage(
             await asyncio.sleep(STEP_SECONDS)
         for key in provides:
             seed = hashlib.sha256(digest.digest() + key.encode()).digest()
-            await asyncio.to_thread(_write_derived, ctx.output_path(key), seed, size)
+            await asyncio.to_thread(_write_derived, ctx.output_path(key), seed, output_size(key, size))
             ctx.add_artifact(key)
         with (marker_dir / f"{name}.log").open("a") as log:
             log.write(f"end {os.getpid()}\n")
 
     return Stage(name, display, run, needs=needs, uses=uses, provides=provides, resource=Resource.CPU)
+
+
+def output_size(key: str, size: int) -> int:
+    """Intermediates (media, PCM) are big, published outputs small (their upload is not the point)."""
+    return 64 if spec(key).published else size
 
 
 def _file_digest(path: Path) -> bytes:

@@ -21,7 +21,7 @@ from klipstream.errors import VideoNotFound
 from klipstream.jobs.runner import FINAL_SAVE_DELAYS
 from tests.pg_server import running_server
 from tests.scheduler_stages import Recorder, simple_pipeline
-from tests.serve_test_pipeline import _file_digest, _write_derived
+from tests.serve_test_pipeline import _file_digest, _write_derived, output_size
 from tests.test_api_basics import wait_status
 from tests.test_cluster import post
 from tests.test_process_lifecycle import ServerProcess, get_json, wait_for
@@ -88,7 +88,7 @@ def expected_outputs(tmp: Path) -> dict[str, bytes]:
             digest.update(_file_digest(paths[key]))
         for key in provides:
             paths[key] = tmp / key
-            _write_derived(paths[key], hashlib.sha256(digest.digest() + key.encode()).digest(), size)
+            _write_derived(paths[key], hashlib.sha256(digest.digest() + key.encode()).digest(), output_size(key, size))
     return {key: path.read_bytes() for key, path in paths.items()}
 
 
@@ -115,13 +115,15 @@ async def run_until_transcribing(http: aiohttp.ClientSession, a: Peer, b: Peer, 
     status, first = await post(http, f"{a.base}/api/v1/analysis", json={"url": URL})
     assert status == 202, first
     job_url = f"/api/v1/analysis/{first['job_id']}"
-    # the waveform's checkpoint is its published object, recorded once its upload finished
-    await wait_for(
-        http,
-        f"{a.base}{job_url}",
-        lambda j: j["stages"][2]["status"] == "running" and set(j["checkpoints"]) == {"pcm", "waveform"},
-        timeout=60,
-    )
+    # the waveform's checkpoint is its published object, recorded once its upload finished; asked
+    # of both instances, so the one not running the job answers from the stored row
+    for peer in (a, b):
+        await wait_for(
+            http,
+            f"{peer.base}{job_url}",
+            lambda j: j["stages"][2]["status"] == "running" and set(j["checkpoints"]) == {"pcm", "waveform"},
+            timeout=60,
+        )
     owner_pid = int(markers(root, "transcribe")[0].split()[1])
     owner, survivor = (a, b) if owner_pid == a.proc.pid else (b, a)  # type: ignore[union-attr]
     return job_url, owner, survivor

@@ -213,6 +213,12 @@ class Settings:
     webhook_retry_base_seconds: float = _env("KLIPSTREAM_WEBHOOK_RETRY_BASE_SECONDS", _positive_float, default=5.0)
     webhook_progress_seconds: float = _env("KLIPSTREAM_WEBHOOK_PROGRESS_SECONDS", _positive_float, default=5.0)
     webhook_concurrency: int = _env("KLIPSTREAM_WEBHOOK_CONCURRENCY", _positive_int, default=8)
+    # --- the outbox (webhook deliveries and Convex updates in the job store) ---
+    # How long a sender's claim on a delivery lasts: a killed sender's deliveries are sent again
+    # (same webhook-id) after this. Longer than one attempt (KLIPSTREAM_WEBHOOK_TIMEOUT_SECONDS).
+    outbox_claim_seconds: float = _env("KLIPSTREAM_OUTBOX_CLAIM_SECONDS", _positive_float, default=60.0)
+    # Longest idle wait of the senders: how soon another instance's rows (or an expired claim) are seen.
+    outbox_poll_seconds: float = _env("KLIPSTREAM_OUTBOX_POLL_SECONDS", _positive_float, default=1.0)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -240,6 +246,12 @@ class Settings:
             raise ConfigError(
                 f"KLIPSTREAM_HEARTBEAT_SECONDS={self.heartbeat_seconds:g} must be at most a third of "
                 f"KLIPSTREAM_LEASE_SECONDS={self.lease_seconds:g}, so a lease survives a missed heartbeat"
+            )
+        if self.outbox_claim_seconds <= self.webhook_timeout_seconds:
+            raise ConfigError(
+                f"KLIPSTREAM_OUTBOX_CLAIM_SECONDS={self.outbox_claim_seconds:g} must be longer than "
+                f"KLIPSTREAM_WEBHOOK_TIMEOUT_SECONDS={self.webhook_timeout_seconds:g}, or a slow delivery "
+                "could be claimed by a second sender while the first still sends it"
             )
         if self.clip_crf > 51:
             raise ConfigError(f"KLIPSTREAM_CLIP_CRF={self.clip_crf}: must be 0-51")

@@ -2,8 +2,11 @@
 
 Usage: python -m tests.serve_test_pipeline <data_dir> <port> <marker_dir>
 Each stage takes about `STEP_SECONDS * STEPS` and appends to <marker_dir>/<stage>.log, so the test
-can see which stages ran in which process. TEST_PIPELINE=checkpoints selects `checkpoint_pipeline`
-(outputs derived from inputs, real artifact keys) for the checkpoint tests (tests/test_checkpoints.py).
+can see which stages ran in which process. With TEST_KILL_ON_EVENT=<kind> (e.g. `completed`) the
+process kills itself with SIGKILL right after the first job event of that kind was stored and
+announced, before anything else runs: the worst moment for whatever the event must still cause.
+TEST_PIPELINE=checkpoints selects `checkpoint_pipeline` (outputs derived from inputs, real artifact
+keys) for the checkpoint tests (tests/test_checkpoints.py).
 """
 
 from __future__ import annotations
@@ -11,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import signal
 import sys
 from pathlib import Path
 
 from klipstream.artifacts import spec
 from klipstream.config import Settings
+from klipstream.jobs.service import JobService
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.logs import configure_logging
 from klipstream.models import DisplayStage
@@ -153,6 +158,19 @@ def checkpoint_pipeline(marker_dir: Path) -> list[Stage]:
     ]
 
 
+def kill_on_event(kind: str) -> None:
+    """SIGKILL this process as soon as the service has announced a job event of `kind` (its save
+    committed, every listener called), in the same call: no other coroutine runs in between."""
+    announce = JobService._on_job_event
+
+    def on_job_event(self: JobService, event: str, job: object) -> None:
+        announce(self, event, job)  # type: ignore[arg-type]
+        if event == kind:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    JobService._on_job_event = on_job_event  # type: ignore[method-assign]
+
+
 def main() -> None:
     data_dir, port, marker_dir = Path(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     marker_dir.mkdir(parents=True, exist_ok=True)
@@ -165,6 +183,8 @@ def main() -> None:
         max_running_jobs=int(os.environ.get("TEST_MAX_RUNNING_JOBS", "1")),  # 0: an API-only instance
     )
     configure_logging("info", "text")
+    if os.environ.get("TEST_KILL_ON_EVENT"):
+        kill_on_event(os.environ["TEST_KILL_ON_EVENT"])
     import uvloop
 
     stages = (

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from klipstream.jobs.store import InstanceBeat, JobRow, LeaseLost
+from klipstream.jobs.store import DeliveryRow, Effects, InstanceBeat, JobRow, LeaseLost
 from klipstream.jobs.store.postgres import PostgresStore
 from klipstream.models import Job, JobStatus, Priority, utcnow
 
@@ -125,6 +125,24 @@ async def test_a_refused_write_stays_local_to_its_job(stores):
     assert isinstance(results[0], LeaseLost) and results[1] is None
     stored = await other.get_job(fine.job_id)
     assert stored is not None and stored.warnings == ["saved"]
+
+
+async def test_a_refused_fenced_save_writes_none_of_its_outbox_rows(stores):
+    """A stale owner's save is refused, and so are the webhook and Convex rows it carries."""
+    owner, other = await stores(), await stores()
+    job = new_job(1)
+    await owner.insert_job(JobRow.of(job))
+    await owner.claim("a", 0.1, AGING)
+    await asyncio.sleep(0.3)
+    await other.reap()
+    job.status = JobStatus.COMPLETED
+    rows = [
+        DeliveryRow("msg_stale", job.job_id, "http://receiver/hook", "job.completed", "{}", 1.0),
+        DeliveryRow("", job.job_id, "convex:", "video:markCompleted", "{}", 1.0),
+    ]
+    with pytest.raises(LeaseLost):
+        await owner.save_job(job, Effects(deliveries=rows))
+    assert await other.delivery_backlog() == 0 and await other.convex_backlog() == 0
 
 
 async def test_cancel_and_retry_are_conditional_on_the_stored_state(stores):

@@ -18,6 +18,7 @@ import pytest
 from klipstream.config import Settings
 from klipstream.errors import ErrorType
 from klipstream.integrations.convex import ConvexMirror
+from klipstream.jobs.store.sqlite import SQLiteStore
 from klipstream.models import DisplayStage, Job, JobError, JobStatus, VideoInfo
 from tests.fake_convex import FUNCTIONS, FakeConvex
 
@@ -38,9 +39,51 @@ async def http():
         yield session
 
 
-def _mirror(fake: FakeConvex, http: aiohttp.ClientSession, secret: str = "s3cret") -> ConvexMirror:
-    settings = Settings.from_env({}, convex_url=fake.url + "/", convex_secret=secret)
-    return ConvexMirror(settings, http)
+class Mirror:
+    """The mirror and the job store it sends from. `job_changed` does what the job service does
+    with a change: write its Convex row (the service does it in the change's own transaction),
+    then emit it."""
+
+    def __init__(self, settings: Settings, http: aiohttp.ClientSession, store: SQLiteStore) -> None:
+        self.m = ConvexMirror(settings, http, store, "test-sender")
+        self.store = store
+        self._writes: list[asyncio.Future[None]] = []
+
+    async def start(self) -> None:
+        await self.store.open()
+        await self.m.start()
+
+    def job_changed(self, job: Job, kind: str) -> None:
+        if kind == "progress":  # no save of its own: the mirror writes it
+            self.m.job_changed(job, kind)
+            return
+        rows = self.m.updates(kind, job)
+        self._writes.append(asyncio.ensure_future(self._save_then_emit(rows, job, kind)))
+
+    async def _save_then_emit(self, rows: list[Any], job: Job, kind: str) -> None:
+        await self.store.record_deliveries(rows)
+        self.m.job_changed(job, kind)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.m, name)
+
+    async def close(self, timeout: float) -> None:
+        await asyncio.gather(*self._writes)
+        await self.m.close(timeout)
+        await self.store.close()
+
+
+def _mirror(fake: FakeConvex, http: aiohttp.ClientSession, tmp: Path, secret: str = "s3cret") -> Mirror:
+    settings = Settings.from_env({}, convex_url=fake.url + "/", convex_secret=secret, outbox_poll_seconds=0.2)
+    return Mirror(settings, http, SQLiteStore(tmp / "store.sqlite3"))
+
+
+ORDER = ["Queued", "Downloading", "Transcribing", "Completed", "Failed"]
+
+
+def in_order(statuses: list[str]) -> bool:
+    """The newest state of a job is sent, in order; an intermediate one may be skipped."""
+    return statuses == sorted(statuses, key=ORDER.index) and len(set(statuses)) == len(statuses)
 
 
 async def until(predicate: Callable[[], Any], within: float = 15.0) -> None:
@@ -84,8 +127,8 @@ def _statuses(fake: FakeConvex, twitch_id: str) -> list[str]:
     return seen
 
 
-async def test_status_progress_and_completion_are_mirrored(fake: FakeConvex, http):
-    mirror = _mirror(fake, http)
+async def test_status_progress_and_completion_are_mirrored(fake: FakeConvex, http, tmp_path: Path):
+    mirror = _mirror(fake, http, tmp_path)
     assert mirror.enabled
     await mirror.start()
     job = _job()
@@ -113,6 +156,7 @@ async def test_status_progress_and_completion_are_mirrored(fake: FakeConvex, htt
     job.finished_at = T0 + timedelta(minutes=5)
     mirror.job_changed(_step(job, DisplayStage.COMPLETED, 100.0), "completed")
     await until(lambda: (fake.row("2400000001") or {}).get("status") == "Completed")
+    assert await _settled(mirror)
     await mirror.close(5)
 
     row = fake.row("2400000001")
@@ -128,15 +172,24 @@ async def test_status_progress_and_completion_are_mirrored(fake: FakeConvex, htt
     assert row["transcriptWords_url"] == row["transcriptWordUrl"] == "https://cdn/words.csv"
     assert row["chat_url"] == row["chatUrl"] == "https://cdn/chat.csv"
     assert row["analysis_url"] == row["transcriptAnalysisUrl"] == "https://cdn/sent.csv"
-    assert _statuses(fake, "2400000001") == ["Queued", "Downloading", "Transcribing", "Completed"]
+    statuses = _statuses(fake, "2400000001")
+    assert in_order(statuses) and statuses[-1] == "Completed" and "Transcribing" in statuses
     progress_only = [a for p, a in fake.calls if p == "video:upsertJobProgress" and a["status"] == "Downloading"]
     assert len(progress_only) <= 4  # the start plus about one progress update per second
     assert fake.errors == []
-    assert mirror.pending() == 0
 
 
-async def test_failure_is_mirrored_with_error_fields(fake: FakeConvex, http):
-    mirror = _mirror(fake, http)
+async def _settled(mirror: Mirror) -> bool:
+    """Nothing left to send (the last send's outcome is recorded just after it lands)."""
+    for _ in range(100):
+        if await mirror.pending() == 0:
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_failure_is_mirrored_with_error_fields(fake: FakeConvex, http, tmp_path: Path):
+    mirror = _mirror(fake, http, tmp_path)
     await mirror.start()
     job = _job()
     mirror.job_changed(_step(job, DisplayStage.DOWNLOADING, 5.0), "started")
@@ -160,8 +213,8 @@ async def test_failure_is_mirrored_with_error_fields(fake: FakeConvex, http):
     assert fake.errors == []
 
 
-async def test_outage_then_recovery_delivers_final_state(fake: FakeConvex, http):
-    mirror = _mirror(fake, http)
+async def test_outage_then_recovery_delivers_final_state(fake: FakeConvex, http, tmp_path: Path):
+    mirror = _mirror(fake, http, tmp_path)
     await mirror.start()
     job = _job()
     mirror.job_changed(_step(job, DisplayStage.DOWNLOADING, 1.0), "started")
@@ -179,13 +232,14 @@ async def test_outage_then_recovery_delivers_final_state(fake: FakeConvex, http)
     await until(lambda: (fake.row("2400000001") or {}).get("status") == "Completed")
     row = fake.row("2400000001")
     assert row is not None and row["transcript_url"] == "https://cdn/s.csv" and row["audio_url"] == "https://cdn/a.mp3"
-    assert _statuses(fake, "2400000001") == ["Downloading", "Transcribing", "Completed"]
+    statuses = _statuses(fake, "2400000001")
+    assert in_order(statuses) and statuses[0] == "Downloading" and statuses[-1] == "Completed"
     await mirror.close(5)
 
 
-async def test_slow_convex_never_blocks_callers(fake: FakeConvex, http):
+async def test_slow_convex_never_blocks_callers(fake: FakeConvex, http, tmp_path: Path):
     fake.delay = 1.5
-    mirror = _mirror(fake, http)
+    mirror = _mirror(fake, http, tmp_path)
     await mirror.start()
     job = _job()
     mirror.job_changed(_step(job, DisplayStage.DOWNLOADING, 1.0), "started")
@@ -207,8 +261,8 @@ async def test_slow_convex_never_blocks_callers(fake: FakeConvex, http):
     await mirror.close(5)
 
 
-async def test_no_duplicate_rows_per_twitch_id(fake: FakeConvex, http):
-    mirror = _mirror(fake, http)
+async def test_no_duplicate_rows_per_twitch_id(fake: FakeConvex, http, tmp_path: Path):
+    mirror = _mirror(fake, http, tmp_path)
     await mirror.start()
     jobs = [_job(f"j{i}", created=T0 + timedelta(seconds=i)) for i in range(3)]
     for job in jobs:
@@ -224,46 +278,58 @@ async def test_no_duplicate_rows_per_twitch_id(fake: FakeConvex, http):
     await mirror.close(5)
 
 
-async def test_refused_calls_are_dropped_not_retried(fake: FakeConvex, http):
-    mirror = _mirror(fake, http, secret="wrong")
+async def test_refused_calls_are_dropped_not_retried(fake: FakeConvex, http, tmp_path: Path):
+    mirror = _mirror(fake, http, tmp_path, secret="wrong")
     await mirror.start()
     mirror.job_changed(_step(_job(), DisplayStage.DOWNLOADING, 1.0), "started")
     await until(lambda: len(fake.errors) == 1)
     await asyncio.sleep(0.3)
     assert len(fake.errors) == 1 and "Unauthorized" in fake.errors[0]
-    assert mirror.pending() == 0
+    assert await mirror.pending() == 0
     await mirror.close(1)
 
 
-async def test_close_flushes_pending_updates(fake: FakeConvex, http):
-    mirror = _mirror(fake, http)
+async def test_unsent_state_is_sent_after_a_restart(fake: FakeConvex, http, tmp_path: Path):
+    """The newest state is in the job store, not in memory: a process that stops before sending it
+    (Convex down) leaves it to the next one."""
+    await fake.stop()
+    mirror = _mirror(fake, http, tmp_path)
     await mirror.start()
     job = _job()
     mirror.job_changed(_step(job, DisplayStage.DOWNLOADING, 1.0), "started")
-    mirror.job_changed(_step(job, pct=3.0), "progress")  # inside the 1 s spacing window
-    await mirror.close(5)
-    assert fake.row("2400000001")["progressPercentage"] == 3.0
+    job.status = JobStatus.COMPLETED
+    mirror.job_changed(_step(job, DisplayStage.COMPLETED, 100.0), "completed")
+    await asyncio.gather(*mirror._writes)
+    assert await mirror.pending() == 1
+    await mirror.close(1)
+    await fake.start()
+    again = _mirror(fake, http, tmp_path)
+    await again.start()
+    await until(lambda: (fake.row("2400000001") or {}).get("status") == "Completed")
+    assert [p for p, _ in fake.calls] == ["video:markCompleted"]  # only the newest state
+    assert await again.pending() == 0
+    await again.close(1)
 
 
-async def test_disabled_without_convex_url(http):
-    mirror = ConvexMirror(Settings.from_env({}), http)
+async def test_disabled_without_convex_url(http, tmp_path: Path):
+    mirror = Mirror(Settings.from_env({}), http, SQLiteStore(tmp_path / "store.sqlite3"))
     assert not mirror.enabled
     await mirror.start()
     mirror.job_changed(_job(), "started")
-    assert mirror.pending() == 0
+    assert await mirror.pending() == 0
     await mirror.close(1)
 
 
-async def test_non_twitch_jobs_are_not_mirrored(fake: FakeConvex, http):
-    mirror = _mirror(fake, http)
+async def test_non_twitch_jobs_are_not_mirrored(fake: FakeConvex, http, tmp_path: Path):
+    mirror = _mirror(fake, http, tmp_path)
     await mirror.start()
     mirror.job_changed(_job(video_id="u0123456789abcde"), "started")
-    assert mirror.pending() == 0
+    assert await mirror.pending() == 0
     await mirror.close(1)
 
 
 async def test_legacy_functions(fake: FakeConvex, http):
-    mirror = _mirror(fake, http)
+    mirror = ConvexMirror(Settings.from_env({}, convex_url=fake.url, convex_secret="s3cret"), http, None, "t")  # type: ignore[arg-type]
     await mirror.mutation("video:updateStatusByTwitchId", {"twitchId": "55555", "status": "Transcribing"})
     await mirror.mutation("video:updateUrls", {"twitchId": "55555", "urls": {"chat_url": "https://c"}})
     row = await mirror.query("video:getByTwitchIdPublic", {"twitchId": "55555"})

@@ -15,8 +15,7 @@ from typing import Any
 import asyncpg
 
 from klipstream.config import Settings
-from klipstream.integrations.outbox import NewDelivery, Outbox
-from klipstream.jobs.store import IdempotencyRecord, JobRow
+from klipstream.jobs.store import CONVEX, DeliveryRow, IdempotencyRecord, JobRow
 from klipstream.jobs.store.postgres import PostgresStore
 from klipstream.jobs.store.sqlite import SQLiteStore
 from klipstream.models import Job, JobStatus, StageStatus
@@ -105,6 +104,9 @@ async def test_a_served_sqlite_store_moves_to_postgres_and_is_served_from_there(
         "jobs": "3 copied, 0 already there (1 running re-queued)",
         "idempotency": "1 copied, 0 already there",
         "stage_runs": "5 copied, 0 already there",
+        "webhook_deliveries": "0 copied, 0 already there",
+        "webhook_attempts": "0 copied, 0 already there",
+        "convex_updates": "0 copied, 0 already there",
     }, copied.stdout
     assert sqlite_settings.database_path.read_bytes() == before  # the source is only read
 
@@ -114,6 +116,9 @@ async def test_a_served_sqlite_store_moves_to_postgres_and_is_served_from_there(
         "jobs": "0 copied, 3 already there",
         "idempotency": "0 copied, 1 already there",
         "stage_runs": "0 copied, 5 already there",
+        "webhook_deliveries": "0 copied, 0 already there",
+        "webhook_attempts": "0 copied, 0 already there",
+        "convex_updates": "0 copied, 0 already there",
     }, again.stdout
     assert await fetchval(postgres_url, "SELECT count(*) FROM jobs") == 3
     assert await fetchval(postgres_url, "SELECT count(*) FROM stage_runs") == 5
@@ -173,6 +178,9 @@ async def test_copy_streams_in_batches_keeps_order_and_leaves_the_target_s_jobs_
         "jobs": "1234 copied, 0 already there",
         "idempotency": "617 copied, 0 already there",
         "stage_runs": "700 copied, 0 already there",
+        "webhook_deliveries": "0 copied, 0 already there",
+        "webhook_attempts": "0 copied, 0 already there",
+        "convex_updates": "0 copied, 0 already there",
     }, copied.stdout
 
     await target.open()
@@ -232,10 +240,20 @@ async def test_bad_sources_and_targets_are_one_line_errors_and_write_nothing(pos
     await refused("--from", str(path), "--to", nobody, code=3, says="cannot reach postgresql://")
     await refused("--from", str(path), code=2, says="KLIPSTREAM_DATABASE_URL")
     assert await fetchval(postgres_url, "SELECT to_regclass('jobs') IS NULL")  # nothing was written
-    outbox = Outbox(path)  # a webhook the stopped server had not sent yet
-    await outbox.open()
-    await outbox.add([NewDelivery("d1", "j1", "http://127.0.0.1:9/hook", "job.queued", "{}", 1.0)])
-    await outbox.close()
+    store = SQLiteStore(path)  # a webhook and a Convex update the stopped server had not sent yet
+    await store.open()
+    await store.record_deliveries(
+        [
+            DeliveryRow("d1", "j1", "http://127.0.0.1:9/hook", "job.started", "{}", 1.0),
+            DeliveryRow("", "j1", CONVEX, "video:upsertJobProgress", '{"twitchId":"1"}', 1.0),
+        ]
+    )
+    await store.close()
     copied = await db_copy("--from", str(path), "--to", postgres_url)  # once the server is stopped
     assert copied.returncode == 0 and counts(copied.stdout)["jobs"] == "1 copied, 0 already there"
-    assert "1 webhook deliveries are still pending" in copied.stderr and "not copied" in copied.stderr
+    assert counts(copied.stdout)["webhook_deliveries"] == "1 copied, 0 already there"
+    assert counts(copied.stdout)["convex_updates"] == "1 copied, 0 already there"
+    assert "pending" not in copied.stderr
+    assert await fetchval(postgres_url, "SELECT state || ' ' || id FROM webhook_deliveries") == "pending d1"
+    again = await db_copy("--from", str(path), "--to", postgres_url)  # idempotent: nothing sent twice
+    assert counts(again.stdout)["webhook_deliveries"] == "0 copied, 1 already there"

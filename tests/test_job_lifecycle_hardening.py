@@ -13,6 +13,7 @@ from aiohttp.test_utils import TestServer
 
 from klipstream.api.context import SERVICE
 from klipstream.errors import ErrorType
+from klipstream.jobs.store import NO_EFFECTS
 from klipstream.jobs.store import sqlite as store_module
 from klipstream.jobs.store.sqlite import SQLiteStore
 from tests.scheduler_stages import PERMANENT, Recorder, simple_pipeline, writing_stage
@@ -87,11 +88,11 @@ async def test_failed_terminal_write_still_ends_the_job(make_client, settings, m
     original = SQLiteStore.save_job
     failures = {"left": 1}
 
-    async def flaky_save(self: SQLiteStore, job: Any) -> None:
+    async def flaky_save(self: SQLiteStore, job: Any, effects: Any = NO_EFFECTS) -> None:
         if job.status.terminal and failures["left"]:
             failures["left"] -= 1
             raise sqlite3.OperationalError("disk I/O error")
-        await original(self, job)
+        await original(self, job, effects)
 
     monkeypatch.setattr(SQLiteStore, "save_job", flaky_save)
     client = await make_client(settings, simple_pipeline(Recorder()))
@@ -183,10 +184,10 @@ async def test_slow_store_write_is_settled_and_replayed_by_idempotency_key(make_
     monkeypatch.setattr(store_module, "CALL_TIMEOUT_SECONDS", 1.0)  # after start: startup has its own pace
     blocker = sqlite3.connect(settings.database_path, isolation_level=None, check_same_thread=False)
 
-    async def insert_behind_a_lock(self: SQLiteStore, row: Any, record: Any = None) -> None:
+    async def insert_behind_a_lock(self: SQLiteStore, row: Any, record: Any = None, effects: Any = NO_EFFECTS) -> None:
         if not blocker.in_transaction:
             blocker.execute("BEGIN IMMEDIATE")  # a second writer takes the lock just before ours
-        await original(self, row, record)
+        await original(self, row, record, effects)
 
     monkeypatch.setattr(SQLiteStore, "insert_job", insert_behind_a_lock)
     try:

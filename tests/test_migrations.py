@@ -12,7 +12,6 @@ import threading
 import time
 from pathlib import Path
 
-from klipstream.integrations.outbox import Outbox
 from klipstream.jobs.store.migrations import POSTGRES, SQLITE, migrations, sqlite_statements, upgrade_sqlite
 from klipstream.jobs.store.sqlite import SQLiteStore
 from klipstream.models import Job
@@ -58,12 +57,11 @@ async def test_a_database_from_before_migrations_keeps_its_rows(tmp_path: Path):
     assert [j.job_id for j in await store.active_jobs()] == [job.job_id]
     assert (await store.get_idempotency("key1")).job_id == job.job_id  # type: ignore[union-attr]
     assert [r[0] for r in await store.stage_runs(0)] == ["download"]
+    # The old outbox's pending delivery is the store's now (the same tables, in the same file).
+    assert [d["id"] for d in await store.delivery_history(job.job_id)] == ["msg_1"]
+    assert await store.delivery_backlog() == 1
+    assert [d.id for d in await store.claim_deliveries("sender", time.time() + 1e6, 10, 30)] == ["msg_1"]
     await store.close()
-    outbox = Outbox(path)
-    await outbox.open()
-    assert [d["id"] for d in await outbox.history(job.job_id)] == ["msg_1"]
-    assert await outbox.backlog() == 1
-    await outbox.close()
     assert versions(path) == [(m.version, m.name) for m in migrations(SQLITE)]
 
 

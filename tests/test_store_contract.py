@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -13,7 +14,19 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore
+from klipstream.jobs.store import (
+    CONVEX,
+    DELIVERED,
+    PENDING,
+    STOPPED,
+    SUPERSEDED,
+    Attempt,
+    DeliveryRow,
+    Effects,
+    IdempotencyRecord,
+    JobRow,
+    JobStore,
+)
 from klipstream.jobs.store.postgres import PostgresStore
 from klipstream.jobs.store.sqlite import SQLiteStore
 from klipstream.models import Job, JobError, JobStatus, Priority, utcnow
@@ -268,3 +281,142 @@ async def test_retention_deletes_only_what_ended_before_the_cutoff(store: JobSto
     assert await store.delete_stage_runs(utcnow().timestamp() - 3600) == 0
     assert await store.delete_stage_runs(utcnow().timestamp() + 60) == 1
     assert await store.stage_runs(0) == []
+
+
+# --- the outbox (issue 14): written with the job change, claimed, recorded ---
+def hook(n: int, job: Job, event: str, url: str = "http://receiver/hook", at: float | None = None) -> DeliveryRow:
+    return DeliveryRow(f"msg_{n}", job.job_id, url, event, f'{{"n":{n}}}', time.time() if at is None else at)
+
+
+def convex_row(job: Job, path: str, args: str) -> DeliveryRow:
+    return DeliveryRow("", job.job_id, CONVEX, path, args, time.time())
+
+
+async def test_deliveries_are_written_with_the_job_change_and_claimed_one_per_pair(store: JobStore):
+    job, other = new_job(1), new_job(2)
+    await store.insert_job(JobRow.of(job), effects=Effects(deliveries=[convex_row(job, "video:upsert", "{}")]))
+    await store.insert_job(JobRow.of(other))
+    job.status = JobStatus.RUNNING
+    await store.save_job(job, Effects(deliveries=[hook(1, job, "job.started"), hook(2, job, "job.stage_changed")]))
+    await store.save_job(other, Effects(deliveries=[hook(3, other, "job.started")]))
+    assert await store.delivery_backlog() == 3
+    now = time.time() + 1
+    # The oldest pending delivery of each (job, receiver) only; a second sender gets none of them.
+    claimed = await store.claim_deliveries("a", now, 10, 30)
+    assert sorted(d.id for d in claimed) == ["msg_1", "msg_3"]
+    assert await store.claim_deliveries("b", now, 10, 30) == []
+    first = next(d for d in claimed if d.id == "msg_1")
+    assert (first.job_id, first.url, first.event, first.body, first.attempts) == (
+        job.job_id,
+        "http://receiver/hook",
+        "job.started",
+        '{"n":1}',
+        0,
+    )
+    # A failed attempt keeps it pending (and its pair's next one waits); the retry has the same id.
+    assert await store.record_attempt("a", first, Attempt(now, 503, "HTTP 503", 1.5), PENDING, now + 5)
+    assert await store.claim_deliveries("b", now + 1, 10, 30) == []
+    assert await store.next_delivery_at(now + 1) == pytest.approx(now + 5)
+    again = await store.claim_deliveries("b", now + 6, 10, 30)
+    assert [(d.id, d.attempts) for d in again] == [("msg_1", 1)]
+    assert not await store.record_attempt("a", again[0], Attempt(now + 6, 200, None, 1.0), DELIVERED, None)
+    assert await store.record_attempt("b", again[0], Attempt(now + 6, 200, None, 1.0), DELIVERED, None)
+    assert [d.id for d in await store.claim_deliveries("b", now + 7, 10, 30)] == ["msg_2"]
+    history = await store.delivery_history(job.job_id)
+    assert [(h["id"], h["state"]) for h in history] == [("msg_1", DELIVERED), ("msg_2", PENDING)]
+    assert [a["status"] for a in history[0]["attempts"]] == [503, 200]
+    # The Convex state written with the insert is due once.
+    updates = await store.claim_convex("a", now, 10, 30)
+    assert [(u.job_id, u.path, u.version) for u in updates] == [(job.job_id, "video:upsert", 1)]
+    assert await store.claim_convex("b", now, 10, 30) == []
+
+
+async def test_a_claim_expires_and_a_released_claim_is_due_again(store: JobStore):
+    job = new_job(1)
+    await store.insert_job(JobRow.of(job), effects=Effects(deliveries=[hook(1, job, "job.completed")]))
+    now = time.time() + 1
+    assert [d.id for d in await store.claim_deliveries("a", now, 10, 5)] == ["msg_1"]
+    assert await store.claim_deliveries("b", now + 4, 10, 5) == []
+    taken = await store.claim_deliveries("b", now + 6, 10, 5)  # a's claim expired (a was killed)
+    assert [(d.id, d.attempts) for d in taken] == [("msg_1", 0)]
+    await store.release_claims("b")
+    assert [d.id for d in await store.claim_deliveries("c", now + 6, 10, 5)] == ["msg_1"]
+
+
+async def test_progress_is_superseded_and_gone_receivers_get_nothing_more(store: JobStore):
+    job = new_job(1)
+    await store.insert_job(JobRow.of(job))
+    t = time.time()
+    await store.record_deliveries([hook(1, job, "job.progress", at=t)])
+    await store.record_deliveries([hook(2, job, "job.progress", at=t + 1)])
+    await store.save_job(job, Effects(deliveries=[hook(3, job, "job.completed", at=t + 2)]))
+    states = {h["id"]: h["state"] for h in await store.delivery_history(job.job_id)}
+    assert states == {"msg_1": SUPERSEDED, "msg_2": SUPERSEDED, "msg_3": PENDING}
+    # A claimed progress event is being sent: it is not superseded.
+    other = new_job(2)
+    await store.insert_job(JobRow.of(other), effects=Effects(deliveries=[hook(4, other, "job.progress", at=t)]))
+    (sending,) = await store.claim_deliveries("a", t + 1, 10, 30)
+    await store.record_deliveries([hook(5, other, "job.progress", at=t + 2)])
+    states = {h["id"]: h["state"] for h in await store.delivery_history(other.job_id)}
+    assert states == {"msg_4": PENDING, "msg_5": PENDING}
+    # 410 Gone stops the pair: its pending deliveries, and those recorded later.
+    assert await store.record_attempt("a", sending, Attempt(t + 3, 410, "gone", 1.0), STOPPED, None)
+    await store.record_deliveries([hook(6, other, "job.completed", at=t + 4)])
+    states = {h["id"]: h["state"] for h in await store.delivery_history(other.job_id)}
+    assert states == {"msg_4": STOPPED, "msg_5": STOPPED}
+    assert await store.delivery_backlog() == 1  # msg_3
+
+
+async def test_convex_keeps_the_newest_state_of_a_job(store: JobStore):
+    job = new_job(1)
+    await store.insert_job(JobRow.of(job), effects=Effects(deliveries=[convex_row(job, "video:upsert", '{"p":1}')]))
+    now = time.time() + 1
+    (first,) = await store.claim_convex("a", now, 10, 30)
+    # Two newer states while the first is being sent: the newest replaces the other.
+    await store.save_job(job, Effects(deliveries=[convex_row(job, "video:upsert", '{"p":2}')]))
+    await store.save_job(job, Effects(deliveries=[convex_row(job, "video:markCompleted", '{"p":3}')]))
+    assert await store.claim_convex("b", now, 10, 30) == []  # still claimed by a
+    await store.convex_done("a", first, True, now, None)
+    assert await store.convex_backlog() == 1
+    (newest,) = await store.claim_convex("b", now, 10, 30)
+    assert (newest.path, newest.args, newest.version) == ("video:markCompleted", '{"p":3}', 3)
+    await store.convex_done("b", newest, False, now + 10, "HTTP 503")  # a transient failure
+    assert await store.claim_convex("b", now + 5, 10, 30) == []
+    (retry,) = await store.claim_convex("b", now + 11, 10, 30)
+    assert (retry.version, retry.attempts) == (3, 1)
+    await store.convex_done("b", retry, True, now, None)
+    assert await store.convex_backlog() == 0
+    assert await store.purge_deliveries(time.time() + 3600) == 0  # no webhook rows; the Convex row goes
+    await store.save_job(job, Effects(deliveries=[convex_row(job, "video:upsert", '{"p":4}')]))
+    (fresh,) = await store.claim_convex("b", now + 12, 10, 30)
+    assert fresh.version == 1  # a new row: purged before
+
+
+async def test_outbox_rows_of_a_failed_write_are_not_written(store: JobStore, backend: Backend):
+    """The job change and its outbox rows commit together or not at all: a duplicate insert is
+    refused in a burst, and its rows are not written (the others' are)."""
+    jobs = [new_job(n) for n in range(3)]
+    await store.insert_job(JobRow.of(jobs[1]))
+    results = await asyncio.gather(
+        *(
+            store.insert_job(JobRow.of(job), effects=Effects(deliveries=[hook(n, job, "job.started")]))
+            for n, job in enumerate(jobs)
+        ),
+        return_exceptions=True,
+    )
+    assert results[0] is None and isinstance(results[1], backend.conflict) and results[2] is None
+    assert await store.delivery_backlog() == 2
+    assert await store.delivery_history(jobs[1].job_id) == []
+
+
+async def test_purge_keeps_pending_deliveries(store: JobStore):
+    job = new_job(1)
+    await store.insert_job(JobRow.of(job), effects=Effects(deliveries=[hook(1, job, "job.started")]))
+    await store.record_deliveries([hook(2, job, "job.completed", url="http://other/hook")])
+    now = time.time() + 1
+    claimed = await store.claim_deliveries("a", now, 10, 30)
+    done = next(d for d in claimed if d.id == "msg_1")
+    await store.record_attempt("a", done, Attempt(now, 204, None, 1.0), DELIVERED, None)
+    assert await store.purge_deliveries(now - 60) == 0
+    assert await store.purge_deliveries(now + 60) == 1
+    assert [h["id"] for h in await store.delivery_history(job.job_id)] == ["msg_2"]

@@ -20,8 +20,8 @@ import pytest
 from aiohttp import web
 
 from klipstream.config import ConfigError, Settings
-from klipstream.integrations.outbox import Outbox
 from klipstream.integrations.webhooks import WebhookDispatcher, secret_key
+from klipstream.jobs.store.sqlite import SQLiteStore
 from klipstream.models import Job, JobError, JobOptions, JobStatus
 from klipstream.network import PrivateAddressRefused, PublicOnlyResolver
 
@@ -110,10 +110,42 @@ def _settings(tmp_path: Path, **kw: Any) -> Settings:
     return Settings.from_env({}, **base)
 
 
-async def _dispatcher(settings: Settings, http: aiohttp.ClientSession) -> WebhookDispatcher:
-    d = WebhookDispatcher(settings, http, Outbox(settings.database_path))
+class Hooks:
+    """The dispatcher and the job store it sends from. `job_changed` does what the job service
+    does with a change: write its deliveries to the store (the service does it in the change's
+    own transaction), then emit it."""
+
+    def __init__(self, dispatcher: WebhookDispatcher, store: SQLiteStore) -> None:
+        self.d = dispatcher
+        self.store = store
+        self._writes: list[asyncio.Future[None]] = []
+
+    def job_changed(self, job: Job, kind: str) -> None:
+        if kind == "progress":  # no save of its own: the dispatcher writes it
+            self.d.job_changed(job, kind)
+            return
+        rows = self.d.deliveries(kind, job)  # now: the body is the job as it is now
+        self._writes.append(asyncio.ensure_future(self._save_then_emit(rows, job, kind)))
+
+    async def _save_then_emit(self, rows: list[Any], job: Job, kind: str) -> None:
+        await self.store.record_deliveries(rows)
+        self.d.job_changed(job, kind)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.d, name)
+
+    async def close(self, timeout: float) -> None:
+        await asyncio.gather(*self._writes)
+        await self.d.close(timeout)
+        await self.store.close()
+
+
+async def _dispatcher(settings: Settings, http: aiohttp.ClientSession) -> Hooks:
+    store = SQLiteStore(settings.database_path)
+    await store.open()
+    d = WebhookDispatcher(settings, http, store, "test-sender")
     await d.start()
-    return d
+    return Hooks(d, store)
 
 
 def _job(url: str | None, job_id: str = "job1", **kw: Any) -> Job:
@@ -152,7 +184,7 @@ async def test_events_are_signed_and_delivered_in_order(receiver: Receiver, http
     assert done["data"]["results"] == {"audio": "https://x/audio.mp3"}
     assert done["data"]["status"] == "completed" and done["data"]["job_id"] == "job1"
     assert len(receiver.requests[0]["headers"]["webhook-signature"].split(" ")) == 2
-    await until(lambda: d._in_flight == {})
+    await until(lambda: not d._in_flight)
     history = await d.deliveries_for("job1")
     assert [h["state"] for h in history] == ["delivered"] * 3
     assert await d.backlog() == 0
@@ -166,7 +198,7 @@ async def test_failure_then_success_keeps_the_webhook_id(receiver: Receiver, htt
     await until(lambda: len(receiver.delivered) == 1)
     assert len(receiver.requests) == 3
     assert len({r["headers"]["webhook-id"] for r in receiver.requests}) == 1
-    await until(lambda: d._in_flight == {})
+    await until(lambda: not d._in_flight)
     [history] = await d.deliveries_for("job1")
     assert history["state"] == "delivered"
     assert [a["status"] for a in history["attempts"]] == [500, 503, 200]
@@ -178,7 +210,7 @@ async def test_retry_after_is_honoured(receiver: Receiver, http, tmp_path: Path)
     d = await _dispatcher(_settings(tmp_path), http)
     d.job_changed(_job(receiver.url), "started")
     await until(lambda: len(receiver.delivered) == 1)
-    await until(lambda: d._in_flight == {})
+    await until(lambda: not d._in_flight)
     [history] = await d.deliveries_for("job1")
     first, second = history["attempts"]
     assert first["status"] == 429 and second["status"] == 200
@@ -191,7 +223,7 @@ async def test_slow_receiver_times_out_and_is_retried(receiver: Receiver, http, 
     d = await _dispatcher(_settings(tmp_path, webhook_timeout_seconds=0.3), http)
     d.job_changed(_job(receiver.url), "started")
     await until(lambda: len(receiver.requests) == 2 and len(receiver.delivered) >= 1)
-    await until(lambda: d._in_flight == {})
+    await until(lambda: not d._in_flight)
     [history] = await d.deliveries_for("job1")
     assert history["state"] == "delivered"
     assert "no answer within" in history["attempts"][0]["error"]
@@ -205,7 +237,7 @@ async def test_gone_stops_deliveries_for_the_job(receiver: Receiver, http, tmp_p
     d.job_changed(job, "started")
     d.job_changed(job, "stage_changed")
     await until(lambda: len(receiver.requests) == 1)
-    await until(lambda: d._in_flight == {})
+    await until(lambda: not d._in_flight)
     job.status = JobStatus.FAILED
     job.error = JobError(error_type="network_error", error_code="x", message="m", suggested_action="s")
     d.job_changed(job, "failed")
@@ -223,7 +255,7 @@ async def test_permanent_refusal_is_not_retried(receiver: Receiver, http, tmp_pa
     d = await _dispatcher(_settings(tmp_path), http)
     d.job_changed(_job(receiver.url), "started")
     await until(lambda: len(receiver.requests) == 1)
-    await until(lambda: d._in_flight == {})
+    await until(lambda: not d._in_flight)
     await asyncio.sleep(0.3)
     assert len(receiver.requests) == 1
     [history] = await d.deliveries_for("job1")
@@ -235,7 +267,7 @@ async def test_gives_up_after_max_age(receiver: Receiver, http, tmp_path: Path):
     receiver.script = [(500, 0, {})] * 1000
     d = await _dispatcher(_settings(tmp_path, webhook_max_age_seconds=0.5), http)
     d.job_changed(_job(receiver.url), "started")
-    await until(lambda: d._in_flight == {} and len(receiver.requests) >= 2)
+    await until(lambda: not d._in_flight and len(receiver.requests) >= 2)
 
     async def final_state_is(state: str) -> bool:
         return (await d.deliveries_for("job1"))[0]["state"] == state
@@ -269,7 +301,7 @@ async def test_receiver_down_across_a_restart(http, tmp_path: Path):
         await until(lambda: len(receiver.delivered) == 1)
         assert receiver.delivered[0]["type"] == "job.completed"
         assert receiver.requests[0]["verified"]
-        await until(lambda: d2._in_flight == {})
+        await until(lambda: not d2._in_flight)
         [history] = await d2.deliveries_for("job1")
         assert history["state"] == "delivered"
         assert history["attempts"][0]["status"] is None and "connection failed" in history["attempts"][0]["error"]

@@ -1,5 +1,5 @@
 """`klipstream db upgrade`: apply the schema migrations by hand; `klipstream db copy`: move an
-SQLite job store into PostgreSQL.
+SQLite job store, with its unsent webhook deliveries and Convex updates, into PostgreSQL.
 
 The service applies them itself at start (under PostgreSQL's advisory lock, so instances starting
 together do not race); running them beforehand, e.g. as a deploy step, keeps a long migration out
@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sqlite3
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +20,10 @@ import asyncpg
 
 from klipstream.cli.common import EXIT_UNREACHABLE, EXIT_USAGE, CliError
 from klipstream.config import Settings
+from klipstream.integrations.outbox import PENDING_ATTEMPTS, PENDING_DELIVERIES
 from klipstream.jobs.store import ACTIVE, JobRow
 from klipstream.jobs.store.migrations import Upgrade, upgrade_postgres, upgrade_sqlite
-from klipstream.jobs.store.postgres import UNAVAILABLE, redacted
+from klipstream.jobs.store.postgres import IMPORT_ATTEMPTS, IMPORT_CONVEX, IMPORT_DELIVERIES, UNAVAILABLE, redacted
 from klipstream.models import Job, JobStatus, StageStatus
 
 
@@ -142,7 +142,7 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
     conn = _open_source(source)
     try:
         try:
-            tables, pending = asyncio.run(_copy(conn, url))
+            tables = asyncio.run(_copy(conn, url))
         except UNAVAILABLE as exc:
             raise CliError(f"cannot reach {where}: {type(exc).__name__}: {exc}", EXIT_UNREACHABLE) from None
         except (asyncpg.PostgresError, asyncpg.InterfaceError, ValueError) as exc:
@@ -153,12 +153,6 @@ def cmd_db_copy(args: argparse.Namespace) -> int:
         conn.close()
     for copied in tables:
         print(copied.line())
-    if pending:
-        print(
-            f"warning: {pending} webhook deliveries are still pending in {source} and are not copied (the "
-            "outbox stays in each instance's own file): an instance started with this data directory sends them",
-            file=sys.stderr,
-        )
     print(f"copied {source} into {where}")
     return 0
 
@@ -195,7 +189,7 @@ def _open_source(path: Path) -> sqlite3.Connection:
     return conn
 
 
-async def _copy(source: sqlite3.Connection, url: str) -> tuple[list[Copied], int]:
+async def _copy(source: sqlite3.Connection, url: str) -> list[Copied]:
     """Upgrade the target, then copy every table in one transaction: all of it arrives, or none."""
     target = await asyncpg.connect(url, timeout=CONNECT_TIMEOUT_SECONDS)
     try:
@@ -220,13 +214,23 @@ async def _copy(source: sqlite3.Connection, url: str) -> tuple[list[Copied], int
                         "SELECT stage, seconds, media_seconds, finished_at FROM stage_runs ORDER BY finished_at",
                         _COPY_STAGE_RUNS,
                     ),
+                    # The outbox: what the SQLite instance had not sent yet is sent by the cluster
+                    # (same webhook-id). Finished deliveries are history and stay behind.
+                    await _copy_rows(source, target, "webhook_deliveries", PENDING_DELIVERIES, IMPORT_DELIVERIES),
+                    await _copy_rows(source, target, "webhook_attempts", PENDING_ATTEMPTS, IMPORT_ATTEMPTS),
+                    await _copy_rows(
+                        source,
+                        target,
+                        "convex_updates",
+                        "SELECT job_id, path, args, updated_at FROM convex_updates WHERE version > sent_version",
+                        IMPORT_CONVEX,
+                    ),
                 ]
-            pending = source.execute("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'").fetchone()[0]
         finally:
             source.execute("COMMIT")
     finally:
         await target.close()
-    return tables, pending
+    return tables
 
 
 async def _copy_jobs(source: sqlite3.Connection, target: asyncpg.Connection) -> Copied:

@@ -1,11 +1,11 @@
 """Write-behind mirror of job status into the Convex `videos` table the web frontend subscribes to.
 
-Convex is a convenience for the frontend, not part of the job: `job_changed` only stores the
-latest state in memory and returns, and a background sender per job pushes it out. Progress is
-coalesced (latest wins, at most about one update per second per job); stage changes and terminal
-states are queued so none is skipped. Transient failures are retried with capped backoff for as
-long as the process lives, so after an outage the final state and URLs still arrive. Nothing here
-can fail or slow a job.
+Convex is a convenience for the frontend, not part of the job: the newest state of each job is a
+row of the job store's outbox, written with the job change, and a background sender pushes it out.
+Progress is coalesced (at most about one update per second per job; the newest state wins, so an
+intermediate state may be skipped, never the final one). Transient failures are retried with
+capped backoff, so after an outage (or a restart) the final state and URLs still arrive. Nothing
+here can fail or slow a job.
 
 Protocol: Convex's HTTP API, POST {CONVEX_URL}/api/mutation with {path, args, format: "json"},
 answered by {status: "success", value} or {status: "error", errorMessage}. Arguments are encoded
@@ -17,29 +17,29 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
-from collections import deque
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from convex.values import convex_to_json
 
+from klipstream.integrations.outbox import dumps
+from klipstream.jobs.store import CONVEX, ConvexUpdate, DeliveryRow
 from klipstream.models import TERMINAL_STATUSES, Job
 from klipstream.retry import RetryPolicy
 
 if TYPE_CHECKING:
     from klipstream.config import Settings
+    from klipstream.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
-_ALWAYS_SENT = {"queued", "started", "stage_changed", *TERMINAL_STATUSES}
 MIN_INTERVAL = 1.0  # seconds between progress-only updates of one job
-_MAX_QUEUED_PER_JOB = 32  # stage changes waiting while Convex is down; a job has only a handful
 _REQUEST_TIMEOUT = 10.0
-CONVEX_RETRY = RetryPolicy(None, 0.5, 30.0)  # until sent, or the process closes
+CONVEX_RETRY = RetryPolicy(None, 0.5, 30.0)  # until sent
 
 # Artifact key -> the Convex URL fields it fills (current snake_case name, older camelCase name).
 URL_FIELDS: dict[str, tuple[str, ...]] = {
@@ -120,136 +120,141 @@ def convex_call(job: Job, kind: str) -> tuple[str, dict[str, Any]] | None:
     return "video:upsertJobProgress", progress
 
 
-@dataclass
-class _JobState:
-    queued: deque[tuple[str, dict[str, Any]]] = field(default_factory=deque)  # always sent, in order
-    latest: tuple[str, dict[str, Any]] | None = None  # progress-only: latest wins
-    last_sent: float = float("-inf")
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    sender: asyncio.Task[None] | None = None
-    finished: bool = False  # a terminal call was handled
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.queued) or self.latest is not None
-
-
 class ConvexMirror:
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession) -> None:
+    """Produces the Convex state of each job change and sends the newest state of each job.
+
+    The state is a row of the job store's outbox (one per job, the newest replacing the older),
+    written in the same transaction as the job change (`updates`, composed into the runner's
+    effects): a `kill -9` right after a job completes cannot lose its final state. Progress, which
+    has no save of its own, is written by `job_changed` at most once per MIN_INTERVAL per job. The
+    send loop claims due rows with a lease (PostgreSQL: SKIP LOCKED), so instances sharing a store
+    never send a job's state at the same time; transient failures are retried with capped backoff
+    for as long as it takes, so after an outage the final state and URLs still arrive."""
+
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, store: JobStore, owner: str) -> None:
+        self._settings = settings
         self._url = settings.convex_url.rstrip("/")
         self._secret = settings.convex_secret
         self._session = session
-        self._jobs: dict[str, _JobState] = {}
+        self._store = store
+        self._owner = owner
+        self._last_progress: dict[str, float] = {}  # job id -> monotonic time of its last progress row
         self._limit = asyncio.Semaphore(4)
-        self._started = False
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._writes: set[asyncio.Task[None]] = set()
         self._closing = False
-        self._deadline = float("inf")
         self.sent = 0  # successful calls, for tests and stats
 
     @property
     def enabled(self) -> bool:
         return bool(self._url and self._secret)
 
+    def updates(self, kind: str | None, job: Job) -> list[DeliveryRow]:
+        """The Convex row a job change of this kind writes with it (none for progress-only saves)."""
+        if not self.enabled or kind is None or kind == "progress":
+            return []
+        call = convex_call(job, kind)
+        if call is None:
+            return []
+        if kind in TERMINAL_STATUSES:
+            self._last_progress.pop(job.job_id, None)
+        path, args = call
+        return [DeliveryRow("", job.job_id, CONVEX, path, dumps(args), time.time())]
+
     def job_changed(self, job: Job, kind: str) -> None:
-        """Remember the new state and wake the job's sender. Never blocks, never raises."""
+        """A job event was emitted (after its save committed): wake the sender. Progress has no
+        save of its own: its row is written here, at most once per MIN_INTERVAL per job. Never
+        blocks, never raises."""
         if not self.enabled or self._closing:
             return
         try:
+            if kind != "progress":
+                self._wake.set()
+                return
+            now = time.monotonic()
+            if now - self._last_progress.get(job.job_id, float("-inf")) < MIN_INTERVAL:
+                return
             call = convex_call(job, kind)
             if call is None:
                 return
-            state = self._jobs.setdefault(job.job_id, _JobState())
-            if kind in _ALWAYS_SENT:
-                state.queued.append(call)
-                state.latest = None  # the queued call carries everything a pending progress had
-                while len(state.queued) > _MAX_QUEUED_PER_JOB:
-                    del state.queued[0]
-            else:
-                state.latest = call
-            state.wake.set()
-            if self._started and (state.sender is None or state.sender.done()):
-                state.sender = asyncio.create_task(self._send_job(job.job_id, state), name=f"convex-{job.job_id}")
+            self._last_progress[job.job_id] = now
+            row = DeliveryRow("", job.job_id, CONVEX, call[0], dumps(call[1]), time.time())
+            write = asyncio.ensure_future(self._store.record_deliveries([row]))  # ordered with the job's writes
+            task = asyncio.create_task(self._written(write, job.job_id))
+            self._writes.add(task)
+            task.add_done_callback(self._writes.discard)
         except Exception:
             log.exception("convex: could not record %s for job %s", kind, getattr(job, "job_id", "?"))
 
-    async def start(self) -> None:
-        if not self.enabled:
+    async def _written(self, write: asyncio.Future[None], job_id: str) -> None:
+        try:
+            await write
+        except Exception as exc:  # progress: the next state carries it
+            log.warning("convex: a progress update of job %s was not recorded: %s", job_id, exc)
             return
-        self._started = True
-        for job_id, state in self._jobs.items():
-            if state.has_work and state.sender is None:
-                state.sender = asyncio.create_task(self._send_job(job_id, state), name=f"convex-{job_id}")
+        self._wake.set()
+
+    async def start(self) -> None:
+        """Start the send loop; the store must be open."""
+        if self.enabled:
+            self._loop_task = asyncio.create_task(self._run(), name="convex-mirror")
 
     async def close(self, timeout: float) -> None:
-        """Send what is pending, skipping progress spacing, for at most `timeout` seconds."""
+        """Stop; sends in flight get `timeout` seconds. What is unsent stays in the outbox for the
+        next process (or another instance)."""
         self._closing = True
-        self._deadline = time.monotonic() + timeout
-        senders = [s.sender for s in self._jobs.values() if s.sender is not None and not s.sender.done()]
-        for state in self._jobs.values():
-            state.wake.set()
-        if senders:
-            _, late = await asyncio.wait(senders, timeout=timeout)
-            for task in late:
-                task.cancel()
-            await asyncio.gather(*late, return_exceptions=True)
-            if late:
-                log.warning("convex: %d jobs' final updates not sent within %.1f s", len(late), timeout)
+        deadline = time.monotonic() + timeout
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=max(0.1, timeout / 2))
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self._store.release_claims(self._owner), max(0.1, deadline - time.monotonic()))
 
-    def pending(self) -> int:
-        return sum(len(s.queued) + (s.latest is not None) for s in self._jobs.values())
+    async def pending(self) -> int:
+        return await self._store.convex_backlog()
 
-    async def _send_job(self, job_id: str, state: _JobState) -> None:
-        try:
-            while state.has_work:
-                if not state.queued:
-                    wait = state.last_sent + MIN_INTERVAL - time.monotonic()
-                    if wait > 0 and not self._closing:
-                        state.wake.clear()
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(state.wake.wait(), wait)
-                        continue  # re-check: a stage change may have arrived
-                if state.queued:
-                    call = state.queued[0]
-                else:
-                    assert state.latest is not None
-                    call = state.latest
-                delivered = await self._deliver(state, call)
-                if state.queued and state.queued[0] is call:
-                    state.queued.popleft()
-                elif state.latest is call:
-                    state.latest = None
-                if delivered:
-                    state.last_sent = time.monotonic()
-                if call[0] != "video:upsertJobProgress":
-                    state.finished = True
-        finally:
-            # A finished job is forgotten once its last call is out, so memory stays bounded;
-            # a running job keeps its state so the one-per-second spacing holds across bursts.
-            if state.finished and not state.has_work and self._jobs.get(job_id) is state:
-                del self._jobs[job_id]
-
-    async def _deliver(self, state: _JobState, call: tuple[str, dict[str, Any]]) -> bool:
-        """Send one call, retrying transient failures until it succeeds or the process is closing."""
-        failures = 0
+    async def _run(self) -> None:
+        lease = self._settings.outbox_claim_seconds
         while True:
-            if call is not state.latest and not (state.queued and state.queued[0] is call):
-                return False  # a newer state replaced this progress update while we were retrying
+            self._wake.clear()
             try:
-                async with self._limit:
-                    await self.mutation(*call)
-                self.sent += 1
-                return True
-            except ConvexCallError as exc:
-                log.error("convex: %s refused: %s", call[0], exc)
-                return False
-            except Exception as exc:
-                failures += 1
-                delay = CONVEX_RETRY.delay(failures)
-                if time.monotonic() + delay > self._deadline:
-                    log.warning("convex: giving up on %s at shutdown (%s)", call[0], exc)
-                    return False
-                log.warning("convex: %s failed (%s); retry %d in %.1f s", call[0], exc, failures, delay)
-                await asyncio.sleep(delay)
+                updates = await self._store.claim_convex(self._owner, time.time(), 16, lease)
+                if updates:
+                    await asyncio.gather(*(self._send(update) for update in updates))
+                    continue  # more may be due
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("convex: outbox error; retrying shortly")
+            # asyncio.timeout, not wait_for: a cancel that meets wait_for's own timeout can hang it (3.11)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._settings.outbox_poll_seconds):
+                    await self._wake.wait()
+
+    async def _send(self, update: ConvexUpdate) -> None:
+        """Send one job's newest state; record it as sent, refused for good, or to be retried."""
+        error: str | None = None
+        try:
+            async with self._limit:
+                await self.mutation(update.path, json.loads(update.args))
+            self.sent += 1
+            sent = True
+        except ConvexCallError as exc:
+            log.error("convex: %s refused: %s", update.path, exc)
+            sent, error = True, f"refused: {exc}"  # the same call cannot succeed later
+        except Exception as exc:
+            delay = CONVEX_RETRY.delay(update.attempts + 1)
+            log.warning("convex: %s failed (%s); retry %d in %.1f s", update.path, exc, update.attempts + 1, delay)
+            sent, error = False, f"{type(exc).__name__}: {exc}"
+        next_at = time.time() + (0.0 if sent else CONVEX_RETRY.delay(update.attempts + 1))
+        try:
+            await self._store.convex_done(self._owner, update, sent, next_at, error)
+        except Exception as exc:  # the claim expires and the state is sent again
+            log.warning("convex: the outcome for job %s was not recorded: %s", update.job_id, exc)
 
     async def mutation(self, path: str, args: dict[str, Any]) -> Any:
         return await self._call("mutation", path, {**args, "secret": self._secret})

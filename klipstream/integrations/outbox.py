@@ -1,287 +1,84 @@
-"""Durable outbox for webhook deliveries, in the job store's SQLite file.
+"""The outbox's upgrade path, and the JSON encoding of what it sends.
 
-A delivery is written here before anything is sent, so a crash, a deploy or a receiver that is
-down for hours loses nothing: the next process picks up what is still pending. It has its own
-aiosqlite connection (WAL, busy_timeout) so it never contends with the job store's connection for
-more than a short write.
-
-Deliveries of one job to one receiver go out in the order they were recorded: the oldest pending
-one of a (job, url) pair is the only one of that pair that is due, so a receiver never sees
-`job.completed` before `job.started`, and a receiver that is down does not hold up another
-receiver of the same job (a deduplicated submission attaches its callback to a shared job).
+The outbox now lives in the job store (klipstream/jobs/store, migration 6): webhook deliveries and
+Convex updates are written in the same transaction as the job change that causes them, and sent by
+klipstream.integrations.webhooks and .convex. Before, webhook deliveries were written to the data
+directory's SQLite file by a connection of their own, after the change. With SQLite as the job
+store that file *is* the store, so its pending deliveries are simply sent. With PostgreSQL, an
+instance whose data directory holds such a file (the move from one SQLite instance to several)
+imports the file's pending deliveries at start, once: they are marked `moved` in the file, and the
+import is keyed by delivery id, so a repeated or interrupted import sends nothing twice.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
+import logging
 import sqlite3
-from collections.abc import AsyncIterator, Iterable
-from dataclasses import dataclass
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import aiosqlite
+if TYPE_CHECKING:
+    from klipstream.jobs.store.postgres import PostgresStore
 
-from klipstream.jobs.store.migrations import upgrade_sqlite
+log = logging.getLogger(__name__)
 
-InFlight = Iterable[str]  # ids of deliveries being sent now
-Pair = tuple[str, str]  # (job id, url): one receiver of one job
-
-OPEN_RETRY_DELAYS = (0.2, 0.5, 1.0, 2.0)  # seconds between tries of opening a file another process holds
-PENDING = "pending"
-DELIVERED = "delivered"
-FAILED = "failed"  # gave up: a permanent refusal or 24 h of failures
-STOPPED = "stopped"  # the receiver answered 410 Gone for this job
-SUPERSEDED = "superseded"  # an unsent progress event replaced by a newer one
-
-
-@dataclass(frozen=True)
-class NewDelivery:
-    id: str
-    job_id: str
-    url: str
-    event: str
-    body: str
-    created_at: float
-
-
-@dataclass(frozen=True)
-class Delivery(NewDelivery):
-    """A stored delivery that is due: what was queued, and how often it has been tried."""
-
-    attempts: int
-
-
-@dataclass(frozen=True)
-class Attempt:
-    at: float
-    status: int | None  # HTTP status, None when no answer came
-    error: str | None
-    duration_ms: float
-
-
-class Outbox:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._db: aiosqlite.Connection | None = None
-        # One connection is shared by the delivery loop and the recorder: transactions must not
-        # interleave on it, or SQLite refuses the second BEGIN.
-        self._transaction_lock = asyncio.Lock()
-
-    async def open(self) -> None:
-        if self._db is not None:
-            return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        # Processes opening one file together (instances sharing a data directory) can meet a
-        # lock SQLite reports at once, without waiting out the busy timeout (a switch to WAL, a
-        # last connection's checkpoint): a few tries, bounded.
-        for delay in (*OPEN_RETRY_DELAYS, None):
-            try:
-                self._db = await self._connect()
-                return
-            except sqlite3.OperationalError as exc:
-                if delay is None or "locked" not in str(exc):
-                    raise
-                await asyncio.sleep(delay)
-
-    async def _connect(self) -> aiosqlite.Connection:
-        await asyncio.to_thread(_upgrade, self.path)
-        db = await aiosqlite.connect(self.path, isolation_level=None)
-        try:
-            # The busy timeout first: switching to WAL takes a lock another process may hold.
-            await db.execute("PRAGMA busy_timeout=5000")
-            await db.execute("PRAGMA journal_mode=WAL")
-            await db.execute("PRAGMA synchronous=NORMAL")
-        except BaseException:
-            await db.close()
-            raise
-        db.row_factory = aiosqlite.Row
-        return db
-
-    async def close(self) -> None:
-        if self._db is not None:
-            await self._db.close()
-            self._db = None
-
-    @property
-    def db(self) -> aiosqlite.Connection:
-        if self._db is None:
-            raise RuntimeError("Outbox.open() was not called")
-        return self._db
-
-    async def add(self, deliveries: Iterable[NewDelivery], in_flight: InFlight = ()) -> int:
-        """Record deliveries in one transaction; returns how many were recorded.
-
-        Deliveries to a receiver that answered 410 for the job are dropped. A new progress or
-        terminal event supersedes unsent progress events of the same job and receiver that are not
-        being sent right now.
-        """
-        busy = list(in_flight)
-        recorded = 0
-        async with self._transaction():
-            for d in deliveries:
-                async with self.db.execute(
-                    "SELECT 1 FROM webhook_deliveries WHERE job_id = ? AND url = ? AND state = ? LIMIT 1",
-                    (d.job_id, d.url, STOPPED),
-                ) as cur:
-                    if await cur.fetchone():
-                        continue
-                if d.event == "job.progress" or d.event in ("job.completed", "job.failed", "job.cancelled"):
-                    marks = ",".join("?" * len(busy))
-                    await self.db.execute(
-                        f"UPDATE webhook_deliveries SET state = ?, finished_at = ? WHERE job_id = ? AND url = ?"
-                        f" AND state = ? AND event = 'job.progress' AND id NOT IN ({marks})",
-                        (SUPERSEDED, d.created_at, d.job_id, d.url, PENDING, *busy),
-                    )
-                await self.db.execute(
-                    "INSERT OR IGNORE INTO webhook_deliveries"
-                    " (id, job_id, url, event, body, created_at, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (d.id, d.job_id, d.url, d.event, d.body, d.created_at, d.created_at),
-                )
-                recorded += 1
-        return recorded
-
-    _HEADS = (
-        "FROM webhook_deliveries d WHERE d.state = 'pending' AND d.seq = (SELECT MIN(p.seq) FROM webhook_deliveries p"
-        " WHERE p.job_id = d.job_id AND p.url = d.url AND p.state = 'pending')"
-    )
-
-    async def due(self, now: float, limit: int, exclude: Iterable[Pair] = ()) -> list[Delivery]:
-        """The oldest pending delivery of each (job, receiver) whose next attempt time has come,
-        except for the pairs in `exclude` (being sent now)."""
-        skip = set(exclude)
-        async with self.db.execute(
-            f"SELECT d.id, d.job_id, d.url, d.event, d.body, d.created_at, d.attempts {self._HEADS} "
-            "AND d.next_attempt_at <= ? ORDER BY d.next_attempt_at LIMIT ?",
-            (now, limit + len(skip)),
-        ) as cur:
-            rows = await cur.fetchall()
-        due = [Delivery(r[0], r[1], r[2], r[3], r[4], r[5], r[6]) for r in rows if (r[1], r[2]) not in skip]
-        return due[:limit]
-
-    async def next_due_at(self, exclude: Iterable[Pair] = ()) -> float | None:
-        skip = set(exclude)
-        async with self.db.execute(
-            f"SELECT d.job_id, d.url, d.next_attempt_at {self._HEADS} ORDER BY d.next_attempt_at LIMIT ?",
-            (len(skip) + 1,),
-        ) as cur:
-            rows = await cur.fetchall()
-        return next((r[2] for r in rows if (r[0], r[1]) not in skip), None)
-
-    async def record(self, delivery: Delivery, attempt: Attempt, state: str, next_attempt_at: float | None) -> None:
-        """Store an attempt and the delivery's new state in one transaction."""
-        number = delivery.attempts + 1
-        async with self._transaction():
-            await self.db.execute(
-                "INSERT OR REPLACE INTO webhook_attempts (delivery_id, attempt, at, status, error, duration_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (delivery.id, number, attempt.at, attempt.status, attempt.error, attempt.duration_ms),
-            )
-            finished = None if state == PENDING else attempt.at
-            await self.db.execute(
-                "UPDATE webhook_deliveries SET attempts = ?, state = ?, next_attempt_at = ?, last_status = ?,"
-                " last_error = ?, finished_at = ? WHERE id = ?",
-                (
-                    number,
-                    state,
-                    next_attempt_at if next_attempt_at is not None else attempt.at,
-                    attempt.status,
-                    attempt.error,
-                    finished,
-                    delivery.id,
-                ),
-            )
-            if state == STOPPED:
-                await self.db.execute(
-                    "UPDATE webhook_deliveries SET state = ?, finished_at = ?, last_error = ? "
-                    "WHERE job_id = ? AND url = ? AND state = ?",
-                    (
-                        STOPPED,
-                        attempt.at,
-                        "receiver answered 410 Gone for this job",
-                        delivery.job_id,
-                        delivery.url,
-                        PENDING,
-                    ),
-                )
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[None]:
-        async with self._transaction_lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                yield
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
-            await self.db.execute("COMMIT")
-
-    async def purge(self, finished_before: float) -> int:
-        """Delete deliveries that ended before the cutoff, with their attempts; pending ones stay."""
-        async with self._transaction():
-            await self.db.execute(
-                "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries"
-                " WHERE state <> ? AND finished_at IS NOT NULL AND finished_at < ?)",
-                (PENDING, finished_before),
-            )
-            cursor = await self.db.execute(
-                "DELETE FROM webhook_deliveries WHERE state <> ? AND finished_at IS NOT NULL AND finished_at < ?",
-                (PENDING, finished_before),
-            )
-            return cursor.rowcount
-
-    async def backlog(self) -> int:
-        async with self.db.execute("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'") as cur:
-            row = await cur.fetchone()
-        return int(row[0]) if row else 0
-
-    async def history(self, job_id: str) -> list[dict[str, Any]]:
-        """Every delivery of a job with its attempts, oldest first, for the job JSON."""
-        async with self.db.execute(
-            "SELECT id, event, state, attempts, created_at, next_attempt_at, last_status, last_error, finished_at"
-            " FROM webhook_deliveries WHERE job_id = ? ORDER BY seq",
-            (job_id,),
-        ) as cur:
-            deliveries = await cur.fetchall()
-        async with self.db.execute(
-            "SELECT a.delivery_id, a.attempt, a.at, a.status, a.error, a.duration_ms FROM webhook_attempts a"
-            " JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.job_id = ? ORDER BY a.delivery_id, a.attempt",
-            (job_id,),
-        ) as cur:
-            attempts = await cur.fetchall()
-        by_delivery: dict[str, list[dict[str, Any]]] = {}
-        for a in attempts:
-            by_delivery.setdefault(a[0], []).append(
-                {"attempt": a[1], "at": a[2], "status": a[3], "error": a[4], "duration_ms": round(a[5], 1)}
-            )
-        return [
-            {
-                "id": d[0],
-                "type": d[1],
-                "state": d[2],
-                "attempts": by_delivery.get(d[0], []),
-                "created_at": d[4],
-                "next_attempt_at": d[5] if d[2] == PENDING else None,
-                "last_status": d[6],
-                "last_error": d[7],
-                "finished_at": d[8],
-            }
-            for d in deliveries
-        ]
-
-
-def _upgrade(path: Path) -> None:
-    """The outbox's tables are part of the store's versioned schema (migrations/sqlite/)."""
-    conn = sqlite3.connect(path, isolation_level=None)
-    try:
-        conn.execute("PRAGMA busy_timeout=5000")
-        upgrade_sqlite(conn)
-    finally:
-        conn.close()
+MOVED = "moved"  # a delivery of the local file imported into the shared store (a state of the file only)
+# What an old file's pending webhook deliveries are read as, in the order of the import's arrays.
+PENDING_DELIVERIES = (
+    "SELECT id, job_id, url, event, body, created_at, next_attempt_at, attempts, last_status, last_error"
+    " FROM webhook_deliveries WHERE state = 'pending' ORDER BY seq"
+)
+PENDING_ATTEMPTS = (
+    "SELECT a.delivery_id, a.attempt, a.at, a.status, a.error, a.duration_ms FROM webhook_attempts a"
+    " JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.state = 'pending'"
+)
 
 
 def dumps(value: Any) -> str:
     """Compact JSON: the exact bytes that are signed are the bytes that are sent."""
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+async def import_local_outbox(path: Path, store: PostgresStore) -> int:
+    """Move the pending webhook deliveries of an SQLite file into the shared store; how many
+    were new there. Nothing happens when the file or its outbox table does not exist."""
+    read = await asyncio.to_thread(_read_pending, path)
+    if read is None:
+        return 0
+    deliveries, attempts = read
+    if not deliveries:
+        return 0
+    imported = await store.import_deliveries(deliveries, attempts)
+    await asyncio.to_thread(_mark_moved, path, [row[0] for row in deliveries])
+    log.info("imported %d pending webhook deliveries from %s into the shared job store", imported, path)
+    return imported
+
+
+def _read_pending(path: Path) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]] | None:
+    if not path.is_file():
+        return None
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)
+    try:
+        found = conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'webhook_deliveries'")
+        if found.fetchone() is None:
+            return None
+        return conn.execute(PENDING_DELIVERIES).fetchall(), conn.execute(PENDING_ATTEMPTS).fetchall()
+    finally:
+        conn.close()
+
+
+def _mark_moved(path: Path, ids: list[str]) -> None:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "UPDATE webhook_deliveries SET state = ?, finished_at = ?, last_error = ?"
+            " WHERE id = ? AND state = 'pending'",
+            [(MOVED, time.time(), "moved to the shared job store (PostgreSQL)", i) for i in ids],
+        )
+        conn.execute("COMMIT")
+    finally:
+        conn.close()

@@ -1,8 +1,8 @@
 """Signed, durable webhook deliveries to a job's callback_url.
 
-Job changes become events recorded in the outbox (klipstream/outbox.py) and a background loop
-sends what is due. Nothing here ever waits on a receiver in the pipeline's path: `job_changed` only
-appends to a list. Signatures follow Standard Webhooks (webhook-id / webhook-timestamp /
+Job changes become deliveries in the job store's outbox, written in the same transaction as the
+change, and a background loop sends what is due. Nothing here ever waits on a receiver in the
+pipeline's path. Signatures follow Standard Webhooks (webhook-id / webhook-timestamp /
 webhook-signature) so receivers can verify with any of its libraries; `X-KlipStream-Signature`
 keeps receivers written for the old service working.
 
@@ -29,23 +29,15 @@ import aiohttp
 
 from klipstream.config import ConfigError
 from klipstream.errors import InvalidVideoUrl, KlipstreamError
-from klipstream.integrations.outbox import (
-    DELIVERED,
-    FAILED,
-    PENDING,
-    STOPPED,
-    Attempt,
-    Delivery,
-    NewDelivery,
-    Outbox,
-    dumps,
-)
+from klipstream.integrations.outbox import dumps
+from klipstream.jobs.store import DELIVERED, FAILED, PENDING, STOPPED, Attempt, Delivery, DeliveryRow
 from klipstream.models import TERMINAL_STATUSES, Job
 from klipstream.network import ensure_public_url, refused_private
 from klipstream.retry import RetryPolicy, parse_retry_after
 
 if TYPE_CHECKING:
     from klipstream.config import Settings
+    from klipstream.jobs.store import JobStore
 
 log = logging.getLogger(__name__)
 
@@ -112,25 +104,34 @@ def job_summary(job: Job) -> dict[str, Any]:
 
 
 class WebhookDispatcher:
-    """Records job events for callback URLs and delivers them with retries for up to 24 h.
+    """Produces webhook deliveries for job changes and sends what is due, with retries for up to
+    24 h.
 
-    It opens the outbox in start() and closes it in close(). It sends through `session`, the
-    runtime's client for user-supplied URLs (klipstream.network.user_url_session), whose resolver
-    refuses private addresses unless KLIPSTREAM_ALLOW_PRIVATE_URLS is on.
+    A delivery is a row of the job store's outbox, written in the same transaction as the job
+    change that causes it (`deliveries`, composed into the runner's effects): a `kill -9` right
+    after a job completes cannot lose its `job.completed`. Only throttled progress events, which
+    have no save of their own, are written by `job_changed` in a write of their own (losing one
+    loses nothing a later event does not carry). The send loop claims due deliveries from the
+    store with a lease (PostgreSQL: FOR UPDATE SKIP LOCKED), so instances sharing a store never
+    send one delivery at the same time, and a killed sender's claim expires; a retry, here or on
+    another instance, keeps the delivery's id, the webhook-id header.
+
+    It sends through `session`, the runtime's client for user-supplied URLs
+    (klipstream.network.user_url_session), whose resolver refuses private addresses unless
+    KLIPSTREAM_ALLOW_PRIVATE_URLS is on.
     """
 
-    def __init__(self, settings: Settings, session: aiohttp.ClientSession, outbox: Outbox) -> None:
+    def __init__(self, settings: Settings, session: aiohttp.ClientSession, store: JobStore, owner: str) -> None:
         self._settings = settings
         self._session = session
-        self._outbox = outbox
+        self._store = store
+        self._owner = owner  # this sender's name in claims
         self._keys = [secret_key(s) for s in settings.webhook_secrets]
-        self._incoming: list[NewDelivery] = []
-        # (job id, url) -> delivery id being sent: each receiver of a job gets its events in order,
-        # and one slow receiver does not hold up another's
-        self._in_flight: dict[tuple[str, str], str] = {}
+        self._in_flight: set[str] = set()  # ids of the deliveries being sent here
         self._last_progress: dict[str, float] = {}
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._writes: set[asyncio.Task[None]] = set()
         self._loop_task: asyncio.Task[None] | None = None
         self._closing = False
         self._limit = asyncio.Semaphore(settings.webhook_concurrency)
@@ -139,105 +140,121 @@ class WebhookDispatcher:
 
     # --- recording ---------------------------------------------------------------------------
 
+    def deliveries(self, kind: str | None, job: Job) -> list[DeliveryRow]:
+        """The deliveries a job change of this kind causes, to be written with it. Progress
+        events only when the job asked for them, at most one per KLIPSTREAM_WEBHOOK_PROGRESS_SECONDS."""
+        event = EVENTS.get(kind or "")
+        urls = [job.callback_url] if job.callback_url else []
+        urls += [url for url in job.callbacks if url not in urls]
+        if event is None or not urls:
+            return []
+        now = time.time()
+        if event == "job.progress":
+            if not job.options.webhook_progress:
+                return []
+            if now - self._last_progress.get(job.job_id, 0.0) < self._settings.webhook_progress_seconds:
+                return []
+            self._last_progress[job.job_id] = now
+        if kind in TERMINAL_STATUSES:
+            self._last_progress.pop(job.job_id, None)
+        body = dumps({"type": event, "timestamp": _iso(datetime.now(UTC)), "data": job_summary(job)})
+        return [DeliveryRow(f"msg_{uuid.uuid4().hex}", job.job_id, url, event, body, now) for url in urls]
+
     def job_changed(self, job: Job, kind: str) -> None:
-        """Queue the event for each of the job's callbacks. Never blocks, never raises."""
+        """A job event was emitted (after its save committed): wake the send loop. A progress
+        event has no save of its own: its delivery (throttled) is written here. Never blocks,
+        never raises."""
         try:
-            event = EVENTS.get(kind)
-            urls = [job.callback_url] if job.callback_url else []
-            urls += [url for url in job.callbacks if url not in urls]
-            if event is None or not urls or self._closing:
+            if self._closing or not (job.callback_url or job.callbacks):
                 return
-            now = time.time()
-            if event == "job.progress":
-                if not job.options.webhook_progress:
+            if kind == "progress":
+                rows = self.deliveries(kind, job)
+                if not rows:
                     return
-                if now - self._last_progress.get(job.job_id, 0.0) < self._settings.webhook_progress_seconds:
-                    return
-                self._last_progress[job.job_id] = now
-            if kind in TERMINAL_STATUSES:
-                self._last_progress.pop(job.job_id, None)
-            body = dumps({"type": event, "timestamp": _iso(datetime.now(UTC)), "data": job_summary(job)})
-            for url in urls:
-                self._incoming.append(
-                    NewDelivery(
-                        id=f"msg_{uuid.uuid4().hex}", job_id=job.job_id, url=url, event=event, body=body, created_at=now
-                    )
-                )
+                # Called now, so the write is ordered with the job's other writes.
+                write = asyncio.ensure_future(self._store.record_deliveries(rows))
+                task = asyncio.create_task(self._written(write, job.job_id))
+                self._writes.add(task)
+                task.add_done_callback(self._writes.discard)
+                return
             self._wake.set()
         except Exception:  # a webhook problem must never break the pipeline
             log.exception("webhooks: could not record %s for job %s", kind, getattr(job, "job_id", "?"))
 
-    async def _flush_incoming(self) -> None:
-        if not self._incoming:
-            return
-        batch, self._incoming = self._incoming, []
+    async def _written(self, write: asyncio.Future[None], job_id: str) -> None:
         try:
-            await self._outbox.add(batch, in_flight=self._in_flight.values())
-        except Exception:
-            self._incoming[:0] = batch  # keep them for the next try
-            raise
+            await write
+        except Exception as exc:  # a progress event: the next one, or the terminal one, follows
+            log.warning("webhooks: a progress event of job %s was not recorded: %s", job_id, exc)
+            return
+        self._wake.set()
 
     # --- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        await self._outbox.open()
+        """Start the send loop; the store must be open."""
         if not self._keys:
             log.warning("webhooks: KLIPSTREAM_WEBHOOK_SECRET is not set; deliveries are sent unsigned")
         self._loop_task = asyncio.create_task(self._run(), name="webhook-delivery")
 
     async def close(self, timeout: float) -> None:
-        """Write every recorded event to the outbox, let sends in flight finish within `timeout`."""
+        """Stop claiming; let sends in flight finish within `timeout`; release what is unsent."""
         deadline = time.monotonic() + timeout
+        self._closing = True
         if self._loop_task is not None:
             self._loop_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._loop_task
-        try:
-            await asyncio.wait_for(self._flush_incoming(), max(0.1, deadline - time.monotonic()))
-        except Exception:
-            log.exception("webhooks: %d recorded events could not be written at shutdown", len(self._incoming))
-        self._closing = True
+        if self._writes:
+            await asyncio.wait(self._writes, timeout=max(0.1, deadline - time.monotonic()))
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=max(0.0, deadline - time.monotonic()))
             for task in self._tasks:
-                task.cancel()  # its delivery stays pending and is retried after the restart
+                task.cancel()  # its delivery stays pending and is sent again, with the same id
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._outbox.close()
+        try:
+            await asyncio.wait_for(self._store.release_claims(self._owner), max(0.1, deadline - time.monotonic()))
+        except Exception as exc:  # the claims expire on their own
+            log.warning("webhooks: claims not released at shutdown (%s); they expire", exc)
 
     async def backlog(self) -> int:
-        return await self._outbox.backlog() + len(self._incoming)
+        return await self._store.delivery_backlog()
 
     async def purge(self, finished_before: float) -> int:
-        return await self._outbox.purge(finished_before)
+        return await self._store.purge_deliveries(finished_before)
 
     async def deliveries_for(self, job_id: str) -> list[dict[str, Any]]:
-        return await self._outbox.history(job_id)
+        return await self._store.delivery_history(job_id)
 
     # --- delivery loop -------------------------------------------------------------------------
 
     async def _run(self) -> None:
+        lease = self._settings.outbox_claim_seconds
         while True:
             self._wake.clear()
             next_at: float | None = None
             try:
-                await self._flush_incoming()
                 free = self._settings.webhook_concurrency - len(self._in_flight)
                 if free > 0:
-                    for delivery in await self._outbox.due(time.time(), free, exclude=self._in_flight.keys()):
-                        self._in_flight[(delivery.job_id, delivery.url)] = delivery.id
+                    for delivery in await self._store.claim_deliveries(self._owner, time.time(), free, lease):
+                        self._in_flight.add(delivery.id)
                         task = asyncio.create_task(self._deliver(delivery), name=f"webhook-{delivery.id}")
                         self._tasks.add(task)
                         task.add_done_callback(self._tasks.discard)
-                next_at = await self._outbox.next_due_at(exclude=self._in_flight.keys())
+                next_at = await self._store.next_delivery_at(time.time())
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.exception("webhooks: outbox error; retrying shortly")
-            # Sleep until the next delivery is due, a new event arrives or a send finishes.
+            # Sleep until the next delivery is due, a new event arrives or a send finishes; other
+            # instances' deliveries (and expired claims) are found by polling.
             saturated = len(self._in_flight) >= self._settings.webhook_concurrency  # a finishing send wakes us
-            wait = _POLL_SECONDS if next_at is None or saturated else min(_POLL_SECONDS, next_at - time.time())
+            poll = self._settings.outbox_poll_seconds
+            wait = poll if next_at is None or saturated else min(poll, next_at - time.time())
+            # asyncio.timeout, not wait_for: a cancel that meets wait_for's own timeout can hang it (3.11)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), max(wait, 0.01))
+                async with asyncio.timeout(max(wait, 0.01)):
+                    await self._wake.wait()
 
     async def _deliver(self, delivery: Delivery) -> None:
         try:
@@ -254,7 +271,8 @@ class WebhookDispatcher:
                         f"{attempt.error}; gave up after {self._settings.webhook_max_age_seconds:.0f} s",
                         attempt.duration_ms,
                     )
-            await self._outbox.record(delivery, attempt, state, next_at)
+            if not await self._store.record_attempt(self._owner, delivery, attempt, state, next_at):
+                log.warning("webhooks: the claim of %s expired while it was sent; another sender has it", delivery.id)
             log.info(
                 "webhook %s %s for job %s: %s (%s)",
                 delivery.event,
@@ -266,9 +284,9 @@ class WebhookDispatcher:
         except asyncio.CancelledError:
             raise
         except Exception:
-            log.exception("webhooks: delivery %s could not be recorded", delivery.id)
+            log.exception("webhooks: delivery %s could not be recorded; its claim expires", delivery.id)
         finally:
-            self._in_flight.pop((delivery.job_id, delivery.url), None)
+            self._in_flight.discard(delivery.id)
             self._wake.set()
 
     def _next_attempt(self, delivery: Delivery, now: float, retry_after: float | None) -> float | None:

@@ -34,7 +34,7 @@ from klipstream.errors import (
 from klipstream.jobs.checkpoints import CheckpointStore, LocalCheckpoints, consumers
 from klipstream.jobs.progress import compute_progress
 from klipstream.jobs.stage import ProgressSink, Resource, Stage, StageContext
-from klipstream.jobs.store import LeaseLost
+from klipstream.jobs.store import NO_EFFECTS, Effects, LeaseLost
 from klipstream.models import (
     Checkpoint,
     Job,
@@ -59,6 +59,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JobListener = Callable[[str, Job], None]  # (event kind, job): started, stage_changed, progress, ...
+# The rows a job change writes in its own transaction (webhook deliveries, Convex updates, ...):
+# (event kind, or None for a checkpoint that is no event, job) -> Effects. Composed by the service.
+EffectsProducer = Callable[[str | None, Job], Effects]
+
+
+def no_effects(kind: str | None, job: Job) -> Effects:
+    return NO_EFFECTS
+
+
 PROGRESS_PERSIST_SECONDS = 2.0
 # A terminal state is written with retries: a job must not stay "running" in the store because
 # one write failed. Delays between the attempts, in seconds.
@@ -88,6 +97,7 @@ class RunnerDeps:
     limits: dict[Resource, ResourceLimit] = field(default_factory=dict)
     transcriber: Transcriber | None = None  # None in pipelines without a transcription stage
     user_http: aiohttp.ClientSession | None = None  # for user-supplied URLs (klipstream.network)
+    effects: EffectsProducer = no_effects  # what each save writes with the job (JobService.effects)
     checkpoints: CheckpointStore = field(default_factory=LocalCheckpoints)  # shared storage, or the data dir
 
 
@@ -224,7 +234,7 @@ class JobRun(ProgressSink):
         job.error = None
         job.queue_position = None
         self._refresh_progress()
-        await self._save()
+        await self._save("started")
         self._emit("started")
 
     async def _prepare_workdir(self) -> None:
@@ -416,7 +426,9 @@ class JobRun(ProgressSink):
     # --- scheduling ---
     async def _schedule(self) -> None:
         while True:
-            self._start_ready_stages()
+            if self._start_ready_stages():  # stages were skipped: one checkpoint, one event
+                await self._save("stage_changed")
+                self._emit("stage_changed")
             if not self.tasks:
                 return
             done, _ = await asyncio.wait(self.tasks.values(), return_when=asyncio.FIRST_COMPLETED)
@@ -425,7 +437,10 @@ class JobRun(ProgressSink):
                 del self.tasks[name]
                 task.result()  # re-raises StageFailed
 
-    def _start_ready_stages(self) -> None:
+    def _start_ready_stages(self) -> bool:
+        """Start the stages whose inputs exist; True when some were skipped (not wanted, or an
+        input they need cannot exist), a change the caller stores and announces."""
+        skipped = False
         changed = True
         while changed:
             changed = False
@@ -437,18 +452,17 @@ class JobRun(ProgressSink):
                     state.status = StageStatus.SKIPPED
                     state.message = "not requested for this job"
                     state.finished_at = utcnow()
-                    self._emit("stage_changed")
-                    changed = True
+                    changed = skipped = True
                     continue
                 readiness = self._readiness(stage)
                 if readiness == "skip":
                     state.status = StageStatus.SKIPPED
                     state.message = "an input it needs is unavailable for this video"
                     state.finished_at = utcnow()
-                    self._emit("stage_changed")
-                    changed = True
+                    changed = skipped = True
                 elif readiness == "ready":
                     self.tasks[stage.name] = asyncio.create_task(self._run_stage(stage), name=stage.name)
+        return skipped
 
     def _readiness(self, stage: Stage) -> str:
         for key in stage.needs:
@@ -478,7 +492,7 @@ class JobRun(ProgressSink):
                 state.message = str(exc)
                 state.finished_at = utcnow()
                 self.job.warnings.append(f"{stage.display.value}: {exc}")
-                await self._save()
+                await self._save("stage_changed")
                 self._emit("stage_changed")
                 return
             except (asyncio.CancelledError, LeaseLost):
@@ -495,7 +509,7 @@ class JobRun(ProgressSink):
                 delay = self.retry.delay(attempt, error.retry_after)
                 state.status = StageStatus.PENDING
                 state.message = f"retrying in {delay:.1f} s after: {error.message}"
-                await self._save()
+                await self._save("stage_changed")
                 self._emit("stage_changed")
                 await asyncio.sleep(delay)
         await self._stage_completed(stage, state, ctx)
@@ -520,7 +534,7 @@ class JobRun(ProgressSink):
             state.message = None
             self._stage_started[stage.name] = time.monotonic()
             self._refresh_progress()
-            await self._save()
+            await self._save("stage_changed")
             self._emit("stage_changed")
             timeout = stage.timeout(ctx) if stage.timeout else self.settings.stage_timeout_seconds
             deadline = asyncio.timeout(timeout)
@@ -609,12 +623,14 @@ class JobRun(ProgressSink):
 
     async def _save_checkpoint(self) -> None:
         """Store a completed stage, waiting out a database outage (bounded): the stage's work is
-        done, and the write succeeds when the database is back. A lost lease stops at once."""
+        done, and the write succeeds when the database is back. A lost lease stops at once. Every
+        try carries the same outbox rows (as `_save_final`), so a delivery is written once."""
         deadline = time.monotonic() + CHECKPOINT_SAVE_SECONDS
+        effects = self.deps.effects("stage_changed", self.job)
         failures = 0
         while True:
             try:
-                await self._save()
+                await self._save("stage_changed", effects)
                 return
             except LeaseLost:
                 raise
@@ -681,7 +697,7 @@ class JobRun(ProgressSink):
         job.status = JobStatus.COMPLETED
         job.finished_at = utcnow()
         self._refresh_progress()
-        await self._save_final()
+        await self._save_final("completed")
         self._emit("completed")
         if not self.settings.keep_workdirs:
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
@@ -705,7 +721,7 @@ class JobRun(ProgressSink):
         job.finished_at = utcnow()
         self._close_unfinished_stages(f"not run: the job failed{f' in {stage}' if stage else ''}")
         self._refresh_progress()
-        await self._save_final()
+        await self._save_final("failed")
         log.warning(
             "job failed: %s",
             error.message,
@@ -723,14 +739,14 @@ class JobRun(ProgressSink):
         except OSError:
             log.warning("could not remove partial files", exc_info=True, extra={"job_id": job.job_id})
         self._refresh_progress()
-        await self._save_final()
+        await self._save_final("cancelled")
         self._emit("cancelled")
 
     async def _requeue(self) -> None:
         """Shutdown: checkpoint and hand the job back to the queue for the next process."""
         self.job.status = JobStatus.QUEUED
         self._refresh_progress()
-        await self._save()
+        await self._save("requeued")
         self._emit("requeued")
 
     # --- ProgressSink, called by stages ---
@@ -769,10 +785,14 @@ class JobRun(ProgressSink):
         self.job.progress = compute_progress(self.job, self.stages, self.deps.timings, self._stage_started)
         self.job.updated_at = utcnow()
 
-    async def _save(self) -> None:
+    async def _save(self, kind: str | None = None, effects: Effects | None = None) -> None:
+        """Checkpoint the job; with the rows its change of `kind` causes (webhook deliveries,
+        Convex updates, ...), in the same transaction. None: a checkpoint that is no event."""
         self._last_persist = time.monotonic()
+        if effects is None:
+            effects = self.deps.effects(kind, self.job)
         try:
-            await self.deps.store.save_job(self.job)
+            await self.deps.store.save_job(self.job, effects)
         except LeaseLost:
             self.lease_lost()
             raise
@@ -787,12 +807,15 @@ class JobRun(ProgressSink):
                 state.finished_at = now
                 state.message = reason
 
-    async def _save_final(self) -> None:
+    async def _save_final(self, kind: str) -> None:
         """Write a terminal state, retrying: the job's event goes out even if the store stays down
-        (then the store still says running, and the next process runs the job again)."""
+        (then the store still says running, and the next process runs the job again). Every try
+        carries the same outbox rows: a try that committed although it seemed to fail and a later
+        one write each delivery once (same id)."""
+        effects = self.deps.effects(kind, self.job)
         for delay in (*FINAL_SAVE_DELAYS, None):
             try:
-                await self._save()
+                await self._save(kind, effects)
                 return
             except LeaseLost:
                 return  # another instance has the job now: nothing of this run may be written

@@ -75,9 +75,9 @@ async def job_runtime(
     closers: list[Any] = [transcriber]
     janitor: Janitor | None = None
     try:
-        integrations = await start_integrations(service, settings, http, user_http)
-        closers += integrations.closers
+        integrations = start_integrations(service, settings, http, user_http)
         await service.start()
+        await integrations.start(service, settings)  # service.shutdown closes them, before the store
         janitor = Janitor(settings, service, storage, integrations.webhooks)
         janitor.start()
         yield Runtime(service, http, storage, transcriber, integrations.webhooks, janitor)

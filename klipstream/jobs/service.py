@@ -16,7 +16,7 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -25,9 +25,17 @@ from pydantic_core import to_json
 from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.cluster import Cluster
 from klipstream.jobs.progress import compute_progress, initial_stage_states
-from klipstream.jobs.runner import CancelReason, JobListener, JobRun, RunnerDeps
+from klipstream.jobs.runner import CancelReason, EffectsProducer, JobListener, JobRun, RunnerDeps
 from klipstream.jobs.stage import Resource, Stage
-from klipstream.jobs.store import IdempotencyRecord, JobRow, JobStore, SharedJobStore, StoreStalled
+from klipstream.jobs.store import (
+    NO_EFFECTS,
+    Effects,
+    IdempotencyRecord,
+    JobRow,
+    JobStore,
+    SharedJobStore,
+    StoreStalled,
+)
 from klipstream.models import (
     RESULT_NEUTRAL_OPTIONS,
     Job,
@@ -173,7 +181,12 @@ class JobService:
         self._new_stages = [{"name": s.name, "display": s.display.value} for s in stages]
         self._new_progress: tuple[int, dict[str, Any]] | None = None  # (timings version, progress)
         self.stream_url = stream_url or (lambda job_id: f"{self.base}/api/v1/analysis/{job_id}/stream")
+        # What each job change writes in its own transaction (add_effects): (producer, whether it
+        # also wants the "queued" change of a new job, which makes a submission parse its job).
+        self.producers: list[tuple[EffectsProducer, bool]] = []
+        self._closing: list[Callable[[float], Awaitable[None]]] = []  # before_store_closes
         deps.listener = self._on_job_event
+        deps.effects = self.effects
 
     @property
     def base(self) -> str:
@@ -220,6 +233,11 @@ class JobService:
         await self.pool.stop()
         if self.cluster is not None:
             await self.cluster.stop()
+        for close in self._closing:
+            try:
+                await close(max(0.5, min(2.0, deadline - time.monotonic() - 1.0)))
+            except Exception:
+                log.exception("closing before the store failed")
         await self.store.close()
 
     # --- submission ---
@@ -304,7 +322,7 @@ class JobService:
         self.active_by_key.setdefault(dedup, job_id)
         self._inserting[job_id] = None
         try:
-            await self.store.insert_job(JobRow.new(doc, encoded), record)
+            await self.store.insert_job(JobRow.new(doc, encoded), record, self._new_job_effects(encoded))
         except StoreStalled as stalled:
             # The row may still commit: the job stays tracked (and its place held) until the store
             # says, so a duplicate, or a retry with the same Idempotency-Key, finds it.
@@ -371,7 +389,7 @@ class JobService:
     async def _requeue_shared(self, again: Job, key: str) -> bool:
         assert self.shared is not None
         try:
-            return await self.shared.requeue_finished(again)
+            return await self.shared.requeue_finished(again, self.effects("queued", again))
         except DatabaseUnavailable:
             raise
         except Exception:  # the unique index: another job of the key became active meanwhile
@@ -401,6 +419,13 @@ class JobService:
             return
         self.queue.push(job_id, priority, reserved=True)
         self._announce_new(job_id)
+
+    def _new_job_effects(self, encoded: str) -> Effects:
+        """The outbox rows of a new job (its "queued" change), when a producer wants them."""
+        if not any(new_jobs for _, new_jobs in self.producers):
+            return NO_EFFECTS  # the common case: the submission never builds the model
+        job = Job.model_validate_json(encoded)
+        return self._compose((producer for producer, new_jobs in self.producers if new_jobs), "queued", job)
 
     def _announce_new(self, job_id: str) -> None:
         if any(s.new_jobs for s in self.subscriptions):
@@ -593,7 +618,7 @@ class JobService:
         for _ in range(3):  # the job may change state between the read and the write
             if job.status is JobStatus.QUEUED:
                 self._mark_cancelled(job)
-                if await self.shared.cancel_queued(job):
+                if await self.shared.cancel_queued(job, self.effects("cancelled", job)):
                     self._emit("cancelled", job)
                     return job
             elif job.status is JobStatus.RUNNING:
@@ -625,7 +650,7 @@ class JobService:
         before = job.model_copy(deep=True)
         self._mark_cancelled(job)
         try:
-            await self.store.save_job(job)
+            await self.store.save_job(job, self.effects("cancelled", job))
         except BaseException:
             for name in Job.model_fields:
                 setattr(job, name, getattr(before, name))
@@ -660,7 +685,7 @@ class JobService:
             again.progress = compute_progress(again, self.stages, self.deps.timings)
             again.updated_at = utcnow()
             if self.shared is None:
-                await self.store.save_job(again)
+                await self.store.save_job(again, self.effects("queued", again))
             elif not await self._requeue_shared(again, key):
                 raise InvalidTransition("the job changed meanwhile (retried on another instance?)")
         except BaseException:
@@ -745,6 +770,31 @@ class JobService:
             task.add_done_callback(_log_warm_up_failure)
 
     # --- bookkeeping ---
+    def before_store_closes(self, close: Callable[[float], Awaitable[None]]) -> None:
+        """`close(budget)` runs at shutdown once the jobs are checkpointed, while the store is open."""
+        self._closing.append(close)
+
+    def add_effects(self, producer: EffectsProducer, *, new_jobs: bool = False) -> None:
+        """`producer` makes rows that every job change writes in its own transaction (webhook
+        deliveries, Convex updates, job events); `new_jobs`: also for a submission's new job."""
+        self.producers.append((producer, new_jobs))
+
+    def effects(self, kind: str | None, job: Job) -> Effects:
+        """The rows this job change writes with it, from every producer."""
+        if not self.producers:
+            return NO_EFFECTS
+        return self._compose((producer for producer, _ in self.producers), kind, job)
+
+    @staticmethod
+    def _compose(producers: Any, kind: str | None, job: Job) -> Effects:
+        deliveries = []
+        for producer in producers:
+            try:
+                deliveries += producer(kind, job).deliveries
+            except Exception:  # a producer's bug must not stop the job's checkpoint
+                log.exception("effects producer failed on %s", kind, extra={"job_id": job.job_id})
+        return Effects(deliveries=deliveries) if deliveries else NO_EFFECTS
+
     def listen(self, listener: JobListener, *, new_jobs: bool = True) -> None:
         self.subscriptions.append(Subscription(listener, new_jobs))
 

@@ -8,7 +8,7 @@ several instances can use at once. Both pass tests/test_store_contract.py.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
@@ -68,14 +68,111 @@ class IdempotencyRecord:
     owner: str = ""  # a hash of the API key ("" when the server has no API keys)
 
 
+# --- the outbox: webhook deliveries and Convex mirror updates, written with the job change ---
+CONVEX = "convex:"  # DeliveryRow.target of a Convex mirror update (not a URL)
+# States of a webhook delivery.
+PENDING = "pending"  # waiting for its (next) attempt
+DELIVERED = "delivered"  # the receiver answered 2xx
+FAILED = "failed"  # gave up: a permanent refusal or KLIPSTREAM_WEBHOOK_MAX_AGE_SECONDS of failures
+STOPPED = "stopped"  # the receiver answered 410 Gone for this job
+SUPERSEDED = "superseded"  # an unsent progress event replaced by a newer one
+# A progress or terminal event supersedes the unsent (and unclaimed) progress events of its
+# (job, receiver): a receiver that was down gets the newest progress, not a backlog of them.
+SUPERSEDING = ("job.progress", "job.completed", "job.failed", "job.cancelled")
+
+
+class DeliveryRow(NamedTuple):
+    """An outbox row, written in the same transaction as the job change that causes it.
+
+    A webhook delivery to `target` (a callback URL): `id` is its webhook-id (the same on every
+    retry), `event` its type, `body` the exact bytes signed and sent. Or, with target CONVEX, the
+    newest state of the job for the Convex mirror: `event` is the mutation's path, `body` its
+    arguments as JSON; it replaces the job's previous unsent state (the mirror needs the newest
+    state of a job, in order, at least once, not every intermediate one)."""
+
+    id: str
+    job_id: str
+    target: str
+    event: str
+    body: str
+    created_at: float
+
+
+class Effects(NamedTuple):
+    """Rows written in the same transaction as the job change that causes them."""
+
+    deliveries: Sequence[DeliveryRow] = ()  # branch `outbox`: webhook/Convex outbox rows
+
+
+NO_EFFECTS = Effects()
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A webhook delivery claimed for sending: what was recorded, and how often it was tried."""
+
+    id: str
+    job_id: str
+    url: str
+    event: str
+    body: str
+    created_at: float
+    attempts: int
+
+
+@dataclass(frozen=True)
+class Attempt:
+    at: float
+    status: int | None  # HTTP status, None when no answer came
+    error: str | None
+    duration_ms: float
+
+
+@dataclass(frozen=True)
+class ConvexUpdate:
+    """A job's newest unsent Convex state, claimed for sending; `version` says which state."""
+
+    job_id: str
+    path: str
+    args: str  # JSON
+    version: int
+    attempts: int
+
+
+def history(deliveries: Sequence[Sequence[Any]], attempts: Sequence[Sequence[Any]]) -> list[dict[str, Any]]:
+    """Deliveries (id, event, state, attempts, created_at, next_attempt_at, last_status,
+    last_error, finished_at) and their attempts as the job JSON shows them."""
+    by_delivery: dict[str, list[dict[str, Any]]] = {}
+    for a in attempts:
+        by_delivery.setdefault(a[0], []).append(
+            {"attempt": a[1], "at": a[2], "status": a[3], "error": a[4], "duration_ms": round(a[5], 1)}
+        )
+    return [
+        {
+            "id": d[0],
+            "type": d[1],
+            "state": d[2],
+            "attempts": by_delivery.get(d[0], []),
+            "created_at": d[4],
+            "next_attempt_at": d[5] if d[2] == PENDING else None,
+            "last_status": d[6],
+            "last_error": d[7],
+            "finished_at": d[8],
+        }
+        for d in deliveries
+    ]
+
+
 class JobStore(Protocol):
     shared: bool  # True: several instances use this store (SharedJobStore); False: this process only
 
     async def open(self) -> None: ...
     async def close(self) -> None: ...
     async def ping(self) -> bool: ...
-    async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None: ...
-    async def save_job(self, job: Job) -> None: ...
+    async def insert_job(
+        self, row: JobRow, idempotency: IdempotencyRecord | None = None, effects: Effects = NO_EFFECTS
+    ) -> None: ...
+    async def save_job(self, job: Job, effects: Effects = NO_EFFECTS) -> None: ...
     async def get_job(self, job_id: str) -> Job | None: ...
     async def list_jobs(self, status: str | None, limit: int, before_seq: int | None) -> list[tuple[int, Job]]: ...
     async def active_jobs(self) -> list[Job]: ...
@@ -88,6 +185,22 @@ class JobStore(Protocol):
     async def delete_finished_jobs(self, finished_before: float, limit: int) -> list[str]: ...
     async def delete_idempotency(self, created_before: float) -> int: ...
     async def delete_stage_runs(self, finished_before: float) -> int: ...
+    # --- the outbox (klipstream.integrations.webhooks and .convex send it) ---
+    async def record_deliveries(self, rows: Sequence[DeliveryRow]) -> None: ...
+    async def claim_deliveries(self, owner: str, now: float, limit: int, lease_seconds: float) -> list[Delivery]: ...
+    async def next_delivery_at(self, now: float) -> float | None: ...
+    async def record_attempt(
+        self, owner: str, delivery: Delivery, attempt: Attempt, state: str, next_attempt_at: float | None
+    ) -> bool: ...
+    async def release_claims(self, owner: str) -> None: ...
+    async def delivery_backlog(self) -> int: ...
+    async def purge_deliveries(self, finished_before: float) -> int: ...
+    async def delivery_history(self, job_id: str) -> list[dict[str, Any]]: ...
+    async def claim_convex(self, owner: str, now: float, limit: int, lease_seconds: float) -> list[ConvexUpdate]: ...
+    async def convex_done(
+        self, owner: str, update: ConvexUpdate, sent: bool, next_attempt_at: float, error: str | None
+    ) -> None: ...
+    async def convex_backlog(self) -> int: ...
 
 
 class SharedJobStore(JobStore, Protocol):
@@ -98,9 +211,9 @@ class SharedJobStore(JobStore, Protocol):
     async def claim(self, owner: str, lease_seconds: float, aging_seconds: float) -> tuple[str, str] | None: ...
     async def renew(self, lease_seconds: float) -> dict[str, bool]: ...
     async def reap(self) -> list[str]: ...
-    async def cancel_queued(self, job: Job) -> bool: ...
+    async def cancel_queued(self, job: Job, effects: Effects = NO_EFFECTS) -> bool: ...
     async def request_cancel(self, job_id: str) -> bool: ...
-    async def requeue_finished(self, job: Job) -> bool: ...
+    async def requeue_finished(self, job: Job, effects: Effects = NO_EFFECTS) -> bool: ...
     async def active_job(self, dedup_key: str) -> Job | None: ...
     async def queue_place(self, job_id: str, aging_seconds: float) -> int | None: ...
     async def queued_counts(self) -> dict[str, int]: ...

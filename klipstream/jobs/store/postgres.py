@@ -33,7 +33,24 @@ from urllib.parse import urlsplit
 import asyncpg
 
 from klipstream.errors import DatabaseUnavailable
-from klipstream.jobs.store import ACTIVE, IdempotencyRecord, InstanceBeat, JobRow, LeaseLost
+from klipstream.jobs.store import (
+    ACTIVE,
+    CONVEX,
+    NO_EFFECTS,
+    PENDING,
+    STOPPED,
+    SUPERSEDING,
+    Attempt,
+    ConvexUpdate,
+    Delivery,
+    DeliveryRow,
+    Effects,
+    IdempotencyRecord,
+    InstanceBeat,
+    JobRow,
+    LeaseLost,
+    history,
+)
 from klipstream.jobs.store.migrations import upgrade_postgres
 from klipstream.models import Job
 
@@ -144,6 +161,134 @@ ON CONFLICT (id) DO UPDATE SET heartbeat_at = EXCLUDED.heartbeat_at, running = E
 """
 
 
+# --- the outbox ---
+# Webhook deliveries of one write, as arrays. A receiver that answered 410 for the job gets none;
+# a progress or terminal event supersedes the unsent, unclaimed progress events of its pair.
+_INSERT_DELIVERIES = """
+WITH r AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[])
+        WITH ORDINALITY AS r (id, job_id, url, event, body, created_at, n)
+), superseded AS (
+    UPDATE webhook_deliveries d SET state = 'superseded', finished_at = r.created_at
+    FROM r
+    WHERE r.event = ANY($7::text[]) AND d.job_id = r.job_id AND d.url = r.url AND d.state = 'pending'
+        AND d.event = 'job.progress' AND (d.claim_expires IS NULL OR d.claim_expires < r.created_at)
+)
+INSERT INTO webhook_deliveries (id, job_id, url, event, body, created_at, next_attempt_at)
+SELECT r.id, r.job_id, r.url, r.event, r.body, r.created_at, r.created_at FROM r
+WHERE NOT EXISTS (
+    SELECT 1 FROM webhook_deliveries s WHERE s.job_id = r.job_id AND s.url = r.url AND s.state = 'stopped'
+)
+ORDER BY r.n
+ON CONFLICT (id) DO NOTHING
+"""
+_CONVEX_UPSERT = """
+INSERT INTO convex_updates (job_id, path, args, version, updated_at, next_attempt_at) VALUES ($1, $2, $3, 1, $4, $4)
+ON CONFLICT (job_id) DO UPDATE SET path = EXCLUDED.path, args = EXCLUDED.args, version = convex_updates.version + 1,
+    updated_at = EXCLUDED.updated_at,
+    next_attempt_at = CASE WHEN convex_updates.attempts = 0 THEN EXCLUDED.next_attempt_at
+        ELSE convex_updates.next_attempt_at END
+"""
+_HEAD = (
+    "h.state = 'pending' AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.job_id = h.job_id"
+    " AND e.url = h.url AND e.state = 'pending' AND e.seq < h.seq)"
+)
+# The oldest pending delivery of each (job, receiver), when due and not claimed. SKIP LOCKED: a
+# row another instance is claiming right now is left to it; one it has claimed is filtered by its
+# claim (re-checked on the committed row), so no delivery is sent by two instances at once, and a
+# pair's next delivery is not due while an earlier one is pending anywhere.
+_CLAIM_DELIVERIES = f"""
+UPDATE webhook_deliveries d SET claimed_by = $1, claim_expires = $2 + $3::double precision
+WHERE d.seq IN (
+    SELECT h.seq FROM webhook_deliveries h
+    WHERE {_HEAD} AND h.next_attempt_at <= $2 AND (h.claim_expires IS NULL OR h.claim_expires < $2)
+    ORDER BY h.next_attempt_at LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING d.id, d.job_id, d.url, d.event, d.body, d.created_at, d.attempts
+"""
+_NEXT_DUE = f"""
+SELECT MIN(GREATEST(h.next_attempt_at, COALESCE(h.claim_expires, 0))) FROM webhook_deliveries h
+WHERE {_HEAD} AND (h.claim_expires IS NULL OR h.claim_expires < $1)
+"""
+_RECORD_ATTEMPT = """
+UPDATE webhook_deliveries SET attempts = $1, state = $2, next_attempt_at = $3, last_status = $4, last_error = $5,
+    finished_at = $6, claimed_by = NULL, claim_expires = NULL
+WHERE id = $7 AND claimed_by = $8
+"""
+_INSERT_ATTEMPT = """
+INSERT INTO webhook_attempts (delivery_id, attempt, at, status, error, duration_ms) VALUES ($1, $2, $3, $4, $5, $6)
+ON CONFLICT (delivery_id, attempt) DO NOTHING
+"""
+_STOP_PAIR = """
+UPDATE webhook_deliveries SET state = 'stopped', finished_at = $1, last_error = $2, claimed_by = NULL,
+    claim_expires = NULL
+WHERE job_id = $3 AND url = $4 AND state = 'pending'
+"""
+_GONE = "receiver answered 410 Gone for this job"
+_CLAIM_CONVEX = """
+UPDATE convex_updates c SET claimed_by = $1, claim_expires = $2 + $3::double precision
+WHERE c.job_id IN (
+    SELECT job_id FROM convex_updates
+    WHERE version > sent_version AND next_attempt_at <= $2 AND (claim_expires IS NULL OR claim_expires < $2)
+    ORDER BY next_attempt_at LIMIT $4
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING c.job_id, c.path, c.args, c.version, c.attempts
+"""
+_CONVEX_SENT = """
+UPDATE convex_updates SET sent_version = GREATEST(sent_version, $1), attempts = 0, last_error = $2,
+    claimed_by = NULL, claim_expires = NULL
+WHERE job_id = $3 AND claimed_by = $4
+"""
+_CONVEX_RETRY = """
+UPDATE convex_updates SET attempts = attempts + 1, next_attempt_at = $1, last_error = $2, claimed_by = NULL,
+    claim_expires = NULL
+WHERE job_id = $3 AND claimed_by = $4
+"""
+
+# The pending outbox rows of an SQLite file (klipstream.integrations.outbox, `klipstream db copy`):
+# keyed by delivery id and job id, so an import repeated or interrupted writes nothing twice.
+IMPORT_DELIVERIES = """
+INSERT INTO webhook_deliveries
+    (id, job_id, url, event, body, created_at, next_attempt_at, attempts, last_status, last_error)
+SELECT r.id, r.job_id, r.url, r.event, r.body, r.created_at, r.next_attempt_at, r.attempts, r.last_status,
+    r.last_error
+FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::float8[], $7::float8[], $8::int[],
+    $9::int[], $10::text[]) WITH ORDINALITY
+    AS r (id, job_id, url, event, body, created_at, next_attempt_at, attempts, last_status, last_error, n)
+ORDER BY r.n
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+IMPORT_ATTEMPTS = """
+INSERT INTO webhook_attempts (delivery_id, attempt, at, status, error, duration_ms)
+SELECT * FROM unnest($1::text[], $2::int[], $3::float8[], $4::int[], $5::text[], $6::float8[])
+ON CONFLICT (delivery_id, attempt) DO NOTHING
+RETURNING delivery_id
+"""
+IMPORT_CONVEX = """
+INSERT INTO convex_updates (job_id, path, args, version, updated_at, next_attempt_at)
+SELECT r.job_id, r.path, r.args, 1, r.updated_at, r.updated_at
+FROM unnest($1::text[], $2::text[], $3::text[], $4::float8[]) AS r (job_id, path, args, updated_at)
+ON CONFLICT (job_id) DO NOTHING
+RETURNING job_id
+"""
+
+
+def effect_statements(effects: Effects) -> tuple[tuple[str, Sequence[Any]], ...]:
+    """The statements that write `effects`, for the transaction of the job change causing them."""
+    hooks = [d for d in effects.deliveries if d.target != CONVEX]
+    statements: list[tuple[str, Sequence[Any]]] = []
+    if hooks:
+        columns = list(zip(*hooks, strict=True))
+        statements.append((_INSERT_DELIVERIES, (*map(list, columns), list(SUPERSEDING))))
+    statements += [
+        (_CONVEX_UPSERT, (d.job_id, d.event, d.body, d.created_at)) for d in effects.deliveries if d.target == CONVEX
+    ]
+    return tuple(statements)
+
+
 def redacted(url: str) -> str:
     """The URL without its password, for logs and messages."""
     parts = urlsplit(url)
@@ -232,15 +377,18 @@ class PostgresStore:
         )
 
     # --- writes: group commit ---
-    def _write(self, sql: str, args: Sequence[Any], key: str | None) -> asyncio.Future[None]:
+    def _write(
+        self, sql: str, args: Sequence[Any], key: str | None, then: tuple[tuple[str, Sequence[Any]], ...] = ()
+    ) -> asyncio.Future[None]:
         """Queue one statement; the future settles once the transaction holding it commits.
 
         `key` names the row it writes (a job id): writes of one key commit in the order they were
-        made; None for rows nothing writes twice (a stage record)."""
+        made; None for rows nothing writes twice (a stage record). `then`: statements that commit
+        with it or not at all (the outbox rows of a job change)."""
         if self._pool is None or self._loop is None or self._closing:
             raise RuntimeError("store is not open")
         future: asyncio.Future[None] = self._loop.create_future()
-        self._pending.append(_Write(sql, args, key, future))
+        self._pending.append(_Write(sql, args, key, future, then))
         if len(self._pending) == 1:
             self._loop.call_soon(self._flush)
         return future
@@ -405,7 +553,9 @@ class PostgresStore:
         except Exception:  # readiness reports an unreachable store as not ready
             return False
 
-    async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None:
+    async def insert_job(
+        self, row: JobRow, idempotency: IdempotencyRecord | None = None, effects: Effects = NO_EFFECTS
+    ) -> None:
         record = (
             _NO_KEY
             if idempotency is None
@@ -419,16 +569,19 @@ class PostgresStore:
                 idempotency.owner,
             )
         )
-        await self._write(_INSERT_JOB, (*row, *record), row.job_id)
+        then = effect_statements(effects) if effects.deliveries else ()
+        await self._write(_INSERT_JOB, (*row, *record), row.job_id, then)
 
-    async def save_job(self, job: Job) -> None:
-        """Write the job; a job leased here only while the lease is still ours (else LeaseLost)."""
+    async def save_job(self, job: Job, effects: Effects = NO_EFFECTS) -> None:
+        """Write the job, and its effects in the same transaction; a job leased here only while
+        the lease is still ours (else LeaseLost, and none of the effects is written)."""
         job_id, *rest = JobRow.of(job)
         token = self._leases.get(job_id)
+        then = effect_statements(effects) if effects.deliveries else ()
         if token is None:
-            await self._write(_SAVE_JOB, (*rest, job_id), job_id)
+            await self._write(_SAVE_JOB, (*rest, job_id), job_id, then)
         else:
-            await self._write(_SAVE_FENCED, (*rest, job_id, token), job_id)
+            await self._write(_SAVE_FENCED, (*rest, job_id, token), job_id, then)
 
     async def get_job(self, job_id: str) -> Job | None:
         doc = await self._read(lambda c: c.fetchval("SELECT doc FROM jobs WHERE job_id=$1", job_id))
@@ -557,13 +710,28 @@ class PostgresStore:
         )
         return [job_id for (job_id,) in rows]
 
-    async def cancel_queued(self, job: Job) -> bool:
-        """Store `job` (cancelled) if its row is still queued, i.e. no instance has claimed it."""
+    async def cancel_queued(self, job: Job, effects: Effects = NO_EFFECTS) -> bool:
+        """Store `job` (cancelled) if its row is still queued, i.e. no instance has claimed it;
+        `effects` with it, only then."""
         row = JobRow.of(job)
-        status = await self._with_connection(
-            lambda c: c.execute(_CANCEL_QUEUED, row.status, row.updated_at, row.finished_at, row.doc, row.job_id)
+        return await self._conditional(
+            _CANCEL_QUEUED, (row.status, row.updated_at, row.finished_at, row.doc, row.job_id), effects
         )
-        return status.endswith(" 1")
+
+    async def _conditional(self, sql: str, args: Sequence[Any], effects: Effects) -> bool:
+        """Run a conditional update of one job; when it changed the row, write `effects` in the
+        same transaction."""
+
+        async def run(conn: asyncpg.Connection) -> bool:
+            async with conn.transaction():
+                status = await conn.execute(sql, *args)
+                if not status.endswith(" 1"):
+                    return False
+                for statement, values in effect_statements(effects):
+                    await conn.execute(statement, *values)
+                return True
+
+        return await self._with_connection(run)
 
     async def request_cancel(self, job_id: str) -> bool:
         """Flag a job running on some instance for cancellation; its owner's heartbeat stops it."""
@@ -574,15 +742,12 @@ class PostgresStore:
         )
         return status.endswith(" 1")
 
-    async def requeue_finished(self, job: Job) -> bool:
+    async def requeue_finished(self, job: Job, effects: Effects = NO_EFFECTS) -> bool:
         """Store `job` (queued again) if its row is still failed or cancelled: one retry wins."""
         row = JobRow.of(job)
-        status = await self._with_connection(
-            lambda c: c.execute(
-                _REQUEUE_FINISHED, row.status, row.priority, row.updated_at, row.doc, row.dedup_key, row.job_id
-            )
+        return await self._conditional(
+            _REQUEUE_FINISHED, (row.status, row.priority, row.updated_at, row.doc, row.dedup_key, row.job_id), effects
         )
-        return status.endswith(" 1")
 
     async def active_job(self, dedup_key: str) -> Job | None:
         """The oldest queued or running job with this deduplication key, on any instance."""
@@ -644,6 +809,142 @@ class PostgresStore:
         )
         return [dict(r) for r in rows]
 
+    # --- the outbox: webhook deliveries and Convex updates, sent by any instance ---
+    async def record_deliveries(self, rows: Sequence[DeliveryRow]) -> None:
+        """Outbox rows without a job change of their own (throttled progress events), in order
+        with the writes of their job."""
+        by_job: dict[str, list[DeliveryRow]] = {}
+        for row in rows:
+            by_job.setdefault(row.job_id, []).append(row)
+        writes = []
+        for job_id, own in by_job.items():
+            (sql, args), *rest = effect_statements(Effects(deliveries=own))
+            writes.append(self._write(sql, args, job_id, tuple(rest)))
+        if writes:
+            await asyncio.gather(*writes)
+
+    async def import_deliveries(self, deliveries: Sequence[Sequence[Any]], attempts: Sequence[Sequence[Any]]) -> int:
+        """Pending deliveries of an SQLite outbox (IMPORT_DELIVERIES' columns) with their attempts,
+        in one transaction; how many were new here."""
+
+        async def run(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                new = await conn.fetch(IMPORT_DELIVERIES, *map(list, zip(*deliveries, strict=True)))
+                if attempts:
+                    await conn.fetch(IMPORT_ATTEMPTS, *map(list, zip(*attempts, strict=True)))
+            return len(new)
+
+        return await self._with_connection(run)
+
+    async def claim_deliveries(self, owner: str, now: float, limit: int, lease_seconds: float) -> list[Delivery]:
+        rows = await self._with_connection(lambda c: c.fetch(_CLAIM_DELIVERIES, owner, now, lease_seconds, limit))
+        return sorted((Delivery(*r) for r in rows), key=lambda d: d.created_at)
+
+    async def next_delivery_at(self, now: float) -> float | None:
+        return await self._read(lambda c: c.fetchval(_NEXT_DUE, now))
+
+    async def record_attempt(
+        self, owner: str, delivery: Delivery, attempt: Attempt, state: str, next_attempt_at: float | None
+    ) -> bool:
+        number = delivery.attempts + 1
+        finished = None if state == PENDING else attempt.at
+        due = next_attempt_at if next_attempt_at is not None else attempt.at
+
+        async def record(conn: asyncpg.Connection) -> bool:
+            async with conn.transaction():
+                status = await conn.execute(
+                    _RECORD_ATTEMPT,
+                    number,
+                    state,
+                    due,
+                    attempt.status,
+                    attempt.error,
+                    finished,
+                    delivery.id,
+                    owner,
+                )
+                if not status.endswith(" 1"):
+                    return False  # the claim expired and another sender has it: its outcome counts
+                await conn.execute(
+                    _INSERT_ATTEMPT,
+                    delivery.id,
+                    number,
+                    attempt.at,
+                    attempt.status,
+                    attempt.error,
+                    attempt.duration_ms,
+                )
+                if state == STOPPED:
+                    await conn.execute(_STOP_PAIR, attempt.at, _GONE, delivery.job_id, delivery.url)
+                return True
+
+        return await self._with_connection(record)
+
+    async def release_claims(self, owner: str) -> None:
+        async def release(conn: asyncpg.Connection) -> None:
+            for table in ("webhook_deliveries", "convex_updates"):
+                await conn.execute(
+                    f"UPDATE {table} SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = $1", owner
+                )
+
+        await self._with_connection(release)
+
+    async def delivery_backlog(self) -> int:
+        return await self._read(lambda c: c.fetchval("SELECT count(*) FROM webhook_deliveries WHERE state = 'pending'"))
+
+    async def purge_deliveries(self, finished_before: float) -> int:
+        async def purge(conn: asyncpg.Connection) -> int:
+            async with conn.transaction():
+                await conn.execute(
+                    "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries"
+                    " WHERE state <> 'pending' AND finished_at < $1)",
+                    finished_before,
+                )
+                await conn.execute(
+                    "DELETE FROM convex_updates WHERE version = sent_version AND updated_at < $1", finished_before
+                )
+                status = await conn.execute(
+                    "DELETE FROM webhook_deliveries WHERE state <> 'pending' AND finished_at < $1", finished_before
+                )
+            return int(status.rsplit(" ", 1)[-1])
+
+        return await self._with_connection(purge)
+
+    async def delivery_history(self, job_id: str) -> list[dict[str, Any]]:
+        async def read(conn: asyncpg.Connection) -> list[dict[str, Any]]:
+            deliveries = await conn.fetch(
+                "SELECT id, event, state, attempts, created_at, next_attempt_at, last_status, last_error, finished_at"
+                " FROM webhook_deliveries WHERE job_id = $1 ORDER BY seq",
+                job_id,
+            )
+            attempts = await conn.fetch(
+                "SELECT a.delivery_id, a.attempt, a.at, a.status, a.error, a.duration_ms FROM webhook_attempts a"
+                " JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.job_id = $1"
+                " ORDER BY a.delivery_id, a.attempt",
+                job_id,
+            )
+            return history(deliveries, attempts)
+
+        return await self._read(read)
+
+    async def claim_convex(self, owner: str, now: float, limit: int, lease_seconds: float) -> list[ConvexUpdate]:
+        rows = await self._with_connection(lambda c: c.fetch(_CLAIM_CONVEX, owner, now, lease_seconds, limit))
+        return [ConvexUpdate(*r) for r in rows]
+
+    async def convex_done(
+        self, owner: str, update: ConvexUpdate, sent: bool, next_attempt_at: float, error: str | None
+    ) -> None:
+        if sent:
+            args: tuple[Any, ...] = (_CONVEX_SENT, update.version, error, update.job_id, owner)
+        else:
+            args = (_CONVEX_RETRY, next_attempt_at, error, update.job_id, owner)
+        await self._with_connection(lambda c: c.execute(*args))
+
+    async def convex_backlog(self) -> int:
+        return await self._read(
+            lambda c: c.fetchval("SELECT count(*) FROM convex_updates WHERE version > sent_version")
+        )
+
 
 async def _keep_session(conn: asyncpg.Connection) -> None:
     """The pool's reset of a released connection: nothing to undo.
@@ -661,6 +962,7 @@ class _Write:
     args: Sequence[Any]
     key: str | None  # the row written (job id), for ordering across transactions in flight
     future: asyncio.Future[None]
+    then: tuple[tuple[str, Sequence[Any]], ...] = ()  # committed with it or not at all (its outbox rows)
 
 
 @dataclass(frozen=True, slots=True)
@@ -673,11 +975,28 @@ class _Batch:
 def _runs(writes: list[_Write]) -> list[tuple[str, list[Sequence[Any]]]]:
     """Consecutive writes of the same statement, as (statement, argument rows), in order."""
     runs: list[tuple[str, list[Sequence[Any]]]] = []
-    for write in writes:
-        if runs and runs[-1][0] == write.sql:
-            runs[-1][1].append(write.args)
+
+    def add(sql: str, args: Sequence[Any]) -> None:
+        if runs and runs[-1][0] == sql:
+            runs[-1][1].append(args)
         else:
-            runs.append((write.sql, [write.args]))
+            runs.append((sql, [args]))
+
+    # The outbox rows of the writes (`then`) go after all the writes' own statements when no
+    # write's own statement is one of them (a burst of submissions with their Convex rows: two runs,
+    # not two per submission). Job rows and outbox rows never read each other, so this keeps every
+    # order that matters: of a job's writes, and of the outbox rows among themselves.
+    mains = {w.sql for w in writes}
+    hoist = not any(sql in mains for w in writes for sql, _ in w.then)
+    for write in writes:
+        add(write.sql, write.args)
+        if not hoist:
+            for sql, args in write.then:
+                add(sql, args)
+    if hoist:
+        for write in writes:
+            for sql, args in write.then:
+                add(sql, args)
     return runs
 
 

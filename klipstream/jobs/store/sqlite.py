@@ -18,12 +18,31 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from klipstream.jobs.store import ACTIVE, RETRY_AFTER_SECONDS, IdempotencyRecord, JobRow, StoreStalled, StoreTimeout
+from klipstream.jobs.store import (
+    ACTIVE,
+    CONVEX,
+    NO_EFFECTS,
+    PENDING,
+    RETRY_AFTER_SECONDS,
+    STOPPED,
+    SUPERSEDED,
+    SUPERSEDING,
+    Attempt,
+    ConvexUpdate,
+    Delivery,
+    DeliveryRow,
+    Effects,
+    IdempotencyRecord,
+    JobRow,
+    StoreStalled,
+    StoreTimeout,
+    history,
+)
 from klipstream.jobs.store.migrations import upgrade_sqlite
 from klipstream.models import Job
 
@@ -84,6 +103,10 @@ class SQLiteStore:
             # them (the submission p99). A separate thread checkpoints passively instead.
             conn.execute("PRAGMA wal_autocheckpoint=0")
             upgrade_sqlite(conn)
+            # One file, one instance: a claim left by a killed process of it is stale.
+            with conn:
+                conn.execute("UPDATE webhook_deliveries SET claimed_by = NULL, claim_expires = NULL")
+                conn.execute("UPDATE convex_updates SET claimed_by = NULL, claim_expires = NULL")
         except Exception as exc:  # handed to the coroutine awaiting open()
             self._loop.call_soon_threadsafe(_settle, ready, None, exc)
             return
@@ -216,7 +239,9 @@ class SQLiteStore:
         except Exception:  # readiness reports an unreachable store as not ready
             return False
 
-    async def insert_job(self, row: JobRow, idempotency: IdempotencyRecord | None = None) -> None:
+    async def insert_job(
+        self, row: JobRow, idempotency: IdempotencyRecord | None = None, effects: Effects = NO_EFFECTS
+    ) -> None:
         def insert(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO jobs"
@@ -238,19 +263,24 @@ class SQLiteStore:
                         idempotency.owner,
                     ),
                 )
+            _write_deliveries(conn, effects.deliveries)
 
         await self._call(insert)
 
-    async def save_job(self, job: Job) -> None:
+    async def save_job(self, job: Job, effects: Effects = NO_EFFECTS) -> None:
         job_id, *rest = JobRow.of(job)
         values = (*rest, job_id)
-        await self._call(
-            lambda c: c.execute(
+        deliveries = effects.deliveries
+
+        def save(conn: sqlite3.Connection) -> None:
+            conn.execute(
                 "UPDATE jobs SET video_id=?, status=?, priority=?, created_at=?, updated_at=?, finished_at=?, doc=?,"
                 " dedup_key=? WHERE job_id=?",
                 values,
             )
-        )
+            _write_deliveries(conn, deliveries)
+
+        await self._call(save)
 
     async def get_job(self, job_id: str) -> Job | None:
         row = await self._call(lambda c: c.execute("SELECT doc FROM jobs WHERE job_id=?", (job_id,)).fetchone())
@@ -349,6 +379,220 @@ class SQLiteStore:
     async def delete_stage_runs(self, finished_before: float) -> int:
         return await self._call(
             lambda c: c.execute("DELETE FROM stage_runs WHERE finished_at < ?", (finished_before,)).rowcount
+        )
+
+    # --- the outbox: webhook deliveries and Convex updates (the same writer as the jobs) ---
+    async def record_deliveries(self, rows: Sequence[DeliveryRow]) -> None:
+        """Outbox rows without a job change of their own (throttled progress events)."""
+        rows = list(rows)
+        if rows:
+            await self._call(lambda c: _write_deliveries(c, rows))
+
+    async def claim_deliveries(self, owner: str, now: float, limit: int, lease_seconds: float) -> list[Delivery]:
+        """The oldest pending delivery of each (job, receiver) that is due and not claimed, claimed
+        for `owner` until now + lease_seconds."""
+
+        def claim(conn: sqlite3.Connection) -> list[Delivery]:
+            rows = conn.execute(_DUE_HEADS, (now, now, limit)).fetchall()
+            conn.executemany(
+                "UPDATE webhook_deliveries SET claimed_by = ?, claim_expires = ? WHERE seq = ?",
+                [(owner, now + lease_seconds, r[0]) for r in rows],
+            )
+            return [Delivery(*r[1:]) for r in rows]
+
+        return await self._call(claim)
+
+    async def next_delivery_at(self, now: float) -> float | None:
+        """When the next delivery not claimed now falls due (None: nothing pending)."""
+        row = await self._call(lambda c: c.execute(_NEXT_DUE, (now,)).fetchone())
+        return row[0] if row else None
+
+    async def record_attempt(
+        self, owner: str, delivery: Delivery, attempt: Attempt, state: str, next_attempt_at: float | None
+    ) -> bool:
+        """Store an attempt and the delivery's new state, and end the claim; False (nothing stored)
+        when the claim is no longer `owner`'s (it expired and another sender has it)."""
+        number = delivery.attempts + 1
+
+        def record(conn: sqlite3.Connection) -> bool:
+            finished = None if state == PENDING else attempt.at
+            cursor = conn.execute(
+                "UPDATE webhook_deliveries SET attempts = ?, state = ?, next_attempt_at = ?, last_status = ?,"
+                " last_error = ?, finished_at = ?, claimed_by = NULL, claim_expires = NULL"
+                " WHERE id = ? AND claimed_by = ?",
+                (
+                    number,
+                    state,
+                    next_attempt_at if next_attempt_at is not None else attempt.at,
+                    attempt.status,
+                    attempt.error,
+                    finished,
+                    delivery.id,
+                    owner,
+                ),
+            )
+            if cursor.rowcount == 0:
+                return False
+            conn.execute(
+                "INSERT OR REPLACE INTO webhook_attempts (delivery_id, attempt, at, status, error, duration_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (delivery.id, number, attempt.at, attempt.status, attempt.error, attempt.duration_ms),
+            )
+            if state == STOPPED:
+                conn.execute(_STOP_PAIR, (STOPPED, attempt.at, _GONE, delivery.job_id, delivery.url, PENDING))
+            return True
+
+        return await self._call(record)
+
+    async def release_claims(self, owner: str) -> None:
+        """`owner` stops sending (shutdown): what it claimed and did not record is due again."""
+
+        def release(conn: sqlite3.Connection) -> None:
+            for table in ("webhook_deliveries", "convex_updates"):
+                conn.execute(
+                    f"UPDATE {table} SET claimed_by = NULL, claim_expires = NULL WHERE claimed_by = ?", (owner,)
+                )
+
+        await self._call(release)
+
+    async def delivery_backlog(self) -> int:
+        return await self._call(
+            lambda c: c.execute("SELECT COUNT(*) FROM webhook_deliveries WHERE state = 'pending'").fetchone()[0]
+        )
+
+    async def purge_deliveries(self, finished_before: float) -> int:
+        """Delete deliveries that ended before the cutoff, with their attempts (pending ones stay),
+        and the Convex states sent before it."""
+
+        def purge(conn: sqlite3.Connection) -> int:
+            conn.execute(
+                "DELETE FROM webhook_attempts WHERE delivery_id IN (SELECT id FROM webhook_deliveries"
+                " WHERE state <> 'pending' AND finished_at IS NOT NULL AND finished_at < ?)",
+                (finished_before,),
+            )
+            conn.execute(
+                "DELETE FROM convex_updates WHERE version = sent_version AND updated_at < ?", (finished_before,)
+            )
+            return conn.execute(
+                "DELETE FROM webhook_deliveries WHERE state <> 'pending' AND finished_at IS NOT NULL"
+                " AND finished_at < ?",
+                (finished_before,),
+            ).rowcount
+
+        return await self._call(purge)
+
+    async def delivery_history(self, job_id: str) -> list[dict[str, Any]]:
+        """Every delivery of a job with its attempts, oldest first, for the job JSON."""
+
+        def read(conn: sqlite3.Connection) -> tuple[list[Any], list[Any]]:
+            deliveries = conn.execute(_HISTORY, (job_id,)).fetchall()
+            attempts = conn.execute(_HISTORY_ATTEMPTS, (job_id,)).fetchall()
+            return deliveries, attempts
+
+        deliveries, attempts = await self._call(read)
+        return history(deliveries, attempts)
+
+    async def claim_convex(self, owner: str, now: float, limit: int, lease_seconds: float) -> list[ConvexUpdate]:
+        def claim(conn: sqlite3.Connection) -> list[ConvexUpdate]:
+            rows = conn.execute(
+                "SELECT job_id, path, args, version, attempts FROM convex_updates WHERE version > sent_version"
+                " AND next_attempt_at <= ? AND (claim_expires IS NULL OR claim_expires < ?)"
+                " ORDER BY next_attempt_at LIMIT ?",
+                (now, now, limit),
+            ).fetchall()
+            conn.executemany(
+                "UPDATE convex_updates SET claimed_by = ?, claim_expires = ? WHERE job_id = ?",
+                [(owner, now + lease_seconds, r[0]) for r in rows],
+            )
+            return [ConvexUpdate(*r) for r in rows]
+
+        return await self._call(claim)
+
+    async def convex_done(
+        self, owner: str, update: ConvexUpdate, sent: bool, next_attempt_at: float, error: str | None
+    ) -> None:
+        """`sent`: that version is done with (delivered, or refused for good); else it is tried
+        again at next_attempt_at (a newer state written meanwhile goes then instead)."""
+        if sent:
+            sql, args = _CONVEX_SENT, (update.version, error, update.job_id, owner)
+        else:
+            sql, args = _CONVEX_RETRY, (next_attempt_at, error, update.job_id, owner)
+        await self._call(lambda c: c.execute(sql, args))
+
+    async def convex_backlog(self) -> int:
+        return await self._call(
+            lambda c: c.execute("SELECT COUNT(*) FROM convex_updates WHERE version > sent_version").fetchone()[0]
+        )
+
+
+_GONE = "receiver answered 410 Gone for this job"
+_STOP_PAIR = (
+    "UPDATE webhook_deliveries SET state = ?, finished_at = ?, last_error = ?, claimed_by = NULL, claim_expires = NULL"
+    " WHERE job_id = ? AND url = ? AND state = ?"
+)
+_HEAD = (
+    "d.state = 'pending' AND NOT EXISTS (SELECT 1 FROM webhook_deliveries e WHERE e.job_id = d.job_id"
+    " AND e.url = d.url AND e.state = 'pending' AND e.seq < d.seq)"
+)
+_DUE_HEADS = (
+    "SELECT d.seq, d.id, d.job_id, d.url, d.event, d.body, d.created_at, d.attempts FROM webhook_deliveries d"
+    f" WHERE {_HEAD} AND d.next_attempt_at <= ? AND (d.claim_expires IS NULL OR d.claim_expires < ?)"
+    " ORDER BY d.next_attempt_at LIMIT ?"
+)
+_NEXT_DUE = (
+    "SELECT MIN(CASE WHEN d.claim_expires > d.next_attempt_at THEN d.claim_expires ELSE d.next_attempt_at END)"
+    f" FROM webhook_deliveries d WHERE {_HEAD} AND (d.claim_expires IS NULL OR d.claim_expires < ?)"
+)
+_HISTORY = (
+    "SELECT id, event, state, attempts, created_at, next_attempt_at, last_status, last_error, finished_at"
+    " FROM webhook_deliveries WHERE job_id = ? ORDER BY seq"
+)
+_HISTORY_ATTEMPTS = (
+    "SELECT a.delivery_id, a.attempt, a.at, a.status, a.error, a.duration_ms FROM webhook_attempts a"
+    " JOIN webhook_deliveries d ON d.id = a.delivery_id WHERE d.job_id = ? ORDER BY a.delivery_id, a.attempt"
+)
+_CONVEX_UPSERT = (
+    "INSERT INTO convex_updates (job_id, path, args, version, updated_at, next_attempt_at) VALUES (?, ?, ?, 1, ?, ?)"
+    " ON CONFLICT (job_id) DO UPDATE SET path = excluded.path, args = excluded.args,"
+    " version = convex_updates.version + 1, updated_at = excluded.updated_at,"
+    # a sender backing off from an outage keeps its pace; otherwise the new state is due at once
+    " next_attempt_at = CASE WHEN convex_updates.attempts = 0 THEN excluded.next_attempt_at"
+    " ELSE convex_updates.next_attempt_at END"
+)
+_CONVEX_SENT = (
+    "UPDATE convex_updates SET sent_version = MAX(sent_version, ?), attempts = 0, last_error = ?,"
+    " claimed_by = NULL, claim_expires = NULL WHERE job_id = ? AND claimed_by = ?"
+)
+_CONVEX_RETRY = (
+    "UPDATE convex_updates SET attempts = attempts + 1, next_attempt_at = ?, last_error = ?,"
+    " claimed_by = NULL, claim_expires = NULL WHERE job_id = ? AND claimed_by = ?"
+)
+
+
+def _write_deliveries(conn: sqlite3.Connection, rows: Sequence[DeliveryRow]) -> None:
+    """Record outbox rows (inside the caller's transaction). A webhook to a receiver that answered
+    410 for the job is dropped; a progress or terminal event supersedes the unsent, unclaimed
+    progress events of its (job, receiver). A Convex row replaces the job's previous state."""
+    for row in rows:
+        if row.target == CONVEX:
+            conn.execute(_CONVEX_UPSERT, (row.job_id, row.event, row.body, row.created_at, row.created_at))
+            continue
+        stopped = conn.execute(
+            "SELECT 1 FROM webhook_deliveries WHERE job_id = ? AND url = ? AND state = ? LIMIT 1",
+            (row.job_id, row.target, STOPPED),
+        ).fetchone()
+        if stopped:
+            continue
+        if row.event in SUPERSEDING:
+            conn.execute(
+                "UPDATE webhook_deliveries SET state = ?, finished_at = ? WHERE job_id = ? AND url = ?"
+                " AND state = 'pending' AND event = 'job.progress' AND (claim_expires IS NULL OR claim_expires < ?)",
+                (SUPERSEDED, row.created_at, row.job_id, row.target, row.created_at),
+            )
+        conn.execute(
+            "INSERT OR IGNORE INTO webhook_deliveries (id, job_id, url, event, body, created_at, next_attempt_at)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.job_id, row.target, row.event, row.body, row.created_at, row.created_at),
         )
 
 

@@ -38,24 +38,22 @@ BLOCK = 1 << 20
 
 # --- publication timestamps ---
 class TimedTopic(Topic):
-    def __init__(self, buffer_size: int) -> None:
-        super().__init__(buffer_size)
+    def __init__(self, buffer_size: int, last_id: int = 0) -> None:
+        super().__init__(buffer_size, last_id)
         self.published: dict[int, tuple[str, float]] = {}
 
-    def append(self, type_: str, data: str) -> Event:
-        # Stamped before publishing: append() itself writes to every caught-up subscriber's socket.
+    def put(self, event_id: int, type_: str, data: str) -> Event | None:
+        # Stamped before publishing: put() itself writes to every caught-up subscriber's socket.
         published = time.time()
-        event = super().append(type_, data)
-        self.published[event.id] = (type_, published)
+        event = super().put(event_id, type_, data)
+        if event is not None:
+            self.published[event.id] = (type_, published)
         return event
 
 
 class TimedBroadcaster(Broadcaster):
-    def topic(self, job_id: str) -> Topic:
-        topic = self.topics.get(job_id)
-        if topic is None:
-            topic = self.topics[job_id] = TimedTopic(self.buffer_size)
-        return topic
+    def _new_topic(self, last_id: int) -> Topic:
+        return TimedTopic(self.buffer_size, last_id)
 
 
 async def published(request: web.Request) -> web.Response:

@@ -245,6 +245,11 @@ class Job(BaseModel):
     highlights: list[dict[str, Any]] = Field(default_factory=list)
     attempts: int = 0
     retry_count: int = 0
+    event_seq: int = Field(
+        0,
+        description="Id of the job's last event-stream event (its sequence in the job_events table): the same on "
+        "every instance, so a stream reopened anywhere with this Last-Event-ID has missed nothing.",
+    )
     created_at: datetime = Field(default_factory=utcnow)
     updated_at: datetime = Field(default_factory=utcnow)
     started_at: datetime | None = None

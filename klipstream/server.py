@@ -42,9 +42,10 @@ from klipstream.api.jobs import job_document
 from klipstream.api.middleware import cors_headers, http_middleware
 from klipstream.api.openapi import Route, openapi_document
 from klipstream.api.routes import all_routes
-from klipstream.api.streams import SSE_RETRY_MS, broadcast_listener
+from klipstream.api.streams import SSE_RETRY_MS
 from klipstream.config import Settings
 from klipstream.jobs.broadcaster import Broadcaster
+from klipstream.jobs.events import StreamEvents
 from klipstream.jobs.runtime import job_runtime
 from klipstream.jobs.service import Subscription
 from klipstream.jobs.stage import Stage
@@ -83,7 +84,7 @@ def create_app(
     app[STATE] = AppState()
     app[STATUS_CACHE] = {}
     app[METRICS] = Metrics()
-    app[BROADCASTER] = Broadcaster(idle_seconds=settings.stream_idle_seconds)
+    app[BROADCASTER] = Broadcaster(buffer_size=settings.stream_events_kept, idle_seconds=settings.stream_idle_seconds)
     app[TOKENS] = StreamTokens(settings)
     app[LAG] = LoopLagMonitor(app[METRICS])
     app[STAGES] = stages
@@ -110,15 +111,14 @@ async def _runtime(app: web.Application) -> AsyncIterator[None]:
         url = f"{base}/api/v1/analysis/{job_id}/stream"
         return f"{url}?token={tokens.issue(job_id)}" if settings.api_keys else url
 
-    # Neither needs new jobs: submissions are counted by the handler, and nobody can be watching
-    # a job's stream before its submission has been answered.
-    subscriptions = [
-        Subscription(app[METRICS].job_event, new_jobs=False),
-        Subscription(
-            broadcast_listener(app[BROADCASTER], lambda job: job_document(app, job)), new_jobs=False, remote=True
-        ),
-    ]
-    async with job_runtime(settings, app[STAGES], stream_url=stream_url, subscriptions=subscriptions) as runtime:
+    # Metrics need no new jobs: submissions are counted by the handler. The event streams are fed
+    # by the job_events rows written with each job change (klipstream.jobs.events), not by a
+    # listener: a submission writes none (nobody can be watching a job before it is answered).
+    subscriptions = [Subscription(app[METRICS].job_event, new_jobs=False)]
+    producers = [StreamEvents(app[BROADCASTER], lambda job: job_document(app, job))]
+    async with job_runtime(
+        settings, app[STAGES], stream_url=stream_url, subscriptions=subscriptions, producers=producers
+    ) as runtime:
         app[RUNTIME] = runtime
         app[SERVICE] = runtime.service
         app[LAG].start()

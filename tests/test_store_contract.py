@@ -20,9 +20,11 @@ from klipstream.jobs.store import (
     PENDING,
     STOPPED,
     SUPERSEDED,
+    TRIM_EVERY,
     Attempt,
     DeliveryRow,
     Effects,
+    EventRow,
     IdempotencyRecord,
     JobRow,
     JobStore,
@@ -35,7 +37,7 @@ from klipstream.models import Job, JobError, JobStatus, Priority, utcnow
 @dataclass
 class Backend:
     name: str
-    make: Callable[[], JobStore]  # a new store on the same database each call
+    make: Callable[..., JobStore]  # a new store on the same database each call (keyword arguments: options)
     conflict: type[Exception]  # what a duplicate key raises
 
 
@@ -43,9 +45,11 @@ class Backend:
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
     if request.param == "sqlite":
         path = tmp_path / "store.sqlite3"
-        return Backend("sqlite", lambda: SQLiteStore(path), sqlite3.IntegrityError)
+        return Backend("sqlite", lambda **options: SQLiteStore(path, **options), sqlite3.IntegrityError)
     url = request.getfixturevalue("postgres_url")
-    return Backend("postgres", lambda: PostgresStore(url, timeout=10), asyncpg.UniqueViolationError)
+    return Backend(
+        "postgres", lambda **options: PostgresStore(url, timeout=10, **options), asyncpg.UniqueViolationError
+    )
 
 
 @pytest.fixture
@@ -420,3 +424,135 @@ async def test_purge_keeps_pending_deliveries(store: JobStore):
     assert await store.purge_deliveries(now - 60) == 0
     assert await store.purge_deliveries(now + 60) == 1
     assert [h["id"] for h in await store.delivery_history(job.job_id)] == ["msg_2"]
+
+
+# --- the event streams' table (job_events) ---
+def events_of(job: Job, *types: str) -> Effects:
+    """The job's next events (as klipstream.jobs.events numbers them: the job row names its last)."""
+    rows = []
+    for type_ in types:
+        job.event_seq += 1
+        rows.append(EventRow(job.job_id, job.event_seq, type_, f'{{"n": {job.event_seq}}}'))
+    return Effects(events=tuple(rows))
+
+
+async def test_events_are_written_with_the_job_and_read_after_a_cursor(store: JobStore):
+    job, other = new_job(1), new_job(2)
+    await store.insert_job(JobRow.of(job), effects=events_of(job, "stage"))
+    await store.insert_job(JobRow.of(other))
+    job.status = JobStatus.RUNNING
+    await store.save_job(job, events_of(job, "progress", "stage"))
+    await store.save_job(other, events_of(other, "stage"))
+    await store.save_job(job)  # a checkpoint with no event
+    stored = await store.get_job(job.job_id)
+    assert stored is not None and stored.event_seq == 3 and stored.status is JobStatus.RUNNING
+    assert [(e.seq, e.type, e.data) for e in await store.job_events(job.job_id, 0)] == [
+        (1, "stage", '{"n": 1}'),
+        (2, "progress", '{"n": 2}'),
+        (3, "stage", '{"n": 3}'),
+    ]
+    assert [e.seq for e in await store.job_events(job.job_id, 2)] == [3]
+    assert await store.job_events(job.job_id, 3) == []
+    assert await store.job_events("missing", 0) == []
+    both = await store.events_after({job.job_id: 1, other.job_id: 0, "missing": 0})
+    assert [(e.job_id, e.seq) for e in both] == [(job.job_id, 2), (job.job_id, 3), (other.job_id, 1)]
+    assert await store.events_after({}) == []
+
+
+async def test_a_job_change_that_is_not_written_writes_no_event(store: JobStore, backend: Backend):
+    """Events go with their job change or not at all: a save of a job that is not there, and an
+    insert refused by its key, leave no event behind."""
+    ghost = new_job(7)
+    await store.save_job(ghost, events_of(ghost, "stage"))
+    assert await store.job_events(ghost.job_id, 0) == []
+    job = new_job(8)
+    await store.insert_job(JobRow.of(job))
+    twin = new_job(8)
+    with pytest.raises(backend.conflict):
+        await store.insert_job(JobRow.of(twin), effects=events_of(twin, "stage"))
+    assert await store.job_events(job.job_id, 0) == []
+
+
+async def test_an_event_id_already_stored_keeps_its_event(store: JobStore):
+    """A write reported failed may have committed: its id written again keeps the first event, and
+    the job change itself still lands."""
+    job = new_job(3)
+    await store.insert_job(JobRow.of(job), effects=events_of(job, "stage"))
+    job.event_seq -= 1
+    job.warnings.append("again")
+    await store.save_job(job, Effects(events=(EventRow(job.job_id, 1, "progress", "{}"),)))
+    assert [(e.seq, e.type) for e in await store.job_events(job.job_id, 0)] == [(1, "stage")]
+    assert (await store.get_job(job.job_id)).warnings == ["again"]  # type: ignore[union-attr]
+
+
+async def test_events_are_bounded_per_job(backend: Backend):
+    """The last `events_kept` events of a job stay (and at most TRIM_EVERY - 1 more: old ones are
+    trimmed by key range once per TRIM_EVERY events, not on every write)."""
+    store = backend.make(events_kept=5)
+    await store.open()
+    try:
+        job, other = new_job(4), new_job(5)
+        await store.insert_job(JobRow.of(job))
+        await store.insert_job(JobRow.of(other))
+        await store.save_job(other, events_of(other, "stage", "stage"))
+        for _ in range(3 * TRIM_EVERY + 3):
+            await store.save_job(job, events_of(job, "progress"))
+        seqs = [e.seq for e in await store.job_events(job.job_id, 0)]
+        last = 3 * TRIM_EVERY + 3
+        assert seqs == list(range(seqs[0], last + 1))
+        assert 5 <= len(seqs) <= 5 + TRIM_EVERY - 1, seqs
+        assert [e.seq for e in await store.job_events(other.job_id, 0)] == [1, 2]  # another job's are its own
+    finally:
+        await store.close()
+
+
+async def test_retention_deletes_a_jobs_events_with_it(store: JobStore):
+    old = utcnow() - timedelta(hours=2)
+    gone, kept = new_job(1), new_job(2)
+    for job in (gone, kept):
+        await store.insert_job(JobRow.of(job))
+        job.status, job.finished_at = JobStatus.COMPLETED, old if job is gone else utcnow()
+        await store.save_job(job, events_of(job, "stage", "completed"))
+    assert await store.delete_finished_jobs((utcnow() - timedelta(hours=1)).timestamp(), 10) == [gone.job_id]
+    assert await store.job_events(gone.job_id, 0) == []
+    assert [e.seq for e in await store.job_events(kept.job_id, 0)] == [1, 2]
+
+
+async def test_a_burst_of_saves_with_events_is_all_stored(store: JobStore):
+    """Saves with events made in one loop turn go in one transaction (PostgreSQL: one pipelined
+    statement for the run): every job's change and event lands."""
+    jobs = [new_job(n) for n in range(20)]
+    for job in jobs:
+        await store.insert_job(JobRow.of(job))
+    for job in jobs:
+        job.status = JobStatus.RUNNING
+    await asyncio.gather(*(store.save_job(job, events_of(job, "stage")) for job in jobs))
+    rows = await store.events_after({job.job_id: 0 for job in jobs})
+    assert sorted((e.job_id, e.seq) for e in rows) == [(job.job_id, 1) for job in jobs]
+    stored = [await store.get_job(job.job_id) for job in jobs]
+    assert all(job is not None and job.status is JobStatus.RUNNING and job.event_seq == 1 for job in stored)
+
+
+async def test_events_and_outbox_rows_of_one_change_commit_together(store: JobStore, backend: Backend):
+    """A change carrying both kinds of effects writes both with the job; a refused insert (the
+    job exists) writes neither, while the burst's other change still writes both."""
+    first, taken = new_job(1), new_job(2)
+    await store.insert_job(JobRow.of(taken))
+
+    def both(n: int, job: Job) -> Effects:
+        return Effects(events=events_of(job, "stage").events, deliveries=[hook(n, job, "job.started")])
+
+    results = await asyncio.gather(
+        store.insert_job(JobRow.of(first), effects=both(1, first)),
+        store.insert_job(JobRow.of(taken), effects=both(2, taken)),
+        return_exceptions=True,
+    )
+    assert results[0] is None and isinstance(results[1], backend.conflict)
+    assert [e.seq for e in await store.job_events(first.job_id, 0)] == [1]
+    assert [h["id"] for h in await store.delivery_history(first.job_id)] == ["msg_1"]
+    assert await store.job_events(taken.job_id, 0) == []
+    assert await store.delivery_history(taken.job_id) == []
+    first.status = JobStatus.RUNNING
+    await store.save_job(first, both(3, first))
+    assert [e.seq for e in await store.job_events(first.job_id, 0)] == [1, 2]
+    assert [h["id"] for h in await store.delivery_history(first.job_id)] == ["msg_1", "msg_3"]

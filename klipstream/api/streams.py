@@ -1,7 +1,9 @@
-"""The event stream of a job (Server-Sent Events), and the job events that feed it.
+"""The event stream of a job (Server-Sent Events).
 
-A subscriber gets a snapshot (or the events it missed, by Last-Event-ID), then every event until
-the job's terminal one. While a subscriber keeps up, the broadcaster's publisher writes each
+A subscriber gets a snapshot (or the events it missed, by Last-Event-ID: from the topic's ring in
+memory, else from the `job_events` table, on any instance and after a restart), then every event
+until the job's terminal one. Event ids are the job's event sequence (klipstream.jobs.events).
+While a subscriber keeps up, the broadcaster's publisher writes each
 event's shared chunk straight to its socket (klipstream.jobs.broadcaster.Sink); the handler's own
 task wakes only to catch up after a gap or a full socket buffer, or to end the stream.
 """
@@ -10,9 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import logging
 import time
-from collections.abc import Callable
 
 from aiohttp import web
 
@@ -21,15 +22,20 @@ from klipstream.api.context import BROADCASTER, CORS, METRICS, SERVICE, SETTINGS
 from klipstream.api.jobs import job_document, job_or_404
 from klipstream.api.openapi import Route
 from klipstream.api.problems import retry_later
-from klipstream.jobs.broadcaster import Broadcaster, Sink, Topic
-from klipstream.models import TERMINAL_STATUSES, Job, Problem
+from klipstream.jobs.broadcaster import Event, Sink, Topic
+from klipstream.jobs.events import progress_payload, stage_payload
+from klipstream.jobs.store import EventRow
+from klipstream.models import Job, Problem
 from klipstream.sse import HEARTBEAT_FRAME, frame, http_chunk
+
+__all__ = ["ROUTES", "progress_payload", "stage_payload"]
+log = logging.getLogger(__name__)
 
 SSE_RETRY_MS = 3000
 SSE_SEND_TIMEOUT = 30.0
 SSE_MAX_BACKLOG = 1 << 20  # bytes queued for one subscriber before it is cut off
 SSE_DRAIN_POLL_SECONDS = 0.05  # how often a subscriber that is behind checks its socket drained
-FINISHED_EVENT_ID = 1  # id of the terminal event sent to a stream opened on a finished job without a topic
+FINISHED_EVENT_ID = 1  # id of the terminal event of a finished job that has no stored events (older rows)
 
 
 async def stream_job(request: web.Request) -> web.StreamResponse:
@@ -50,18 +56,18 @@ async def stream_job(request: web.Request) -> web.StreamResponse:
         # A finished job. A client that already has its terminal event gets 204, which tells
         # EventSource to stop reconnecting; any other gets the snapshot and the end, and no topic
         # is made for a job that will publish nothing more.
-        end_id = known.last_id if known is not None else FINISHED_EVENT_ID
+        end_id = known.last_id if known is not None else job.event_seq or FINISHED_EVENT_ID
         if last_event_id is not None and last_event_id >= end_id:
             return web.Response(status=204)
         if known is None:
-            return await _finished(request, job)
+            return await _finished(request, job, last_event_id)
     response = EventStream()
     app[CORS](request, response)  # prepared here, so the middleware cannot add them later
     await response.prepare(request)
-    topic = broadcaster.topic(job_id)
+    topic = broadcaster.topic(job_id, job.event_seq)
     topic.subscribers += 1
     metrics.sse_subscribers.inc()
-    unwatch = app[SERVICE].watch(job)  # a job running on another instance: its changes are polled
+    unwatch = app[SERVICE].watch(job_id, broadcaster)  # running on another instance: read from the table
     try:
         await _follow(response, app, job, topic, last_event_id)
     except (ConnectionResetError, TimeoutError, RuntimeError):
@@ -100,13 +106,20 @@ class EventStream(web.StreamResponse):
         return self.transport
 
 
-async def _finished(request: web.Request, job: Job) -> web.StreamResponse:
+async def _finished(request: web.Request, job: Job, last_event_id: int | None) -> web.StreamResponse:
+    """A finished job nobody here follows: the events after Last-Event-ID from the table when it
+    still has them all, else the snapshot and the terminal event; then the end."""
     app = request.app
+    end_id = job.event_seq or FINISHED_EVENT_ID
+    missed = await _stored(app, job.job_id, last_event_id) if last_event_id is not None and job.event_seq else None
     response = EventStream()
     app[CORS](request, response)
     await response.prepare(request)
-    body = frame(0, "snapshot", job_document(app, job), retry_ms=SSE_RETRY_MS)
-    body += frame(FINISHED_EVENT_ID, job.status.value, job_document(app, job))
+    if missed and missed[-1].seq == end_id:
+        body = b"".join(frame(e.seq, e.type, e.data) for e in missed)
+    else:
+        body = frame(end_id - 1, "snapshot", job_document(app, job), retry_ms=SSE_RETRY_MS)
+        body += frame(end_id, job.status.value, job_document(app, job))
     with contextlib.suppress(ConnectionResetError, RuntimeError):
         await response.write(body)
     return response
@@ -127,7 +140,11 @@ async def _follow(
     The first write goes through aiohttp (it sends the buffered headers with it); every later
     event is written to the socket as the pre-encoded chunk shared by all subscribers.
     """
-    missed = topic.since(last_event_id) if last_event_id is not None else None
+    missed = None
+    if last_event_id is not None:
+        missed = topic.since(last_event_id)
+        if missed is None:  # not in memory (another process or instance published it): the table
+            missed = _into_topic(topic, await _stored(app, job.job_id, last_event_id))
     if missed is None:
         # The cursor is taken before the snapshot is written: an event published while the write
         # waits is sent after it (at worst twice in effect), never lost.
@@ -140,7 +157,8 @@ async def _follow(
             return
     if job.status.terminal and not (missed and any(e.terminal for e in missed)):
         # Finished: the terminal event, and close.
-        await _send(response, http_chunk(frame(topic.last_id, job.status.value, job_document(app, job))))
+        end_id = max(job.event_seq, topic.last_id)
+        await _send(response, http_chunk(frame(end_id, job.status.value, job_document(app, job))))
         return
     sink = Sink(response.open_transport(), cursor)
     topic.sinks.add(sink)
@@ -148,6 +166,33 @@ async def _follow(
         await _serve_sink(response, app, job, topic, sink)
     finally:
         topic.sinks.discard(sink)
+
+
+async def _stored(app: web.Application, job_id: str, last_event_id: int) -> list[EventRow] | None:
+    """The job's events after `last_event_id` from the table, or None when the table cannot say
+    which they all are: the id is older than the events it keeps, or not one of the job's, or
+    the database did not answer (then the stream starts from a fresh snapshot)."""
+    try:
+        rows = await app[SERVICE].store.job_events(job_id, last_event_id)
+    except Exception as exc:  # a snapshot instead of a replay; the stream itself still works
+        log.warning("reading the job's stored events failed: %s", exc, extra={"job_id": job_id})
+        return None
+    if not rows or rows[0].seq != last_event_id + 1:
+        return None
+    return rows
+
+
+def _into_topic(topic: Topic, rows: list[EventRow] | None) -> list[Event] | None:
+    """Stored events as the replay of one subscriber; those the topic does not have yet are
+    published to it too (an instance that follows the job would read them next anyway)."""
+    if rows is None:
+        return None
+    out = []
+    for row in rows:
+        topic.put(row.seq, row.type, row.data)
+        encoded = frame(row.seq, row.type, row.data)
+        out.append(Event(row.seq, row.type, row.data, encoded, http_chunk(encoded)))
+    return out
 
 
 async def _serve_sink(response: EventStream, app: web.Application, job: Job, topic: Topic, sink: Sink) -> None:
@@ -169,6 +214,10 @@ async def _serve_sink(response: EventStream, app: web.Application, job: Job, top
                 sink.busy = False
         last = topic.events[-1] if topic.events else None
         if last is not None and last.id == sink.cursor and last.final:
+            return
+        if topic.closing is not None and sink.cursor >= topic.last_id:
+            # Shutdown: reconnect (elsewhere), with the id of the last event this subscriber got.
+            await _send(response, http_chunk(frame(sink.cursor, *topic.closing)))
             return
         if sink.transport.is_closing():
             raise ConnectionResetError
@@ -195,58 +244,6 @@ async def _send(response: EventStream, chunk: bytes) -> None:
                 if transport.is_closing():
                     raise ConnectionResetError
                 await asyncio.sleep(SSE_DRAIN_POLL_SECONDS)
-
-
-# --- job events to stream events ---
-def broadcast_listener(
-    broadcaster: Broadcaster, document: Callable[[Job], str] | None = None
-) -> Callable[[str, Job], None]:
-    """Turns job events into stream events: progress (coalesced), stage changes, the end.
-
-    `document` renders the terminal event's job (with freshly signed links); the event is encoded
-    once for every subscriber, and a signed link names no subscriber, so it can be shared."""
-    render = document or (lambda job: job.model_dump_json())
-
-    def on_event(kind: str, job: Job) -> None:
-        if kind == "progress":
-            broadcaster.publish_progress(job.job_id, lambda: progress_payload(job))
-        elif kind in TERMINAL_STATUSES:
-            broadcaster.publish(job.job_id, kind, lambda: render(job))
-        elif kind in ("started", "stage_changed", "queued", "requeued"):
-            if kind == "queued":
-                broadcaster.reopen(job.job_id)  # a retried job streams again
-            broadcaster.publish(job.job_id, "stage", lambda: stage_payload(kind, job))
-
-    return on_event
-
-
-def progress_payload(job: Job) -> str:
-    running = [
-        {"name": s.name, "display": s.display, "progress": s.progress, "message": s.message}
-        for s in job.stages
-        if s.status.value == "running"
-    ]
-    return json.dumps(
-        {
-            "job_id": job.job_id,
-            "status": job.status.value,
-            "progress": job.progress.model_dump(mode="json"),
-            "stages": running,
-        }
-    )
-
-
-def stage_payload(kind: str, job: Job) -> str:
-    return json.dumps(
-        {
-            "job_id": job.job_id,
-            "kind": kind,
-            "status": job.status.value,
-            "progress": job.progress.model_dump(mode="json"),
-            "stages": [s.model_dump(mode="json", exclude_none=True) for s in job.stages],
-            "video": job.video.model_dump(mode="json") if job.video else None,
-        }
-    )
 
 
 ROUTES = [

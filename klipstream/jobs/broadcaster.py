@@ -1,5 +1,12 @@
 """In-memory fan-out of job events to Server-Sent-Events subscribers.
 
+An event's id is its sequence in the job's `job_events` rows (klipstream.jobs.events writes them
+in the same transaction as the job change), so ids are the same on every instance and across
+restarts: the instance running the job publishes each event here once it has committed, and an
+instance that follows the job for its own streams reads the new rows from the table
+(klipstream.jobs.cluster). The table serves Last-Event-ID replay beyond the ring below; the live
+path stays in memory.
+
 Each job has a topic holding a bounded ring buffer of encoded events. Subscribers do not get
 queues of their own: each keeps a cursor into the ring and sleeps on the topic's wake-up future.
 That is what keeps 5,000 subscribers cheap, lets a slow subscriber fall behind without slowing the
@@ -12,19 +19,18 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
+from klipstream.jobs.store import EventRow
 from klipstream.models import TERMINAL_STATUSES
 from klipstream.sse import HEARTBEAT_CHUNK, frame, http_chunk
-
-PROGRESS_SECONDS_PER_SUBSCRIBER = 0.0002
 
 
 @dataclass(slots=True, frozen=True)
 class Event:
     id: int
-    type: str  # snapshot | progress | stage | completed | failed | cancelled | reconnect
+    type: str  # progress | stage | completed | failed | cancelled | reconnect
     data: str  # JSON text on one line
     frame: bytes  # the whole text/event-stream frame, encoded once for every subscriber
     chunk: bytes  # the frame as one HTTP/1.1 chunk, what is written to each subscriber's socket
@@ -86,25 +92,32 @@ class Sink:
 class Topic:
     """One job's event stream."""
 
-    def __init__(self, buffer_size: int) -> None:
+    def __init__(self, buffer_size: int, last_id: int = 0) -> None:
         self.events: deque[Event] = deque(maxlen=buffer_size)
-        self.last_id = 0
+        self.last_id = last_id  # the job's last event id (table sequence) this topic knows of
         self.subscribers = 0
         self.sinks: set[Sink] = set()
         self.terminal = False
+        self.closing: tuple[str, str] | None = None  # the server's request to reconnect: (type, data)
         self.last_used = time.monotonic()
         self._wakeup: asyncio.Future[None] | None = None
-        self._pending_progress: Callable[[], str] | None = None
-        self._progress_handle: asyncio.TimerHandle | None = None
-        self._last_progress_at = 0.0
 
-    def append(self, type_: str, data: str) -> Event:
-        self.last_id += 1
-        encoded = frame(self.last_id, type_, data)
-        event = Event(self.last_id, type_, data, encoded, http_chunk(encoded))
+    def put(self, event_id: int, type_: str, data: str) -> Event | None:
+        """Publish the job's event `event_id` (its table sequence); None if it is not newer than
+        what the topic has (the owner's publication and a table read can both bring it).
+
+        Ids follow one another; one that skips (a write whose outcome was unknown, or a follower
+        that fell further behind than the table keeps) empties the ring, so a subscriber behind it
+        gets a fresh snapshot rather than a stream with a hole."""
+        if event_id <= self.last_id:
+            return None
+        if event_id != self.last_id + 1:
+            self.events.clear()
+        self.last_id = event_id
+        encoded = frame(event_id, type_, data)
+        event = Event(event_id, type_, data, encoded, http_chunk(encoded))
         self.events.append(event)
-        if event.terminal:
-            self.terminal = True
+        self.terminal = event.terminal  # a retried job's stream carries events again
         self.last_used = time.monotonic()
         for sink in tuple(self.sinks):
             try:
@@ -114,10 +127,19 @@ class Topic:
         self.wake()
         return event
 
+    def close_streams(self, type_: str, data: str) -> None:
+        """Ask every subscriber to reconnect. Each gets the frame once it has caught up, with the id
+        of the last event it got (it is no event of the job: the Last-Event-ID it reconnects with
+        must stay that of the last event it really has)."""
+        self.closing = (type_, data)
+        for sink in tuple(self.sinks):
+            sink.notify()
+        self.wake()
+
     def since(self, last_id: int) -> list[Event] | None:
         """Events after `last_id`, or None when some were already dropped from the ring."""
         if last_id > self.last_id:
-            return None  # an id from an earlier process or another instance
+            return None  # an id this topic has not seen (the table may have it: the stream handler asks)
         if last_id == self.last_id:
             return []
         missing = self.last_id - last_id
@@ -150,75 +172,57 @@ class Topic:
 
 
 class Broadcaster:
-    """Topics by job id, with progress coalescing."""
+    """Topics by job id.
 
-    def __init__(self, *, buffer_size: int = 256, progress_interval: float = 0.25, idle_seconds: float = 600) -> None:
+    Only jobs somebody watches have a topic: a new subscriber starts from a snapshot (or a replay
+    from the table), so events of unwatched jobs are kept by nobody here. `published` holds, for
+    the jobs this process writes events of, the last id committed and published, so that a topic
+    opened while an event is being written starts before it (the job in memory already counts it).
+    """
+
+    def __init__(self, *, buffer_size: int = 256, idle_seconds: float = 600) -> None:
         self.buffer_size = buffer_size
-        self.progress_interval = progress_interval
         self.idle_seconds = idle_seconds
         self.topics: dict[str, Topic] = {}
+        self.published: dict[str, int] = {}
 
-    def topic(self, job_id: str) -> Topic:
+    def topic(self, job_id: str, last_id: int = 0) -> Topic:
+        """The job's topic; a new one starts after `last_id` (the job's last event id as read), or
+        after the last event published here when this process writes the job's events."""
         topic = self.topics.get(job_id)
         if topic is None:
-            topic = self.topics[job_id] = Topic(self.buffer_size)
+            topic = self.topics[job_id] = self._new_topic(self.published.get(job_id, last_id))
         return topic
 
-    def publish(self, job_id: str, type_: str, data: Callable[[], str]) -> Event | None:
-        """Publish an event that must not be dropped (stage changes, terminal events).
+    def _new_topic(self, last_id: int) -> Topic:
+        return Topic(self.buffer_size, last_id)
 
-        Only jobs somebody watches have a topic: a client cannot hold a Last-Event-ID of a stream it
-        never opened, and a new subscriber starts from a snapshot, so events of unwatched jobs would
-        be encoded for nobody.
-        """
+    def writing(self, job_id: str, committed: int) -> None:
+        """This process is about to write an event of the job after `committed`."""
+        self.published.setdefault(job_id, committed)
+
+    def publish(self, rows: Iterable[EventRow]) -> None:
+        """Events stored in `job_events` (committed), in order: to the job's topic if it has one."""
+        for row in rows:
+            if row.job_id in self.published:
+                if row.type in TERMINAL_STATUSES:
+                    del self.published[row.job_id]  # nothing is being written for it now
+                else:
+                    self.published[row.job_id] = max(row.seq, self.published[row.job_id])
+            topic = self.topics.get(row.job_id)
+            if topic is not None:
+                topic.put(row.seq, row.type, row.data)
+
+    def cursor(self, job_id: str) -> int | None:
+        """The last event id the job's topic has (None: no topic); where a table read resumes."""
         topic = self.topics.get(job_id)
-        if topic is None:
-            return None
-        self._flush_progress(job_id, topic)
-        return topic.append(type_, data())
-
-    def publish_progress(self, job_id: str, render: Callable[[], str]) -> None:
-        """Publish progress at most every `progress_interval`; the latest state wins.
-
-        `render` is called only when an event is actually sent, so a burst of progress reports
-        costs one encoding.
-        """
-        topic = self.topics.get(job_id)
-        if topic is None or topic.terminal:
-            return
-        topic._pending_progress = render
-        now = time.monotonic()
-        # A fan-out costs one socket write per subscriber; big audiences get progress less often
-        # (1/s at 5,000) so stage and terminal events are not queued behind progress.
-        interval = max(self.progress_interval, topic.subscribers * PROGRESS_SECONDS_PER_SUBSCRIBER)
-        wait = topic._last_progress_at + interval - now
-        if wait <= 0:
-            self._flush_progress(job_id, topic)
-        elif topic._progress_handle is None:
-            loop = asyncio.get_running_loop()
-            topic._progress_handle = loop.call_later(wait, self._flush_progress, job_id, topic)
-
-    def _flush_progress(self, job_id: str, topic: Topic) -> None:
-        if topic._progress_handle is not None:
-            topic._progress_handle.cancel()
-            topic._progress_handle = None
-        render, topic._pending_progress = topic._pending_progress, None
-        if render is not None and not topic.terminal:
-            topic._last_progress_at = time.monotonic()
-            topic.append("progress", render())
-
-    def reopen(self, job_id: str) -> None:
-        """A finished job was queued again (retry): its stream carries events again."""
-        topic = self.topics.get(job_id)
-        if topic is not None:
-            topic.terminal = False
+        return topic.last_id if topic is not None else None
 
     def announce_shutdown(self, data: str) -> None:
         """Tell every open stream to reconnect (to another instance) before the process exits."""
-        for job_id, topic in self.topics.items():
+        for topic in self.topics.values():
             if topic.subscribers and not topic.terminal:
-                self._flush_progress(job_id, topic)
-                topic.append("reconnect", data)
+                topic.close_streams("reconnect", data)
 
     def heartbeat(self) -> None:
         """A keep-alive comment to every subscriber (one timer for all of them)."""

@@ -14,6 +14,11 @@ With a shared store the queue is the database's: a free worker claims the next j
 
 When the database cannot be reached for longer than a lease, another instance may have reaped this
 one's jobs: they are stopped here too, so that no stage runs on two instances at once.
+
+Event streams of a job running on another instance are fed from the `job_events` table: every
+commit that writes events notifies "job_id:seq" in its transaction, and this instance then reads
+the rows after the last one its broadcaster has, for all the jobs its streams follow, in one query
+per wake-up however many subscribers there are (every STREAM_POLL_SECONDS without notifications).
 """
 
 from __future__ import annotations
@@ -31,27 +36,24 @@ from typing import TYPE_CHECKING
 from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.runner import CancelReason
 from klipstream.jobs.store import InstanceBeat, SharedJobStore
-from klipstream.models import Job, JobStatus
+from klipstream.models import JobStatus
 
 if TYPE_CHECKING:
-    from klipstream.jobs.service import JobService
+    from klipstream.jobs.service import EventFeed, JobService
 
 log = logging.getLogger(__name__)
-STREAM_POLL_SECONDS = 0.25  # how often the jobs followed here but running elsewhere are read
+STREAM_POLL_SECONDS = 0.25  # without notifications: how often the events of followed jobs are read
+# With notifications: how often they are read all the same, in case one was missed (the listening
+# connection broke and is not back yet).
+STREAM_NOTIFIED_POLL_SECONDS = 2.0
 
 
 class _Watch:
-    """A job followed here (streams) while it runs on another instance."""
+    """A job followed here (streams), with where its stored events go."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, feed: EventFeed) -> None:
         self.subscribers = 0
-        self.updated_at = job.updated_at.timestamp()
-        self.marks = _marks(job)
-
-
-def _marks(job: Job) -> tuple[str, ...]:
-    """What makes a change a `stage` event rather than progress: the job's and its stages' states."""
-    return (job.status.value, *(s.status.value for s in job.stages))
+        self.feed = feed
 
 
 def new_instance_id() -> str:
@@ -71,7 +73,8 @@ class Cluster:
         self._claim_warned = False
         self.watched: dict[str, _Watch] = {}
         self._follower: asyncio.Task[None] | None = None
-        self._changed = asyncio.Event()  # a followed job changed (a notification): read it now
+        self._changed = asyncio.Event()  # a followed job has new events (a notification): read them now
+        self._fresh: set[str] = set()  # the followed jobs notified since the last read
         self.notified = False  # LISTEN/NOTIFY works; else polling alone
 
     async def start(self) -> None:
@@ -106,57 +109,74 @@ class Cluster:
 
     def _on_change(self, payload: str) -> None:
         """Jobs changed on some instance: a new or re-queued one may wait for a worker here, and a
-        followed one has events for this instance's streams."""
+        followed one ("job_id:seq", sent with its events) has events for this instance's streams."""
         self.service.queue.poke()
-        if self.watched and (payload == "*" or any(job_id in self.watched for job_id in payload.split(","))):
+        if not self.watched:
+            return
+        if payload == "*":
+            self._fresh.update(self.watched)
             self._changed.set()
+            return
+        for item in payload.split(","):
+            job_id, colon, seq = item.partition(":")
+            watch = self.watched.get(job_id)
+            if watch is None or not colon or not seq.isdigit():
+                continue
+            cursor = watch.feed.cursor(job_id)
+            if cursor is None or int(seq) > cursor:
+                self._fresh.add(job_id)
+                self._changed.set()
 
-    # --- streams of jobs running elsewhere (notified, else polled) ---
-    def watch(self, job: Job) -> Callable[[], None]:
-        """Follow a job running on another instance: every STREAM_POLL_SECONDS its row is read if
-        it changed, and the change goes to this instance's event streams as the event the running
-        instance would have published (stage, progress, or the terminal one)."""
-        watch = self.watched.get(job.job_id)
+    # --- streams of jobs running elsewhere: their stored events (notified, else polled) ---
+    def watch(self, job_id: str, feed: EventFeed) -> Callable[[], None]:
+        """Follow a job's events for this instance's streams: when notified (or every
+        STREAM_POLL_SECONDS), the rows after the feed's cursor are read from the table and
+        published to the feed. Skipped while the job runs here (its runner publishes them)."""
+        watch = self.watched.get(job_id)
         if watch is None:
-            watch = self.watched[job.job_id] = _Watch(job)
+            watch = self.watched[job_id] = _Watch(feed)
         watch.subscribers += 1
         if self._follower is None or self._follower.done():
             self._follower = asyncio.create_task(self._follow(), name="cluster-streams")
 
         def release() -> None:
             watch.subscribers -= 1
-            if watch.subscribers <= 0 and self.watched.get(job.job_id) is watch:
-                del self.watched[job.job_id]
+            if watch.subscribers <= 0 and self.watched.get(job_id) is watch:
+                del self.watched[job_id]
 
         return release
 
     async def _follow(self) -> None:
+        poll = STREAM_NOTIFIED_POLL_SECONDS if self.notified else STREAM_POLL_SECONDS
+        loop = asyncio.get_running_loop()
+        next_poll = loop.time() + poll
         while self.watched:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), STREAM_POLL_SECONDS)
+                await asyncio.wait_for(self._changed.wait(), max(0.0, next_poll - loop.time()))
             self._changed.clear()
-            since = {job_id: watch.updated_at for job_id, watch in self.watched.items()}
-            try:
-                changed = await self.store.jobs_changed(since)
-            except Exception as exc:  # the next poll tries again; streams keep their heartbeats
-                log.warning("reading followed jobs failed: %s", exc)
+            if loop.time() >= next_poll:  # every followed job
+                jobs, next_poll = set(self.watched), loop.time() + poll
+            else:  # the notified ones
+                jobs = self._fresh & set(self.watched)
+            self._fresh.clear()
+            cursors = {}
+            for job_id in jobs:
+                watch = self.watched[job_id]
+                cursor = watch.feed.cursor(job_id)
+                if cursor is not None and job_id not in self.service.runs:  # running here: its runner publishes
+                    cursors[job_id] = cursor
+            if not cursors:
                 continue
-            for job in changed:
-                watch = self.watched.get(job.job_id)
-                if watch is None or job.job_id in self.service.runs:  # running here: its own events flow
-                    continue
-                marks = _marks(job)
-                if job.status.terminal:
-                    kind = job.status.value
-                elif job.status is JobStatus.QUEUED and watch.marks[0] != JobStatus.QUEUED.value:
-                    kind = "queued"  # retried: the stream opens again
-                elif marks != watch.marks:
-                    kind = "stage_changed"
-                else:
-                    kind = "progress"
-                watch.updated_at = job.updated_at.timestamp()
-                watch.marks = marks
-                self.service.emit_remote(kind, job)
+            try:
+                rows = await self.store.events_after(cursors)
+            except Exception as exc:  # the next poll tries again; streams keep their heartbeats
+                log.warning("reading followed jobs' events failed: %s", exc)
+                continue
+            for job_id in cursors:
+                watch = self.watched.get(job_id)
+                mine = [row for row in rows if row.job_id == job_id]
+                if watch is not None and mine:
+                    watch.feed.publish(mine)
 
     def _beat(self) -> InstanceBeat:
         return InstanceBeat(

@@ -59,16 +59,20 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 JobListener = Callable[[str, Job], None]  # (event kind, job): started, stage_changed, progress, ...
-# The rows a job change writes in its own transaction (webhook deliveries, Convex updates, ...):
-# (event kind, or None for a checkpoint that is no event, job) -> Effects. Composed by the service.
-EffectsProducer = Callable[[str | None, Job], Effects]
+# The rows a job change writes with the job (event stream rows, ...), by the change's kind (None: a
+# checkpoint no one is told about); and what is told they committed.
+EffectsOf = Callable[[str | None, Job], Effects]
+Committed = Callable[[Job, Effects], None]
 
 
-def no_effects(kind: str | None, job: Job) -> Effects:
+def _no_effects(kind: str | None, job: Job) -> Effects:
     return NO_EFFECTS
 
 
-PROGRESS_PERSIST_SECONDS = 2.0
+def _nothing_committed(job: Job, effects: Effects) -> None:
+    return None
+
+
 # A terminal state is written with retries: a job must not stay "running" in the store because
 # one write failed. Delays between the attempts, in seconds.
 FINAL_SAVE_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
@@ -97,7 +101,8 @@ class RunnerDeps:
     limits: dict[Resource, ResourceLimit] = field(default_factory=dict)
     transcriber: Transcriber | None = None  # None in pipelines without a transcription stage
     user_http: aiohttp.ClientSession | None = None  # for user-supplied URLs (klipstream.network)
-    effects: EffectsProducer = no_effects  # what each save writes with the job (JobService.effects)
+    effects: EffectsOf = _no_effects  # composed by the JobService from its producers
+    committed: Committed = _nothing_committed
     checkpoints: CheckpointStore = field(default_factory=LocalCheckpoints)  # shared storage, or the data dir
 
 
@@ -183,8 +188,12 @@ class JobRun(ProgressSink):
         )
         self._stage_started: dict[str, float] = {}
         self._last_persist = 0.0
-        self._persisting: asyncio.Task[None] | None = None
-        self._dirty = False
+        self._last_progress = 0.0
+        self._persisting: asyncio.Task[None] | None = None  # the progress checkpoint in flight
+        self._dirty = False  # a change to save once more after the background save in flight
+        # One save of this job at a time: its events get consecutive sequences and are published
+        # in the order they committed (the store writes a job's rows in order anyway).
+        self._save_lock = asyncio.Lock()
         self._task: asyncio.Task[Any] | None = None
 
     def lease_lost(self) -> None:
@@ -759,8 +768,10 @@ class JobRun(ProgressSink):
             state.message = detail
         self._refresh_progress()
         self._emit("progress")
-        if time.monotonic() - self._last_persist > PROGRESS_PERSIST_SECONDS and self._persisting is None:
-            self._persisting = asyncio.create_task(self._save_in_background())
+        # A progress event (and checkpoint of the job) at most every KLIPSTREAM_STREAM_PROGRESS_SECONDS.
+        if time.monotonic() - self._last_progress >= self.settings.stream_progress_seconds and self._persisting is None:
+            self._last_progress = time.monotonic()
+            self._persisting = asyncio.create_task(self._save_in_background("progress"))
 
     def warn(self, stage: str, message: str) -> None:
         self.job.warnings.append(f"{self.by_name[stage].display.value}: {message}")
@@ -786,16 +797,22 @@ class JobRun(ProgressSink):
         self.job.updated_at = utcnow()
 
     async def _save(self, kind: str | None = None, effects: Effects | None = None) -> None:
-        """Checkpoint the job; with the rows its change of `kind` causes (webhook deliveries,
-        Convex updates, ...), in the same transaction. None: a checkpoint that is no event."""
-        self._last_persist = time.monotonic()
-        if effects is None:
-            effects = self.deps.effects(kind, self.job)
-        try:
-            await self.deps.store.save_job(self.job, effects)
-        except LeaseLost:
-            self.lease_lost()
-            raise
+        """Write the job with the effects of the change `kind` (its stream event, webhook
+        deliveries, Convex update) in one transaction; once committed, they are published. A
+        failed write's event sequence is not reused (the write may still have committed): the
+        stream skips it, and a subscriber behind the gap gets a fresh snapshot."""
+        async with self._save_lock:
+            self._last_persist = time.monotonic()
+            if effects is None:
+                if kind in ("progress", "stage_changed") and self.job.status is not JobStatus.RUNNING:
+                    kind = None  # a background save that ran after the run ended: no event after the last
+                effects = self.deps.effects(kind, self.job)
+            try:
+                await self.deps.store.save_job(self.job, effects)
+            except LeaseLost:
+                self.lease_lost()
+                raise
+            self.deps.committed(self.job, effects)
 
     def _close_unfinished_stages(self, reason: str) -> None:
         """A job that ended early: stages that never started are skipped, stages that started (and
@@ -809,7 +826,8 @@ class JobRun(ProgressSink):
 
     async def _save_final(self, kind: str) -> None:
         """Write a terminal state, retrying: the job's event goes out even if the store stays down
-        (then the store still says running, and the next process runs the job again). Every try
+        (then the store still says running, and the next process runs the job again; the event is
+        published here unstored, so this instance's streams end). Every try
         carries the same outbox rows: a try that committed although it seemed to fail and a later
         one write each delivery once (same id)."""
         effects = self.deps.effects(kind, self.job)
@@ -826,21 +844,23 @@ class JobRun(ProgressSink):
                         exc_info=True,
                         extra={"job_id": self.job.job_id},
                     )
+                    self.deps.committed(self.job, effects)
                     return
                 log.warning("storing the job's final state failed; retrying", extra={"job_id": self.job.job_id})
                 await asyncio.sleep(delay)
 
-    async def _save_in_background(self) -> None:
+    async def _save_in_background(self, kind: str | None = None) -> None:
+        """The progress checkpoint (`_persisting`): at most one in flight."""
         try:
             self._dirty = False
-            await self._save()
+            await self._save(kind)
             while self._dirty:
                 self._dirty = False
                 await self._save()
         except LeaseLost:
             pass  # the run is stopping (lease_lost() said why)
         except Exception:  # progress snapshots are best effort; state changes are not
-            log.warning("progress checkpoint failed", exc_info=True, extra={"job_id": self.job.job_id})
+            log.warning("background checkpoint failed", exc_info=True, extra={"job_id": self.job.job_id})
         finally:
             self._persisting = None
 

@@ -21,7 +21,7 @@ from klipstream.integrations.webhooks import WebhookDispatcher
 from klipstream.jobs.checkpoints import create_checkpoints
 from klipstream.jobs.janitor import Janitor
 from klipstream.jobs.runner import RunnerDeps, resource_limits
-from klipstream.jobs.service import JobService, Subscription
+from klipstream.jobs.service import EffectsProducer, JobService, Subscription
 from klipstream.jobs.stage import Stage
 from klipstream.jobs.store import create_store
 from klipstream.jobs.timings import StageTimings
@@ -46,10 +46,12 @@ async def job_runtime(
     *,
     stream_url: Callable[[str], str] | None = None,
     subscriptions: list[Subscription] | None = None,
+    producers: list[EffectsProducer] | None = None,
 ) -> AsyncIterator[Runtime]:
     """Start everything, yield, then stop within the shutdown budget (jobs go back to the queue).
 
-    `subscriptions` are attached before the workers start, so no event of a recovered job is missed.
+    `subscriptions` are attached before the workers start, so no event of a recovered job is
+    missed; `producers` make the rows written with each job change (the store's Effects).
     """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     remove_secrets_from_environment()  # before any child process starts (transcription workers)
@@ -72,6 +74,8 @@ async def job_runtime(
     )
     service = JobService(deps, stages, stream_url=stream_url)
     service.subscriptions.extend(subscriptions or [])
+    for producer in producers or []:
+        service.add_effects(producer.effects, committed=producer.committed)
     closers: list[Any] = [transcriber]
     janitor: Janitor | None = None
     try:

@@ -16,20 +16,21 @@ import os
 import random
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 from pydantic_core import to_json
 
 from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.cluster import Cluster
 from klipstream.jobs.progress import compute_progress, initial_stage_states
-from klipstream.jobs.runner import CancelReason, EffectsProducer, JobListener, JobRun, RunnerDeps
+from klipstream.jobs.runner import CancelReason, Committed, EffectsOf, JobListener, JobRun, RunnerDeps
 from klipstream.jobs.stage import Resource, Stage
 from klipstream.jobs.store import (
     NO_EFFECTS,
     Effects,
+    EventRow,
     IdempotencyRecord,
     JobRow,
     JobStore,
@@ -80,10 +81,22 @@ class Subscription:
     # Also called when a job is first queued. That event makes the service parse the new job
     # into a `Job` during the request, so only listeners that act on new jobs ask for it.
     new_jobs: bool
-    # Also called with the changes of jobs running on other instances that someone here follows
-    # (a shared store: klipstream.jobs.cluster polls them). Only the event streams want them:
-    # webhooks, the Convex mirror and metrics are the running instance's business.
-    remote: bool = False
+
+
+class EffectsProducer(Protocol):
+    """Makes the rows a job change writes in the same transaction as the job (the store's
+    `Effects`), and learns when they committed (klipstream.jobs.events.StreamEvents)."""
+
+    def effects(self, kind: str | None, job: Job) -> Effects: ...
+    def committed(self, job: Job, effects: Effects) -> None: ...
+
+
+class EventFeed(Protocol):
+    """Where the stored events of a job followed here go (the broadcaster), and from which event
+    on: klipstream.jobs.cluster reads the newer ones from the table."""
+
+    def cursor(self, job_id: str) -> int | None: ...
+    def publish(self, rows: list[EventRow]) -> None: ...
 
 
 class SubmitOutcome(NamedTuple):
@@ -183,10 +196,12 @@ class JobService:
         self.stream_url = stream_url or (lambda job_id: f"{self.base}/api/v1/analysis/{job_id}/stream")
         # What each job change writes in its own transaction (add_effects): (producer, whether it
         # also wants the "queued" change of a new job, which makes a submission parse its job).
-        self.producers: list[tuple[EffectsProducer, bool]] = []
+        self.producers: list[tuple[EffectsOf, bool]] = []
+        self._on_commit: list[Committed] = []  # told once a change's effects committed (add_effects)
         self._closing: list[Callable[[float], Awaitable[None]]] = []  # before_store_closes
         deps.listener = self._on_job_event
         deps.effects = self.effects
+        deps.committed = self._committed
 
     @property
     def base(self) -> str:
@@ -386,10 +401,10 @@ class JobService:
         counts[priority.value] = counts.get(priority.value, 0) + 1
         self.queue.poke()
 
-    async def _requeue_shared(self, again: Job, key: str) -> bool:
+    async def _requeue_shared(self, again: Job, key: str, effects: Effects) -> bool:
         assert self.shared is not None
         try:
-            return await self.shared.requeue_finished(again, self.effects("queued", again))
+            return await self.shared.requeue_finished(again, effects)
         except DatabaseUnavailable:
             raise
         except Exception:  # the unique index: another job of the key became active meanwhile
@@ -618,7 +633,9 @@ class JobService:
         for _ in range(3):  # the job may change state between the read and the write
             if job.status is JobStatus.QUEUED:
                 self._mark_cancelled(job)
-                if await self.shared.cancel_queued(job, self.effects("cancelled", job)):
+                effects = self.effects("cancelled", job)
+                if await self.shared.cancel_queued(job, effects):
+                    self._committed(job, effects)
                     self._emit("cancelled", job)
                     return job
             elif job.status is JobStatus.RUNNING:
@@ -649,12 +666,14 @@ class JobService:
         """Cancel a job no stage has run for in this attempt; it stops being the video's active job."""
         before = job.model_copy(deep=True)
         self._mark_cancelled(job)
+        effects = self.effects("cancelled", job)
         try:
-            await self.store.save_job(job, self.effects("cancelled", job))
+            await self.store.save_job(job, effects)
         except BaseException:
             for name in Job.model_fields:
                 setattr(job, name, getattr(before, name))
             raise
+        self._committed(job, effects)
         self._on_job_event("cancelled", job)
 
     async def retry(self, job_id: str) -> Job:
@@ -684,13 +703,15 @@ class JobService:
                     state.finished_at = None
             again.progress = compute_progress(again, self.stages, self.deps.timings)
             again.updated_at = utcnow()
+            effects = self.effects("queued", again)
             if self.shared is None:
-                await self.store.save_job(again, self.effects("queued", again))
-            elif not await self._requeue_shared(again, key):
+                await self.store.save_job(again, effects)
+            elif not await self._requeue_shared(again, key, effects):
                 raise InvalidTransition("the job changed meanwhile (retried on another instance?)")
         except BaseException:
             self.queue.release()
             raise
+        self._committed(again, effects)
         if self.shared is not None:
             self.queue.release()
             counts = self.queue.shared_counts
@@ -774,10 +795,13 @@ class JobService:
         """`close(budget)` runs at shutdown once the jobs are checkpointed, while the store is open."""
         self._closing.append(close)
 
-    def add_effects(self, producer: EffectsProducer, *, new_jobs: bool = False) -> None:
+    def add_effects(self, producer: EffectsOf, *, new_jobs: bool = False, committed: Committed | None = None) -> None:
         """`producer` makes rows that every job change writes in its own transaction (webhook
-        deliveries, Convex updates, job events); `new_jobs`: also for a submission's new job."""
+        deliveries, Convex updates, job events); `new_jobs`: also for a submission's new job;
+        `committed` is told once a change's rows committed (the stream publishes its events)."""
         self.producers.append((producer, new_jobs))
+        if committed is not None:
+            self._on_commit.append(committed)
 
     def effects(self, kind: str | None, job: Job) -> Effects:
         """The rows this job change writes with it, from every producer."""
@@ -786,33 +810,34 @@ class JobService:
         return self._compose((producer for producer, _ in self.producers), kind, job)
 
     @staticmethod
-    def _compose(producers: Any, kind: str | None, job: Job) -> Effects:
-        deliveries = []
+    def _compose(producers: Iterable[EffectsOf], kind: str | None, job: Job) -> Effects:
+        parts = []
         for producer in producers:
             try:
-                deliveries += producer(kind, job).deliveries
+                parts.append(producer(kind, job))
             except Exception:  # a producer's bug must not stop the job's checkpoint
                 log.exception("effects producer failed on %s", kind, extra={"job_id": job.job_id})
-        return Effects(deliveries=deliveries) if deliveries else NO_EFFECTS
+        if len(parts) == 1:
+            return parts[0]
+        return Effects(*(tuple(row for rows in fields for row in rows) for fields in zip(*parts, strict=True)))
+
+    def _committed(self, job: Job, effects: Effects) -> None:
+        for committed in self._on_commit:
+            try:
+                committed(job, effects)
+            except Exception:  # one producer's bug must not stop the others
+                log.exception("publishing committed effects failed", extra={"job_id": job.job_id})
 
     def listen(self, listener: JobListener, *, new_jobs: bool = True) -> None:
         self.subscriptions.append(Subscription(listener, new_jobs))
 
-    def watch(self, job: Job) -> Callable[[], None]:
-        """Someone here follows `job` (an event stream): with a shared store and the job running
-        elsewhere, its changes are read from the store and emitted to the remote listeners.
-        Returns the call that ends the watch."""
-        if self.cluster is None or job.job_id in self.runs:
+    def watch(self, job_id: str, feed: EventFeed) -> Callable[[], None]:
+        """Someone here follows the job (an event stream): with a shared store, while the job does
+        not run here, its new stored events are read from the table into `feed`. Returns the
+        call that ends the watch."""
+        if self.cluster is None:
             return lambda: None
-        return self.cluster.watch(job)
-
-    def emit_remote(self, kind: str, job: Job) -> None:
-        for subscription in self.subscriptions:
-            if subscription.remote:
-                try:
-                    subscription.listener(kind, job)
-                except Exception:
-                    log.exception("listener failed on %s", kind, extra={"job_id": job.job_id})
+        return self.cluster.watch(job_id, feed)
 
     def unlisten(self, listener: JobListener) -> None:
         self.subscriptions = [s for s in self.subscriptions if s.listener is not listener]

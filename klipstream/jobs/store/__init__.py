@@ -19,6 +19,32 @@ if TYPE_CHECKING:
     from klipstream.config import Settings
 
 ACTIVE = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+EVENTS_KEPT = 256  # job_events rows kept per job (KLIPSTREAM_STREAM_EVENTS_KEPT)
+# Old events of a job are trimmed when its sequence crosses a multiple of this: one indexed range
+# delete every TRIM_EVERY events instead of one per event, so a job keeps between EVENTS_KEPT and
+# EVENTS_KEPT + TRIM_EVERY - 1 rows.
+TRIM_EVERY = 32
+
+
+class EventRow(NamedTuple):
+    """One event of a job's event stream, as stored in `job_events`: its sequence is the SSE id."""
+
+    job_id: str
+    seq: int
+    type: str  # the SSE event type: stage | progress | completed | failed | cancelled
+    data: str  # JSON text on one line
+
+
+def trim_below(events: Sequence[EventRow], kept: int) -> int:
+    """The sequence at and below which a job's older events are deleted with these, or 0 (none):
+    only when the sequence crosses a multiple of TRIM_EVERY, so trimming is no extra statement
+    per write."""
+    if not events:
+        return 0
+    first, last = events[0].seq, events[-1].seq
+    if (first - 1) // TRIM_EVERY == last // TRIM_EVERY:
+        return 0
+    return max(0, last - kept)
 
 
 RETRY_AFTER_SECONDS = 5  # what a client told the store is unavailable is asked to wait
@@ -101,7 +127,8 @@ class DeliveryRow(NamedTuple):
 class Effects(NamedTuple):
     """Rows written in the same transaction as the job change that causes them."""
 
-    deliveries: Sequence[DeliveryRow] = ()  # branch `outbox`: webhook/Convex outbox rows
+    events: Sequence[EventRow] = ()  # job_events rows (the job's event stream)
+    deliveries: Sequence[DeliveryRow] = ()  # webhook deliveries and Convex states (the outbox)
 
 
 NO_EFFECTS = Effects()
@@ -173,6 +200,9 @@ class JobStore(Protocol):
         self, row: JobRow, idempotency: IdempotencyRecord | None = None, effects: Effects = NO_EFFECTS
     ) -> None: ...
     async def save_job(self, job: Job, effects: Effects = NO_EFFECTS) -> None: ...
+    # --- the event streams' table (job_events) ---
+    async def job_events(self, job_id: str, after: int) -> list[EventRow]: ...
+    async def events_after(self, cursors: dict[str, int]) -> list[EventRow]: ...
     async def get_job(self, job_id: str) -> Job | None: ...
     async def list_jobs(self, status: str | None, limit: int, before_seq: int | None) -> list[tuple[int, Job]]: ...
     async def active_jobs(self) -> list[Job]: ...
@@ -220,7 +250,6 @@ class SharedJobStore(JobStore, Protocol):
     async def heartbeat_instance(self, instance: InstanceBeat) -> None: ...
     async def remove_instance(self, instance_id: str) -> None: ...
     async def instances(self) -> list[dict[str, Any]]: ...
-    async def jobs_changed(self, since: dict[str, float]) -> list[Job]: ...
     async def listen(self, on_change: Callable[[str], None]) -> bool: ...
 
 
@@ -278,8 +307,11 @@ def create_store(settings: Settings) -> JobStore:
         from klipstream.jobs.store.postgres import PostgresStore
 
         return PostgresStore(
-            settings.database_url, pool_size=settings.database_pool_size, timeout=settings.database_timeout_seconds
+            settings.database_url,
+            pool_size=settings.database_pool_size,
+            timeout=settings.database_timeout_seconds,
+            events_kept=settings.stream_events_kept,
         )
     from klipstream.jobs.store.sqlite import SQLiteStore
 
-    return SQLiteStore(settings.database_path)
+    return SQLiteStore(settings.database_path, events_kept=settings.stream_events_kept)

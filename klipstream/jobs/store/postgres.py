@@ -36,6 +36,7 @@ from klipstream.errors import DatabaseUnavailable
 from klipstream.jobs.store import (
     ACTIVE,
     CONVEX,
+    EVENTS_KEPT,
     NO_EFFECTS,
     PENDING,
     STOPPED,
@@ -45,11 +46,13 @@ from klipstream.jobs.store import (
     Delivery,
     DeliveryRow,
     Effects,
+    EventRow,
     IdempotencyRecord,
     InstanceBeat,
     JobRow,
     LeaseLost,
     history,
+    trim_below,
 )
 from klipstream.jobs.store.migrations import upgrade_postgres
 from klipstream.models import Job
@@ -60,7 +63,9 @@ MAX_BATCH = 512  # writes per transaction
 WRITERS = 2  # write transactions in flight at once (on their own pooled connections)
 RETRY_AFTER_SECONDS = 5
 LEASE_LOST_SQLSTATE = "KS001"  # raised by klipstream_fence() (migration 3)
-NOTIFY_CHANNEL = "klipstream_jobs"  # payload: the ids of the jobs a commit wrote, comma-separated, or "*"
+# Payload: the ids of the jobs a commit wrote, comma-separated, or "*" (sent after the commit, for
+# claims); and "job_id:seq" for a job's stream events (sent in the transaction that writes them).
+NOTIFY_CHANNEL = "klipstream_jobs"
 NOTIFY_MAX_PAYLOAD = 7000  # bytes (PostgreSQL's limit is 8000)
 LISTEN_SELF_TEST_SECONDS = 1.0
 INSTANCE_FORGET_SECONDS = 3600.0  # an instance silent this long (killed, scaled in) leaves the instances table
@@ -96,6 +101,64 @@ WHERE $10::text IS NOT NULL
 _SAVE_JOB = (
     "UPDATE jobs SET video_id=$1, status=$2, priority=$3, created_at=$4, updated_at=$5, finished_at=$6, doc=$7,"
     " dedup_key=$8 WHERE job_id=$9"
+)
+# A job change and its stream events in ONE statement, so they commit together even when a
+# group-commit batch is replayed write by write, and a refused fenced update writes no event. The
+# events are the arrays $11-$13; an event id already stored keeps its event (a write reported
+# failed may have committed after all); the job's oldest events, at and below $14, are trimmed;
+# the NOTIFY "job_id:last seq" is part of the same transaction, so it is sent only if it commits.
+_EVENTS_CTE = """
+e AS (
+    INSERT INTO job_events (job_id, seq, type, data, created_at)
+    SELECT j.job_id, ev.seq, ev.type, ev.data, $10::double precision
+    FROM j, unnest($11::bigint[], $12::text[], $13::text[]) AS ev (seq, type, data)
+    ON CONFLICT DO NOTHING
+    RETURNING seq
+),
+t AS (DELETE FROM job_events WHERE job_id = $9 AND seq <= $14::bigint AND EXISTS (SELECT FROM j))
+SELECT pg_notify('{channel}', $9 || ':' || m.last) FROM (SELECT max(seq) AS last FROM e) m WHERE m.last IS NOT NULL
+"""
+_SAVE_JOB_EVENTS = (
+    "WITH j AS (UPDATE jobs SET video_id=$1, status=$2, priority=$3, created_at=$4, updated_at=$5, finished_at=$6,"
+    " doc=$7, dedup_key=$8 WHERE job_id=$9 RETURNING job_id)," + _EVENTS_CTE.format(channel="klipstream_jobs")
+)
+_SAVE_FENCED_EVENTS = (
+    "WITH j AS (UPDATE jobs SET video_id=$1, status=$2, priority=$3, created_at=$4, updated_at=$5, finished_at=$6,"
+    " doc=$7, dedup_key=$8, lease_token=klipstream_fence($9, lease_token, $15) WHERE job_id=$9 RETURNING job_id),"
+    + _EVENTS_CTE.format(channel="klipstream_jobs")
+)
+# A new job with its stream events (the insert's own statement, with the events and NOTIFY of
+# _EVENTS_CTE after it): one statement, so they commit together.
+_INSERT_JOB_EVENTS = """
+WITH j AS (
+    INSERT INTO jobs
+        (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc, dedup_key, enqueued_at)
+    VALUES ($9, $1, $2, $3, $4, $5, $6, $7, $8, $4)
+    RETURNING job_id
+),
+k AS (
+    INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at, owner)
+    SELECT $15::text, $16::text, $17::text, $18::text, $19::integer, $20::double precision, $21::text
+    WHERE $15::text IS NOT NULL
+),""" + _EVENTS_CTE.format(channel="klipstream_jobs")
+# Events of a job written on a connection inside a transaction (conditional changes of a job not
+# running anywhere: a cancel while queued, a retry), with their NOTIFY.
+_INSERT_EVENTS = """
+WITH e AS (
+    INSERT INTO job_events (job_id, seq, type, data, created_at)
+    SELECT $1, ev.seq, ev.type, ev.data, $2::double precision
+    FROM unnest($3::bigint[], $4::text[], $5::text[]) AS ev (seq, type, data)
+    ON CONFLICT DO NOTHING
+    RETURNING seq
+),
+t AS (DELETE FROM job_events WHERE job_id = $1 AND seq <= $6::bigint)
+SELECT pg_notify('klipstream_jobs', $1 || ':' || m.last)
+FROM (SELECT max(seq) AS last FROM e) m WHERE m.last IS NOT NULL
+"""
+_READ_EVENTS = (
+    "SELECT e.job_id, e.seq, e.type, e.data FROM job_events e"
+    " JOIN unnest($1::text[], $2::bigint[]) AS w (job_id, after) ON e.job_id = w.job_id AND e.seq > w.after"
+    " ORDER BY e.job_id, e.seq"
 )
 _STAGE_RUN = "INSERT INTO stage_runs (stage, seconds, media_seconds, finished_at) VALUES ($1, $2, $3, $4)"
 _NO_KEY = (None, None, None, None, None, None, None)
@@ -303,8 +366,9 @@ class PostgresStore:
 
     shared = True  # several instances use one database: jobs are claimed with leases (klipstream.jobs.cluster)
 
-    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0) -> None:
+    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0, events_kept: int = EVENTS_KEPT) -> None:
         self.url = url
+        self.events_kept = events_kept
         self.pool_size = max(WRITERS + 1, pool_size)  # the writers' connections and one for reads at least
         self.timeout = timeout
         self._pool: asyncpg.Pool | None = None
@@ -570,18 +634,58 @@ class PostgresStore:
             )
         )
         then = effect_statements(effects) if effects.deliveries else ()
-        await self._write(_INSERT_JOB, (*row, *record), row.job_id, then)
+        if not effects.events:
+            await self._write(_INSERT_JOB, (*row, *record), row.job_id, then)
+            return
+        job_id, *rest = row
+        await self._write(_INSERT_JOB_EVENTS, (*rest, job_id, *self._event_args(effects), *record), job_id, then)
 
     async def save_job(self, job: Job, effects: Effects = NO_EFFECTS) -> None:
-        """Write the job, and its effects in the same transaction; a job leased here only while
-        the lease is still ours (else LeaseLost, and none of the effects is written)."""
+        """Write the job, with its effects in the same statement; a job leased here only while the
+        lease is still ours (else LeaseLost, and none of its effects is written)."""
         job_id, *rest = JobRow.of(job)
         token = self._leases.get(job_id)
         then = effect_statements(effects) if effects.deliveries else ()
+        if not effects.events:
+            if token is None:
+                await self._write(_SAVE_JOB, (*rest, job_id), job_id, then)
+            else:
+                await self._write(_SAVE_FENCED, (*rest, job_id, token), job_id, then)
+            return
+        events = self._event_args(effects)
         if token is None:
-            await self._write(_SAVE_JOB, (*rest, job_id), job_id, then)
+            await self._write(_SAVE_JOB_EVENTS, (*rest, job_id, *events), job_id, then)
         else:
-            await self._write(_SAVE_FENCED, (*rest, job_id, token), job_id, then)
+            await self._write(_SAVE_FENCED_EVENTS, (*rest, job_id, *events, token), job_id, then)
+
+    def _event_args(self, effects: Effects) -> tuple[Any, ...]:
+        """$10-$14 of the statements with _EVENTS_CTE: time, the events as arrays, trim bound."""
+        events = effects.events
+        return (
+            time.time(),
+            [e.seq for e in events],
+            [e.type for e in events],
+            [e.data for e in events],
+            trim_below(events, self.events_kept),
+        )
+
+    async def _insert_events_on(self, conn: asyncpg.Connection, effects: Effects) -> None:
+        if effects.events:
+            _, *args = self._event_args(effects)
+            await conn.execute(_INSERT_EVENTS, effects.events[0].job_id, time.time(), *args)
+
+    # --- the event streams' table ---
+    async def job_events(self, job_id: str, after: int) -> list[EventRow]:
+        """The job's stored events after `after`, in order."""
+        return await self.events_after({job_id: after})
+
+    async def events_after(self, cursors: dict[str, int]) -> list[EventRow]:
+        """The stored events of each job after its cursor, by job and in order: one query for all
+        the jobs an instance's streams follow."""
+        if not cursors:
+            return []
+        rows = await self._read(lambda c: c.fetch(_READ_EVENTS, list(cursors), list(cursors.values())))
+        return [EventRow(*row) for row in rows]
 
     async def get_job(self, job_id: str) -> Job | None:
         doc = await self._read(lambda c: c.fetchval("SELECT doc FROM jobs WHERE job_id=$1", job_id))
@@ -651,9 +755,11 @@ class PostgresStore:
         """Delete up to `limit` finished jobs that ended before the cutoff; returns their ids."""
         rows = await self._with_connection(
             lambda c: c.fetch(
-                "DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs WHERE finished_at < $1"
+                "WITH gone AS (DELETE FROM jobs WHERE job_id IN (SELECT job_id FROM jobs WHERE finished_at < $1"
                 " AND status <> ALL($2::text[]) ORDER BY finished_at LIMIT $3 FOR UPDATE SKIP LOCKED)"
-                " RETURNING job_id",
+                " RETURNING job_id),"
+                " events AS (DELETE FROM job_events e USING gone WHERE e.job_id = gone.job_id)"
+                " SELECT job_id FROM gone",
                 finished_before,
                 list(ACTIVE),
                 limit,
@@ -727,6 +833,7 @@ class PostgresStore:
                 status = await conn.execute(sql, *args)
                 if not status.endswith(" 1"):
                     return False
+                await self._insert_events_on(conn, effects)
                 for statement, values in effect_statements(effects):
                     await conn.execute(statement, *values)
                 return True
@@ -785,20 +892,6 @@ class PostgresStore:
 
     async def remove_instance(self, instance_id: str) -> None:
         await self._with_connection(lambda c: c.execute("DELETE FROM instances WHERE id = $1", instance_id))
-
-    async def jobs_changed(self, since: dict[str, float]) -> list[Job]:
-        """The jobs among these whose row changed after the time given for each (updated_at)."""
-        if not since:
-            return []
-        rows = await self._read(
-            lambda c: c.fetch(
-                "SELECT j.doc FROM jobs j JOIN unnest($1::text[], $2::double precision[]) AS w (job_id, at)"
-                " ON j.job_id = w.job_id WHERE j.updated_at > w.at",
-                list(since),
-                list(since.values()),
-            )
-        )
-        return [Job.model_validate_json(doc) for (doc,) in rows]
 
     async def instances(self) -> list[dict[str, Any]]:
         rows = await self._read(

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from klipstream.jobs.store import (
     ACTIVE,
     CONVEX,
+    EVENTS_KEPT,
     NO_EFFECTS,
     PENDING,
     RETRY_AFTER_SECONDS,
@@ -37,11 +38,13 @@ from klipstream.jobs.store import (
     Delivery,
     DeliveryRow,
     Effects,
+    EventRow,
     IdempotencyRecord,
     JobRow,
     StoreStalled,
     StoreTimeout,
     history,
+    trim_below,
 )
 from klipstream.jobs.store.migrations import upgrade_sqlite
 from klipstream.models import Job
@@ -63,8 +66,9 @@ class SQLiteStore:
 
     shared = False  # one instance: its in-memory queue decides what runs
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, events_kept: int = EVENTS_KEPT) -> None:
         self.path = path
+        self.events_kept = events_kept
         self._requests: queue.SimpleQueue[_Batch | None] = queue.SimpleQueue()
         self._pending: list[Request] = []  # made during this turn of the event loop
         self._thread: threading.Thread | None = None
@@ -263,24 +267,70 @@ class SQLiteStore:
                         idempotency.owner,
                     ),
                 )
-            _write_deliveries(conn, effects.deliveries)
+            self._write_effects(conn, effects)
 
         await self._call(insert)
 
     async def save_job(self, job: Job, effects: Effects = NO_EFFECTS) -> None:
+        """Write the job, and its effects in the same transaction (none if the job is gone)."""
         job_id, *rest = JobRow.of(job)
         values = (*rest, job_id)
-        deliveries = effects.deliveries
 
         def save(conn: sqlite3.Connection) -> None:
-            conn.execute(
+            updated = conn.execute(
                 "UPDATE jobs SET video_id=?, status=?, priority=?, created_at=?, updated_at=?, finished_at=?, doc=?,"
                 " dedup_key=? WHERE job_id=?",
                 values,
-            )
-            _write_deliveries(conn, deliveries)
+            ).rowcount
+            if updated:
+                self._write_effects(conn, effects)
 
         await self._call(save)
+
+    def _write_effects(self, conn: sqlite3.Connection, effects: Effects) -> None:
+        """The job change's events (the SSE ids are their sequences); the job's oldest beyond
+        `events_kept` go when the sequence crosses a multiple of TRIM_EVERY. An id already stored
+        keeps its event (a write that was reported failed may have committed after all)."""
+        _write_deliveries(conn, effects.deliveries)
+        events = effects.events
+        if not events:
+            return
+        now = time.time()
+        conn.executemany(
+            "INSERT OR IGNORE INTO job_events (job_id, seq, type, data, created_at) VALUES (?, ?, ?, ?, ?)",
+            [(*event, now) for event in events],
+        )
+        below = trim_below(events, self.events_kept)
+        if below:
+            conn.execute("DELETE FROM job_events WHERE job_id=? AND seq<=?", (events[0].job_id, below))
+
+    # --- the event streams' table ---
+    async def job_events(self, job_id: str, after: int) -> list[EventRow]:
+        """The job's stored events after `after`, in order."""
+        rows = await self._call(
+            lambda c: c.execute(
+                "SELECT job_id, seq, type, data FROM job_events WHERE job_id=? AND seq>? ORDER BY seq", (job_id, after)
+            ).fetchall()
+        )
+        return [EventRow(*row) for row in rows]
+
+    async def events_after(self, cursors: dict[str, int]) -> list[EventRow]:
+        """The stored events of each job after its cursor, by job and in order (one call)."""
+        items = list(cursors.items())
+
+        def read(conn: sqlite3.Connection) -> list[EventRow]:
+            out: list[EventRow] = []
+            for job_id, after in items:
+                out += [
+                    EventRow(*row)
+                    for row in conn.execute(
+                        "SELECT job_id, seq, type, data FROM job_events WHERE job_id=? AND seq>? ORDER BY seq",
+                        (job_id, after),
+                    )
+                ]
+            return out
+
+        return await self._call(read) if items else []
 
     async def get_job(self, job_id: str) -> Job | None:
         row = await self._call(lambda c: c.execute("SELECT doc FROM jobs WHERE job_id=?", (job_id,)).fetchone())
@@ -367,6 +417,7 @@ class SQLiteStore:
                 )
             ]
             conn.executemany("DELETE FROM jobs WHERE job_id = ?", [(job_id,) for job_id in ids])
+            conn.executemany("DELETE FROM job_events WHERE job_id = ?", [(job_id,) for job_id in ids])
             return ids
 
         return await self._call(delete)

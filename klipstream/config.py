@@ -132,7 +132,10 @@ class Settings:
     # --- queue and workers ---
     # per instance; 0 (with KLIPSTREAM_DATABASE_URL): an API-only instance that runs no jobs
     max_running_jobs: int = _env("KLIPSTREAM_MAX_RUNNING_JOBS", _non_negative_int, default=2)
+    # with PostgreSQL the bound holds across all instances (the database counts, atomically)
     max_queued_jobs: int = _env("KLIPSTREAM_MAX_QUEUED_JOBS", _positive_int, default=1000)
+    # PostgreSQL: at most this many jobs running across all instances (checked in each claim); unset: no limit
+    cluster_max_running_jobs: int | None = _env("KLIPSTREAM_CLUSTER_MAX_RUNNING_JOBS", _positive_int, default=None)
     aging_seconds: float = _env("KLIPSTREAM_AGING_SECONDS", _positive_float, default=300.0)
     network_concurrency: int = _env("KLIPSTREAM_NETWORK_CONCURRENCY", _positive_int, default=4)
     cpu_concurrency: int = _env("KLIPSTREAM_CPU_CONCURRENCY", _positive_int, default=max(1, os.cpu_count() or 1))

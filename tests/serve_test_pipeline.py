@@ -16,6 +16,7 @@ import hashlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from klipstream.artifacts import spec
@@ -36,16 +37,31 @@ def slow_stage(
     async def run(ctx: StageContext) -> None:
         with (marker_dir / f"{name}.log").open("a") as log:
             log.write(f"start {os.getpid()}\n")
-        for step in range(STEPS):
-            ctx.progress((step + 1) / STEPS)
-            await asyncio.sleep(STEP_SECONDS)
-        for key in provides:
-            ctx.output_path(key).write_text(f"{name} {os.getpid()}\n")
-            ctx.add_artifact(key)
+        record_run(marker_dir, ctx.job.job_id, name, "start")
+        outcome = "stop"  # cancelled (a cancel, a lost lease, a shutdown) or failed
+        try:
+            for step in range(STEPS):
+                ctx.progress((step + 1) / STEPS)
+                await asyncio.sleep(STEP_SECONDS)
+            for key in provides:
+                ctx.output_path(key).write_text(f"{name} {os.getpid()}\n")
+                ctx.add_artifact(key)
+            outcome = "end"
+        finally:
+            record_run(marker_dir, ctx.job.job_id, name, outcome)
         with (marker_dir / f"{name}.log").open("a") as log:
             log.write(f"end {os.getpid()}\n")
 
     return Stage(name, display, run, needs=needs, provides=provides, resource=Resource.CPU)
+
+
+def record_run(marker_dir: Path, job_id: str, stage: str, event: str) -> None:
+    """One line of <marker_dir>/runs.log: job, stage, start/end/stop, pid, wall-clock time. Every
+    process appends to the one file (small O_APPEND writes do not interleave), so a test can lay
+    each stage run of a job on a time line across instances: a run with a start and no end or stop
+    was killed (kill -9), and ended when its process did."""
+    with (marker_dir / "runs.log").open("a") as log:
+        log.write(f"{job_id} {stage} {event} {os.getpid()} {time.time():.6f}\n")
 
 
 def pipeline(marker_dir: Path) -> list[Stage]:

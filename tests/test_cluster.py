@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp import web
 
 from tests.test_process_lifecycle import ServerProcess, get_json, wait_for
 
@@ -253,40 +255,215 @@ async def test_concurrent_duplicates_on_two_instances_share_one_job(cluster, pos
     assert [r["n"] for r in rows] == [1, 1, 1], [dict(r) for r in rows]  # '' (the forced job), k, v
 
 
+CHAOS_JOBS = 200
+
+
+class WebhookReceiver:
+    """A real aiohttp receiver of the jobs' webhooks, in the test process: it records every
+    delivery (webhook-id, event type, job id) and answers 200."""
+
+    def __init__(self) -> None:
+        self.deliveries: list[tuple[str, str, str]] = []
+        self.runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/hook", self._receive)
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.url = f"http://127.0.0.1:{port}/hook"
+
+    async def _receive(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.deliveries.append((request.headers["webhook-id"], body["type"], body["data"]["job_id"]))
+        return web.Response(status=200)
+
+    async def stop(self) -> None:
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    def completed(self) -> dict[str, list[str]]:
+        """job id -> the webhook-ids of its job.completed deliveries, one per delivery received."""
+        ids: dict[str, list[str]] = {}
+        for msg_id, kind, job_id in self.deliveries:
+            if kind == "job.completed":
+                ids.setdefault(job_id, []).append(msg_id)
+        return ids
+
+
+def stage_runs(root: Path, deaths: dict[int, float]) -> dict[str, list[tuple[str, int, float, float]]]:
+    """job id -> its stage runs as (stage, pid, start, end), from the test pipeline's runs.log.
+    A run without an end or stop line was killed: it ended when its process died (`deaths`)."""
+    lines = (root / "markers" / "runs.log").read_text().splitlines()
+    open_runs: dict[tuple[str, str, int], float] = {}
+    runs: dict[str, list[tuple[str, int, float, float]]] = {}
+    for line in lines:
+        job_id, stage, event, pid_text, at_text = line.split()
+        pid, at = int(pid_text), float(at_text)
+        if event == "start":
+            assert (job_id, stage, pid) not in open_runs, line
+            open_runs[(job_id, stage, pid)] = at
+        else:
+            began = open_runs.pop((job_id, stage, pid))
+            runs.setdefault(job_id, []).append((stage, pid, began, at))
+    for (job_id, stage, pid), began in open_runs.items():
+        assert pid in deaths, f"{stage} of {job_id} started in {pid}, which never ended it and was not killed"
+        runs.setdefault(job_id, []).append((stage, pid, began, deaths[pid]))
+    return runs
+
+
+def overlaps(runs: list[tuple[str, int, float, float]]) -> list[tuple[Any, Any]]:
+    """Pairs of runs of one job on two processes that overlap in time (a stage of the job running
+    on two instances at once: what leases and fencing must prevent)."""
+    found = []
+    for n, first in enumerate(runs):
+        for second in runs[n + 1 :]:
+            if first[1] != second[1] and first[2] < second[3] and second[2] < first[3]:
+                found.append((first, second))
+    return found
+
+
 @pytest.mark.slow
-async def test_chaos_jobs_survive_instances_killed_and_restarted(cluster, postgres_url: str):
-    """40 short jobs over three instances while instances are killed with `kill -9` and started
-    again: every accepted job completes, once (one terminal row each), none stays behind."""
-    instances = await cluster(("a", 2), ("b", 2), ("c", 2))
-    for instance in instances:
-        instance.env["TEST_STEP_SECONDS"] = "0.03"  # restarts pick it up; stages of ~0.3 s
-    rng = __import__("random").Random(14)
-    async with aiohttp.ClientSession() as http:
-        accepted = []
-        for n in range(40):
-            instance = instances[n % 3]
-            status, body = await post(http, f"{instance.base}/api/v1/analysis", json={"url": f"{URL}?n={n}"})
-            assert status == 202, body
-            accepted.append(body["job_id"])
-        for _ in range(4):  # kill one, let the others work, bring it back
-            await asyncio.sleep(1.5)
-            victim = rng.choice(instances)
-            victim.stop()
-            await asyncio.sleep(1.0)
-            await victim.start()
-        alive = instances[0]
-        async with asyncio.timeout(120):
-            while True:
-                listed = await get_json(http, f"{alive.base}/api/v1/jobs?limit=100")
-                ended = [j for j in listed["jobs"] if j["status"] in ("completed", "failed", "cancelled")]
-                if len(ended) == len(accepted):
-                    break
+async def test_chaos_jobs_survive_instances_killed_and_restarted(cluster, postgres_url: str, tmp_path: Path):
+    """Issue 14's chaos test: 200 short jobs (with a callback URL) submitted across three instances
+    while instances are killed with `kill -9` at random and started again. Every accepted job ends
+    exactly once (completed, one `job.completed` webhook-id, however many deliveries of it), every
+    `job.completed` webhook arrives, and no stage of a job ever ran on two instances at the same
+    time (the stage runs' own start/end records, a killed run ending when its process died)."""
+    rng = random.Random(14)
+    receiver = WebhookReceiver()
+    await receiver.start()
+    began = time.monotonic()
+    instances = await cluster(
+        ("a", 2),
+        ("b", 2),
+        ("c", 2),
+        TEST_STEP_SECONDS="0.03",  # stages of ~0.3 s
+        KLIPSTREAM_LEASE_SECONDS="3",
+        KLIPSTREAM_WEBHOOK_RETRY_BASE_SECONDS="0.5",
+        # a delivery claimed by an instance killed before it sent it is claimed again after this
+        KLIPSTREAM_OUTBOX_CLAIM_SECONDS="3",
+        KLIPSTREAM_WEBHOOK_TIMEOUT_SECONDS="2",
+    )
+    deaths: dict[int, float] = {}  # pid -> when it was killed (and dead)
+    down: set[str] = set()
+    accepted: dict[int, str] = {}  # submission number -> job id
+    kills = 0
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+
+            async def submit(n: int) -> None:
+                """One job, on a live instance; again on another (same Idempotency-Key) if the
+                instance dies under the request or answers 503, so nothing is submitted twice."""
+                body = {"url": f"{URL}?n={n}", "callback_url": receiver.url}
+                for attempt in range(60):
+                    instance = instances[(n + attempt) % 3]
+                    if instance.name in down:
+                        await asyncio.sleep(0.1)
+                        continue
+                    try:
+                        async with http.post(
+                            f"{instance.base}/api/v1/analysis", json=body, headers={"Idempotency-Key": f"chaos-{n}"}
+                        ) as resp:
+                            if resp.status in (200, 202):
+                                accepted[n] = (await resp.json())["job_id"]
+                                return
+                            assert resp.status == 503, (resp.status, await resp.text())
+                    except aiohttp.ClientError:
+                        pass  # killed under the request
+                    await asyncio.sleep(0.2)
+                raise AssertionError(f"submission {n} was never accepted")
+
+            async def submit_all() -> None:
+                for n in range(CHAOS_JOBS):
+                    await submit(n)
+                    await asyncio.sleep(0.05)
+
+            submitting = asyncio.create_task(submit_all())
+
+            async def all_ended() -> bool:
+                conn = await asyncpg.connect(postgres_url)
+                try:
+                    rows = await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+                finally:
+                    await conn.close()
+                counts = {r["status"]: r["n"] for r in rows}
+                return submitting.done() and sum(counts.values()) == counts.get("completed", 0) == len(accepted)
+
+            while not await all_ended() and time.monotonic() - began < 60:
+                await asyncio.sleep(rng.uniform(0.5, 2.0))
+                victim = rng.choice(instances)
+                pid = victim.proc.pid  # type: ignore[union-attr]
+                down.add(victim.name)
+                victim.stop()  # kill -9, and reaped
+                deaths[pid] = time.time()
+                kills += 1
+                await asyncio.sleep(rng.uniform(0.3, 1.5))
+                await victim.start()
+                down.discard(victim.name)
+            await submitting
+            deadline = time.monotonic() + 180
+            while not await all_ended() and time.monotonic() < deadline:
                 await asyncio.sleep(0.5)
-        assert sorted(j["job_id"] for j in ended) == sorted(accepted)
-        assert {j["status"] for j in ended} == {"completed"}, [j for j in ended if j["status"] != "completed"]
+            elapsed = time.monotonic() - began
+            deadline = time.monotonic() + 30  # deliveries still being retried
+            while len(receiver.completed()) < len(accepted) and time.monotonic() < deadline:
+                await asyncio.sleep(0.25)
+    finally:
+        await receiver.stop()
+
     conn = await asyncpg.connect(postgres_url)
     try:
-        rows = await conn.fetch("SELECT status, count(*) AS n FROM jobs GROUP BY status")
+        rows = await conn.fetch("SELECT job_id, status, lease_attempts FROM jobs")
     finally:
         await conn.close()
-    assert {r["status"]: r["n"] for r in rows} == {"completed": 40}
+    assert len(accepted) == CHAOS_JOBS and len(set(accepted.values())) == CHAOS_JOBS
+    states = {r["job_id"]: r["status"] for r in rows}
+    assert states == {job_id: "completed" for job_id in accepted.values()}, {
+        job_id: status for job_id, status in states.items() if status != "completed"
+    }
+    runs = stage_runs(tmp_path, deaths)
+    overlapping = {job_id: found for job_id, job_runs in runs.items() if (found := overlaps(job_runs))}
+    assert not overlapping, overlapping
+    completed = receiver.completed()
+    twice = {job_id: ids for job_id, ids in completed.items() if len(set(ids)) != 1}
+    assert not twice, twice  # one job.completed event per job: it ended once
+    missing = set(accepted.values()) - set(completed)
+    duplicates = sum(len(ids) - 1 for ids in completed.values())
+    taken_over = sum(1 for r in rows if r["lease_attempts"] > 0)
+    print(
+        f"\nchaos: {len(accepted)} jobs, {kills} kills, {taken_over} jobs taken over after a lease expired,"
+        f" {sum(len(r) for r in runs.values())} stage runs, {duplicates} duplicate job.completed deliveries,"
+        f" {len(missing)} job.completed webhooks missing, {elapsed:.1f} s"
+    )
+    assert not missing, f"{len(missing)} of {len(accepted)} jobs' job.completed webhooks never came ({kills} kills)"
+
+
+async def test_the_queue_bound_holds_across_instances_under_concurrent_submissions(cluster, postgres_url: str):
+    """KLIPSTREAM_MAX_QUEUED_JOBS is the database's with PostgreSQL: 40 different videos submitted
+    at once on two API-only instances against a bound of 10 give exactly 10 jobs; every other
+    submission gets today's answer to a full queue (429 with Retry-After), not a job."""
+    a, b = await cluster(("a", 0), ("b", 0), KLIPSTREAM_MAX_QUEUED_JOBS="10")
+    async with aiohttp.ClientSession() as http:
+
+        async def submit(instance: Instance, n: int) -> tuple[int, str | None, Any]:
+            async with http.post(f"{instance.base}/api/v1/analysis", json={"url": f"{URL}?bound={n}"}) as resp:
+                return resp.status, resp.headers.get("Retry-After"), await resp.json()
+
+        answers = await asyncio.gather(*(submit((a, b)[n % 2], n) for n in range(40)))
+        statuses = [status for status, _, _ in answers]
+        assert statuses.count(202) == 10 and statuses.count(429) == 30, answers
+        assert all(retry == "30" for status, retry, _ in answers if status == 429), answers
+        accepted = {body["job_id"] for status, _, body in answers if status == 202}
+        status, _, _ = await submit(b, 99)
+        assert status == 429
+    conn = await asyncpg.connect(postgres_url)
+    try:
+        stored = {r["job_id"] for r in await conn.fetch("SELECT job_id FROM jobs WHERE status = 'queued'")}
+    finally:
+        await conn.close()
+    assert stored == accepted

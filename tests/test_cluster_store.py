@@ -12,6 +12,7 @@ import pytest
 from klipstream.jobs.store import DeliveryRow, Effects, InstanceBeat, JobRow, LeaseLost
 from klipstream.jobs.store.postgres import PostgresStore
 from klipstream.models import Job, JobStatus, Priority, utcnow
+from klipstream.queue import QueueFull
 
 AGING = 600.0  # seconds per priority level, as KLIPSTREAM_AGING_SECONDS
 
@@ -20,8 +21,8 @@ AGING = 600.0  # seconds per priority level, as KLIPSTREAM_AGING_SECONDS
 async def stores(postgres_url: str) -> AsyncIterator[Callable[[], PostgresStore]]:
     opened: list[PostgresStore] = []
 
-    async def make() -> PostgresStore:
-        store = PostgresStore(postgres_url, timeout=10)
+    async def make(**bounds: int) -> PostgresStore:
+        store = PostgresStore(postgres_url, timeout=10, **bounds)
         await store.open()
         opened.append(store)
         return store
@@ -80,6 +81,70 @@ async def test_instances_claiming_at_once_never_take_the_same_job(stores):
     everything = [job_id for part in taken for job_id in part]
     assert sorted(everything) == [f"job{n:04d}" for n in range(200)]  # each exactly once
     assert sum(1 for part in taken if part) >= 2, [len(part) for part in taken]  # they did claim side by side
+
+
+async def test_the_cluster_running_limit_holds_when_instances_claim_at_once(stores):
+    """KLIPSTREAM_CLUSTER_MAX_RUNNING_JOBS: three instances with eight claimers each race for 60
+    queued jobs; the database lets exactly the limit run, and one more once one of them ends."""
+    limit = 5
+    instances = [await stores(max_running=limit) for _ in range(3)]
+    await asyncio.gather(*(instances[0].insert_job(JobRow.of(new_job(n))) for n in range(60)))
+    await asyncio.gather(*(store.ping() for store in instances for _ in range(8)))  # connections open
+
+    async def claim_until_refused(store: PostgresStore, owner: str) -> list[str]:
+        taken = []
+        while (claimed := await store.claim(owner, 30, AGING)) is not None:
+            taken.append(claimed[0])
+        return taken
+
+    taken = await asyncio.gather(
+        *(claim_until_refused(store, f"i{i}") for i, store in enumerate(instances) for _ in range(8))
+    )
+    claimed = [job_id for part in taken for job_id in part]
+    assert len(claimed) == limit and len(set(claimed)) == limit, claimed
+    assert await instances[1].claim("i1", 30, AGING) is None  # still full
+    done = Job.model_validate_json(
+        await instances[0]._read(lambda c: c.fetchval("SELECT doc FROM jobs WHERE job_id = $1", claimed[0]))
+    )
+    done.status = JobStatus.COMPLETED
+    done.finished_at = utcnow()
+    owner = next(s for s in instances if claimed[0] in s.leased())
+    await owner.save_job(done)
+    again = await instances[2].claim("i2", 30, AGING)
+    assert again is not None and again[0] not in claimed
+    assert await instances[2].claim("i2", 30, AGING) is None
+    unlimited = await stores()  # an instance without the setting claims freely
+    assert await unlimited.claim("free", 30, AGING) is not None
+
+
+async def test_the_queue_bound_holds_across_instances_submitting_at_once(stores):
+    """KLIPSTREAM_MAX_QUEUED_JOBS with PostgreSQL: two instances insert 60 jobs at once against a
+    bound of 20; exactly 20 are stored, the others are refused with QueueFull (the 429); a claim
+    frees a place, and a retry is bounded like a new job."""
+    first, second = await stores(max_queued=20), await stores(max_queued=20)
+    results = await asyncio.gather(
+        *(store.insert_job(JobRow.of(new_job(n))) for n in range(60) for store in [(first, second)[n % 2]]),
+        return_exceptions=True,
+    )
+    assert all(r is None or isinstance(r, QueueFull) for r in results), results
+    assert results.count(None) == 20
+    assert await first.queued_counts() == {"normal": 20}
+    with pytest.raises(QueueFull):
+        await second.insert_job(JobRow.of(new_job(100)))
+    claimed = await first.claim("a", 30, AGING)
+    assert claimed is not None
+    await second.insert_job(JobRow.of(new_job(101)))  # the claim made room for one
+    with pytest.raises(QueueFull):
+        await first.insert_job(JobRow.of(new_job(102)))
+    failed = Job.model_validate_json(claimed[1])
+    failed.status, failed.finished_at = JobStatus.FAILED, utcnow()
+    await first.save_job(failed)
+    first.release(failed.job_id)
+    with pytest.raises(QueueFull):  # the queue is full: no retry either
+        await first.requeue_finished(failed.model_copy(update={"status": JobStatus.QUEUED, "finished_at": None}))
+    assert await second.claim("b", 30, AGING) is not None
+    assert await first.requeue_finished(failed.model_copy(update={"status": JobStatus.QUEUED, "finished_at": None}))
+    assert await first.queued_counts() == {"normal": 20}
 
 
 async def test_an_expired_lease_is_reaped_and_the_old_owners_writes_are_refused(stores):

@@ -68,8 +68,11 @@ class Cluster:
         self.id = self.settings.instance_id or new_instance_id()
         self.started_at = time.time()
         self.claimed: dict[str, str] = {}  # job id -> stored JSON, between a claim and its run
+        # When the last successful renewal was sent: the leases held here last until at least
+        # then + KLIPSTREAM_LEASE_SECONDS by the database's clock (it set the expiry later still).
         self.last_renewed = time.monotonic()
         self._task: asyncio.Task[None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
         self._claim_warned = False
         self.watched: dict[str, _Watch] = {}
         self._follower: asyncio.Task[None] | None = None
@@ -89,6 +92,7 @@ class Cluster:
         await self.store.heartbeat_instance(self._beat())
         await self._count_queue()
         self._task = asyncio.create_task(self._loop(), name="cluster-heartbeat")
+        self._watchdog = asyncio.create_task(self._watch_leases(), name="cluster-lease-watchdog")
         log.info(
             "instance %s joined the cluster (%s)",
             self.id,
@@ -99,11 +103,12 @@ class Cluster:
         if self._follower is not None:
             self._follower.cancel()
             self._follower = None
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        for task in (self._task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._task = self._watchdog = None
         with contextlib.suppress(Exception):  # gone from the list; its row would age out anyway
             await asyncio.wait_for(self.store.remove_instance(self.id), 2)
 
@@ -230,8 +235,9 @@ class Cluster:
 
     async def tick(self) -> None:
         held = set(self.store.leased())
+        sent = time.monotonic()
         alive = await self.store.renew(self.settings.lease_seconds)
-        self.last_renewed = time.monotonic()
+        self.last_renewed = sent
         for job_id in held:
             if job_id not in alive:
                 self._lost(job_id)
@@ -243,6 +249,16 @@ class Cluster:
             self.service.queue.poke()
         await self.store.heartbeat_instance(self._beat())
         await self._count_queue()
+        if self.notified and not self.store.listening():
+            await self._listen_again()
+
+    async def _listen_again(self) -> None:
+        """The LISTEN connection was lost (the database restarted): listen on a new one, so that
+        other instances' changes wake this one again rather than only its polling."""
+        log.warning("the connection receiving job change notifications was lost; listening again")
+        self.notified = await self.store.listen(self._on_change)
+        if not self.notified:
+            log.warning("job change notifications no longer arrive; this instance polls")
 
     async def _count_queue(self) -> None:
         self.service.queue.shared_counts = await self.store.queued_counts()
@@ -264,9 +280,19 @@ class Cluster:
         elif job_id in self.service.pool.running:
             self.service.cancel_before_start.add(job_id)
 
+    async def _watch_leases(self) -> None:
+        """Stop this instance's runs before their leases can expire, whatever holds up the
+        heartbeat: a renewal waiting on a slow database (up to its timeout), a starved event loop,
+        an outage. The heartbeat checks only between its beats; this checks every half beat."""
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds / 2)
+            self._stop_if_lease_expired()
+
     def _stop_if_lease_expired(self) -> None:
-        """No renewal for a whole lease: another instance may already run these jobs."""
-        if time.monotonic() - self.last_renewed <= self.settings.lease_seconds:
+        """No renewal for nearly a whole lease: stop the runs here, one heartbeat before another
+        instance's reaper may give their jobs to someone else, so that no stage of a job runs on
+        two instances at once (the margin covers the stop itself)."""
+        if time.monotonic() - self.last_renewed <= self.settings.lease_seconds - self.settings.heartbeat_seconds:
             return
         for job_id, run in list(self.service.runs.items()):
             if run.job.status is JobStatus.RUNNING:

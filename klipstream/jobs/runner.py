@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from klipstream.artifacts import spec
 from klipstream.errors import (
+    DatabaseUnavailable,
     InsufficientResources,
     InternalError,
     KlipstreamError,
@@ -76,10 +77,9 @@ def _nothing_committed(job: Job, effects: Effects) -> None:
 # A terminal state is written with retries: a job must not stay "running" in the store because
 # one write failed. Delays between the attempts, in seconds.
 FINAL_SAVE_DELAYS = (0.2, 0.5, 1.0, 2.0, 4.0)
-# A completed stage's checkpoint waits this long for the job database to come back (an outage):
-# the stage's work is done and is not thrown away for a write that would succeed a minute later.
-CHECKPOINT_SAVE_SECONDS = 300.0
-CHECKPOINT_SAVE_RETRY = RetryPolicy(None, 0.5, 10.0)
+# A shared store (PostgreSQL) that cannot be reached: a state change is written again after these
+# delays (the last one repeating) until the database is back, while the running stages go on.
+OUTAGE_SAVE_DELAYS = (0.25, 0.5, 1.0, 2.0)
 
 
 class CancelReason:
@@ -576,11 +576,11 @@ class JobRun(ProgressSink):
         media_seconds = self.job.video.duration_seconds if self.job.video else None
         self.deps.timings.add(stage.name, seconds, media_seconds)
         self._refresh_progress()
-        await self._save_checkpoint()
+        await self._save("stage_changed")
         try:
             await self.deps.store.record_stage_run(stage.name, seconds, media_seconds)
-        except Exception:  # statistics for the ETA; the job's own state is stored already
-            log.warning("could not record the stage's run time", exc_info=True, extra={"job_id": self.job.job_id})
+        except DatabaseUnavailable as exc:  # a statistic (ETAs): not worth stopping the job for
+            log.warning("stage timing not recorded: %s", exc.message, extra={"job_id": self.job.job_id})
         self._emit("stage_changed")
         await self._discard_spent_checkpoints()
         for key, path in ctx.outputs.items():
@@ -629,33 +629,6 @@ class JobRun(ProgressSink):
             self.job.stage(s.name).status is StageStatus.COMPLETED
             for s in consumers(key, self.stages, self.job.options)
         )
-
-    async def _save_checkpoint(self) -> None:
-        """Store a completed stage, waiting out a database outage (bounded): the stage's work is
-        done, and the write succeeds when the database is back. A lost lease stops at once. Every
-        try carries the same outbox rows (as `_save_final`), so a delivery is written once."""
-        deadline = time.monotonic() + CHECKPOINT_SAVE_SECONDS
-        effects = self.deps.effects("stage_changed", self.job)
-        failures = 0
-        while True:
-            try:
-                await self._save("stage_changed", effects)
-                return
-            except LeaseLost:
-                raise
-            except Exception as exc:
-                error = classify(exc)
-                failures += 1
-                if not error.retryable or time.monotonic() >= deadline:
-                    raise
-                delay = min(CHECKPOINT_SAVE_RETRY.delay(failures), max(0.0, deadline - time.monotonic()))
-                log.warning(
-                    "storing a completed stage failed (%s); trying again in %.1f s",
-                    error.message,
-                    delay,
-                    extra={"job_id": self.job.job_id},
-                )
-                await asyncio.sleep(delay)
 
     async def _publish(self, key: str, path: Path) -> None:
         stored = await self.deps.storage.put(self.job.video_id, spec(key), path)
@@ -800,18 +773,42 @@ class JobRun(ProgressSink):
         """Write the job with the effects of the change `kind` (its stream event, webhook
         deliveries, Convex update) in one transaction; once committed, they are published. A
         failed write's event sequence is not reused (the write may still have committed): the
-        stream skips it, and a subscriber behind the gap gets a fresh snapshot."""
+        stream skips it, and a subscriber behind the gap gets a fresh snapshot.
+
+        With a shared store, a database outage does not end the run: the write (with its effects)
+        is made again until the database is back (the running stages go on meanwhile, and this
+        checkpoint lands then). The outage cannot outlast the lease unnoticed: the cluster's lease
+        watchdog stops a run whose lease went unrenewed for nearly a lease (`lease_lost`, which
+        cancels this wait), since another instance may take the job after that."""
         async with self._save_lock:
             self._last_persist = time.monotonic()
             if effects is None:
                 if kind in ("progress", "stage_changed") and self.job.status is not JobStatus.RUNNING:
                     kind = None  # a background save that ran after the run ended: no event after the last
                 effects = self.deps.effects(kind, self.job)
-            try:
-                await self.deps.store.save_job(self.job, effects)
-            except LeaseLost:
-                self.lease_lost()
-                raise
+            shared = self.deps.store.shared
+            waits = 0
+            while True:
+                try:
+                    await self.deps.store.save_job(self.job, effects)
+                    break
+                except LeaseLost:
+                    self.lease_lost()
+                    raise
+                except DatabaseUnavailable as exc:
+                    if not shared or self.cancel_reason == CancelReason.LEASE_LOST:
+                        raise
+                    delay = OUTAGE_SAVE_DELAYS[min(waits, len(OUTAGE_SAVE_DELAYS) - 1)]
+                    if waits == 0:
+                        log.warning(
+                            "the job database is unavailable (%s); the job goes on and is saved when it is back",
+                            exc.message,
+                            extra={"job_id": self.job.job_id},
+                        )
+                    waits += 1
+                    await asyncio.sleep(delay)
+            if waits:
+                log.info("the job database is back; job saved", extra={"job_id": self.job.job_id})
             self.deps.committed(self.job, effects)
 
     def _close_unfinished_stages(self, reason: str) -> None:

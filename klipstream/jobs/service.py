@@ -320,7 +320,10 @@ class JobService:
                 position = await self._shared_place(existing) if self.shared is not None else None
                 body = self._submit_body(existing, deduplicated=True, position=position)
                 return SubmitOutcome(200, body, existing.job_id)
-        self.queue.reserve()  # raises QueueFull; the place is held across the store write
+        if self.shared is None:
+            # raises QueueFull; the place is held across the store write. A shared store holds the
+            # bound itself, across instances: its insert raises QueueFull.
+            self.queue.reserve()
         try:
             doc = self._new_job_doc(request, video_id, dedup)
             if separate:  # a key of its own: the unique index over active keys must not refuse it
@@ -687,7 +690,8 @@ class JobService:
             other = await self.shared.active_job(key)
             if other is not None and other.job_id != job_id:
                 raise InvalidTransition("another job for this video is already queued or running")
-        self.queue.reserve()  # raises QueueFull before anything changes
+        if self.shared is None:  # a shared store bounds the queue itself (requeue_finished)
+            self.queue.reserve()  # raises QueueFull before anything changes
         try:
             again = job.model_copy(deep=True)
             again.status = JobStatus.QUEUED

@@ -251,6 +251,7 @@ class SharedJobStore(JobStore, Protocol):
     async def remove_instance(self, instance_id: str) -> None: ...
     async def instances(self) -> list[dict[str, Any]]: ...
     async def listen(self, on_change: Callable[[str], None]) -> bool: ...
+    def listening(self) -> bool: ...
 
 
 class JobRow(NamedTuple):
@@ -311,6 +312,8 @@ def create_store(settings: Settings) -> JobStore:
             pool_size=settings.database_pool_size,
             timeout=settings.database_timeout_seconds,
             events_kept=settings.stream_events_kept,
+            max_queued=settings.max_queued_jobs,
+            max_running=settings.cluster_max_running_jobs,
         )
     from klipstream.jobs.store.sqlite import SQLiteStore
 

@@ -56,6 +56,7 @@ from klipstream.jobs.store import (
 )
 from klipstream.jobs.store.migrations import upgrade_postgres
 from klipstream.models import Job
+from klipstream.queue import QueueFull
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ MAX_BATCH = 512  # writes per transaction
 WRITERS = 2  # write transactions in flight at once (on their own pooled connections)
 RETRY_AFTER_SECONDS = 5
 LEASE_LOST_SQLSTATE = "KS001"  # raised by klipstream_fence() (migration 3)
+QUEUE_FULL_SQLSTATE = "KS002"  # raised by klipstream_queue_admit() (migration 7)
 # Payload: the ids of the jobs a commit wrote, comma-separated, or "*" (sent after the commit, for
 # claims); and "job_id:seq" for a job's stream events (sent in the transaction that writes them).
 NOTIFY_CHANNEL = "klipstream_jobs"
@@ -87,12 +89,16 @@ _REFUSED_BY_CLIENT = (asyncpg.InterfaceError, asyncpg.exceptions.InternalClientE
 _NOT_THIS_WRITE = UNAVAILABLE + _REFUSED_BY_CLIENT  # failures of the connection, not of one write
 
 # A new job and, when the submission carried an Idempotency-Key, its record: one statement either
-# way, so a burst of submissions is one run of one statement whatever keys they carry.
+# way, so a burst of submissions is one run of one statement whatever keys they carry. The queue
+# bound ($17; NULL: none) is the database's (klipstream_queue_admit, migration 7): a job beyond it
+# fails the statement with KS002, QueueFull to the caller.
 _INSERT_JOB = """
 WITH job AS (
     INSERT INTO jobs
         (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc, dedup_key, enqueued_at)
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $5)
+    SELECT $1::text, $2::text, $3::text, $4::text, $5::double precision, $6::double precision,
+        $7::double precision, $8::text, $9::text, $5::double precision
+    WHERE klipstream_queue_admit($17::integer)
 )
 INSERT INTO idempotency (key, body_hash, job_id, response, status, created_at, owner)
 SELECT $10::text, $11::text, $12::text, $13::text, $14::integer, $15::double precision, $16::text
@@ -133,7 +139,9 @@ _INSERT_JOB_EVENTS = """
 WITH j AS (
     INSERT INTO jobs
         (job_id, video_id, status, priority, created_at, updated_at, finished_at, doc, dedup_key, enqueued_at)
-    VALUES ($9, $1, $2, $3, $4, $5, $6, $7, $8, $4)
+    SELECT $9::text, $1::text, $2::text, $3::text, $4::double precision, $5::double precision,
+        $6::double precision, $7::text, $8::text, $4::double precision
+    WHERE klipstream_queue_admit($22::integer)
     RETURNING job_id
 ),
 k AS (
@@ -179,6 +187,20 @@ WHERE seq = (
 ) AND status = 'queued'
 RETURNING job_id, lease_token, doc
 """
+# The same claim under a cluster-wide running limit ($4): once the next job is chosen and locked,
+# klipstream_running_below (migration 7) takes an advisory lock, held to the end of this
+# statement's transaction, and counts the running jobs with a snapshot taken after it, so claims
+# racing on several instances cannot both take the last place. Called last (the costliest
+# condition of the row found by seq), so only the count and the update of one row are serialised
+# across the cluster, not the search of the queue.
+_CLAIM_LIMITED = f"""
+UPDATE jobs SET status = 'running', lease_owner = $1, lease_token = nextval('lease_tokens'),
+    lease_expires_at = {_NOW} + $2::double precision
+WHERE seq = (
+    SELECT seq FROM jobs WHERE status = 'queued' ORDER BY {_SCORE} DESC, seq LIMIT 1 FOR UPDATE SKIP LOCKED
+) AND status = 'queued' AND klipstream_running_below($4::integer)
+RETURNING job_id, lease_token, doc
+"""
 _RENEW = f"""
 UPDATE jobs SET lease_expires_at = {_NOW} + $3::double precision
 FROM unnest($1::text[], $2::bigint[]) AS held (job_id, token)
@@ -202,7 +224,7 @@ _CANCEL_QUEUED = "UPDATE jobs SET status=$1, updated_at=$2, finished_at=$3, doc=
 _REQUEUE_FINISHED = f"""
 UPDATE jobs SET status=$1, priority=$2, updated_at=$3, finished_at=NULL, doc=$4, dedup_key=$5,
     enqueued_at={_NOW}, cancel_requested=false, lease_owner=NULL, lease_token=NULL, lease_expires_at=NULL
-WHERE job_id=$6 AND status IN ('failed', 'cancelled')
+WHERE job_id=$6 AND status IN ('failed', 'cancelled') AND klipstream_queue_admit($7::integer)
 """
 _ENTERED = "COALESCE(enqueued_at, created_at)"
 # Jobs ahead of a queued job: in each lane, those that entered before the job's entry time shifted
@@ -366,8 +388,23 @@ class PostgresStore:
 
     shared = True  # several instances use one database: jobs are claimed with leases (klipstream.jobs.cluster)
 
-    def __init__(self, url: str, *, pool_size: int = 10, timeout: float = 5.0, events_kept: int = EVENTS_KEPT) -> None:
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = 10,
+        timeout: float = 5.0,
+        max_queued: int | None = None,
+        max_running: int | None = None,
+        events_kept: int = EVENTS_KEPT,
+    ) -> None:
+        """`max_queued`: the queue bound (KLIPSTREAM_MAX_QUEUED_JOBS), held by the database across
+        every instance: a new or retried job beyond it is refused with QueueFull. `max_running`:
+        the cluster-wide running limit (KLIPSTREAM_CLUSTER_MAX_RUNNING_JOBS); None: none.
+        `events_kept`: stream events kept per job (KLIPSTREAM_STREAM_EVENTS_KEPT)."""
         self.url = url
+        self.max_queued = max_queued
+        self.max_running = max_running
         self.events_kept = events_kept
         self.pool_size = max(WRITERS + 1, pool_size)  # the writers' connections and one for reads at least
         self.timeout = timeout
@@ -548,6 +585,11 @@ class PostgresStore:
         except Exception as exc:
             log.debug("job change notification not sent: %s", exc)
 
+    def listening(self) -> bool:
+        """The LISTEN connection is open. It is not after a restart of the database (or a broken
+        network): the cluster's heartbeat then listens again (klipstream.jobs.cluster)."""
+        return self._listener is not None and not self._listener.is_closed()
+
     async def listen(self, on_change: Callable[[str], None]) -> bool:
         """Receive the job changes every instance notifies, on a connection of its own. Checks
         that a notification really arrives (it does not through a transaction-pooling proxy such
@@ -566,6 +608,8 @@ class PostgresStore:
         except UNAVAILABLE as exc:
             raise self._unavailable(exc) from exc
         await conn.add_listener(NOTIFY_CHANNEL, received)
+        if self._listener is not None:  # a lost one (listening() said so): let it go
+            self._listener.terminate()
         self._listener = conn
         await self._with_connection(lambda c: c.execute("SELECT pg_notify($1, $2)", NOTIFY_CHANNEL, token))
         try:
@@ -635,10 +679,11 @@ class PostgresStore:
         )
         then = effect_statements(effects) if effects.deliveries else ()
         if not effects.events:
-            await self._write(_INSERT_JOB, (*row, *record), row.job_id, then)
+            await self._write(_INSERT_JOB, (*row, *record, self.max_queued), row.job_id, then)
             return
         job_id, *rest = row
-        await self._write(_INSERT_JOB_EVENTS, (*rest, job_id, *self._event_args(effects), *record), job_id, then)
+        args = (*rest, job_id, *self._event_args(effects), *record, self.max_queued)
+        await self._write(_INSERT_JOB_EVENTS, args, job_id, then)
 
     async def save_job(self, job: Job, effects: Effects = NO_EFFECTS) -> None:
         """Write the job, with its effects in the same statement; a job leased here only while the
@@ -790,7 +835,13 @@ class PostgresStore:
         """Take the next queued job (priority lanes, FIFO, ageing from the stored enqueue time) with
         a lease for `owner`; (job id, stored JSON), or None when nothing is queued. SKIP LOCKED: two
         instances claiming at once take different jobs, and neither waits for the other."""
-        row = await self._with_connection(lambda c: c.fetchrow(_CLAIM, owner, lease_seconds, aging_seconds))
+        limit = self.max_running
+        if limit is None:
+            row = await self._with_connection(lambda c: c.fetchrow(_CLAIM, owner, lease_seconds, aging_seconds))
+        else:
+            row = await self._with_connection(
+                lambda c: c.fetchrow(_CLAIM_LIMITED, owner, lease_seconds, aging_seconds, limit)
+            )
         if row is None:
             return None
         self._leases[row["job_id"]] = row["lease_token"]
@@ -850,11 +901,17 @@ class PostgresStore:
         return status.endswith(" 1")
 
     async def requeue_finished(self, job: Job, effects: Effects = NO_EFFECTS) -> bool:
-        """Store `job` (queued again) if its row is still failed or cancelled: one retry wins."""
+        """Store `job` (queued again) if its row is still failed or cancelled: one retry wins.
+        Under the queue bound like a new job: QueueFull when the shared queue is full."""
         row = JobRow.of(job)
-        return await self._conditional(
-            _REQUEUE_FINISHED, (row.status, row.priority, row.updated_at, row.doc, row.dedup_key, row.job_id), effects
-        )
+        args = (row.status, row.priority, row.updated_at, row.doc, row.dedup_key, row.job_id, self.max_queued)
+        try:
+            return await self._conditional(_REQUEUE_FINISHED, args, effects)
+        except asyncpg.PostgresError as exc:
+            failure = _own_failure(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
 
     async def active_job(self, dedup_key: str) -> Job | None:
         """The oldest queued or running job with this deduplication key, on any instance."""
@@ -1134,9 +1191,13 @@ async def _execute(conn: asyncpg.Connection, writes: list[_Write]) -> None:
 
 
 def _own_failure(exc: BaseException) -> BaseException:
-    """A write's failure as its caller should see it: the fence's refusal is LeaseLost."""
-    if getattr(exc, "sqlstate", None) == LEASE_LOST_SQLSTATE:
+    """A write's failure as its caller should see it: the fence's refusal is LeaseLost, the queue
+    bound's is QueueFull."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if sqlstate == LEASE_LOST_SQLSTATE:
         return LeaseLost(str(exc))
+    if sqlstate == QUEUE_FULL_SQLSTATE:
+        return QueueFull(str(exc))
     return exc
 
 

@@ -2,8 +2,10 @@
 
 Each backend has a directory of numbered SQL files (`sqlite/0001_initial.sql`,
 `postgres/0001_initial.sql`, …); a database records the versions it has in `schema_version`. At
-start (and by `klipstream db upgrade`) the files above the recorded version are applied in order,
-each with its version row, all in one transaction:
+start (and by `klipstream db upgrade`) the files whose version is not recorded are applied in
+order, each with its version row, all in one transaction. Numbers need not be consecutive: branches
+developed side by side reserve theirs, and a database that got a later number first still gets the
+earlier ones once they land (migrations are written to be independent of one another's order).
 
 * SQLite: `BEGIN IMMEDIATE` takes the database's write lock first, so two processes opening the
   same file apply each migration once.
@@ -73,13 +75,19 @@ def migrations(backend: str) -> list[Migration]:
         found.append(Migration(int(number), name, entry.read_text(encoding="utf-8")))
     found.sort(key=lambda m: m.version)
     versions = [m.version for m in found]
-    if versions != list(range(1, len(found) + 1)):
-        raise RuntimeError(f"{backend} migrations must be numbered 1, 2, 3, … without gaps; found {versions}")
+    if len(set(versions)) != len(versions) or (versions and versions[0] < 1):
+        raise RuntimeError(f"{backend} migrations must have distinct numbers from 1; found {versions}")
     return found
 
 
 def latest(backend: str) -> int:
-    return len(migrations(backend))
+    found = migrations(backend)
+    return found[-1].version if found else 0
+
+
+def versions(backend: str) -> list[int]:
+    """The versions this code has, in order (numbers reserved by branches not merged yet are gaps)."""
+    return [m.version for m in migrations(backend)]
 
 
 def _newer_warning(backend: str, current: int) -> None:
@@ -130,9 +138,10 @@ def upgrade_sqlite(conn: sqlite3.Connection) -> Upgrade:
     try:
         conn.execute(_VERSION_TABLE[SQLITE])
         before = conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        recorded = {row[0] for row in conn.execute("SELECT version FROM schema_version")}
         applied = []
         for migration in migrations(SQLITE):
-            if migration.version <= before:
+            if migration.version in recorded:
                 continue
             for statement in sqlite_statements(migration.sql):
                 if not _column_present(conn, statement):
@@ -160,9 +169,10 @@ async def upgrade_postgres(conn: asyncpg.Connection) -> Upgrade:
         await conn.execute("SELECT pg_advisory_xact_lock($1)", ADVISORY_LOCK_KEY)
         await conn.execute(_VERSION_TABLE[POSTGRES])
         before = await conn.fetchval("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        recorded = {row[0] for row in await conn.fetch("SELECT version FROM schema_version")}
         applied = []
         for migration in migrations(POSTGRES):
-            if migration.version <= before:
+            if migration.version in recorded:
                 continue
             await conn.execute(migration.sql)  # no arguments: the simple protocol runs the whole script
             await conn.execute(

@@ -1,0 +1,3 @@
+-- Issue 14 (operations): PostgreSQL's migration 7 adds the functions that hold the cluster-wide
+-- bounds. One SQLite file has one process, which bounds its queue in memory: nothing to add; the
+-- version stays in step with PostgreSQL's.

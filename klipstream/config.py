@@ -205,6 +205,8 @@ class Settings:
     gcs_bucket_transcripts: str = _env("KLIPSTREAM_GCS_BUCKET_TRANSCRIPTS", default="klipstream-transcripts")
     gcs_bucket_chatlogs: str = _env("KLIPSTREAM_GCS_BUCKET_CHATLOGS", default="klipstream-chatlogs")
     gcs_bucket_analysis: str = _env("KLIPSTREAM_GCS_BUCKET_ANALYSIS", default="klipstream-analysis")
+    # where job checkpoints go with KLIPSTREAM_STORAGE=gcs; empty: KLIPSTREAM_GCS_BUCKET, else the raw bucket
+    gcs_bucket_checkpoints: str = _env("KLIPSTREAM_GCS_BUCKET_CHECKPOINTS", default="")
     gcs_signing_account: str = _env("KLIPSTREAM_GCS_SIGNING_ACCOUNT", default="")  # sign URLs via IAM signBlob
     signed_url_seconds: int = _env("KLIPSTREAM_SIGNED_URL_SECONDS", _positive_int, default=7 * 24 * 3600)
     upload_concurrency: int = _env("KLIPSTREAM_UPLOAD_CONCURRENCY", _positive_int, default=4)

@@ -198,6 +198,16 @@ class VideoInfo(BaseModel):
     extractor: str | None = None
 
 
+class Checkpoint(BaseModel):
+    """A completed stage's output copied to shared storage, so a job resumed on another instance
+    restores it instead of downloading or transcribing again (klipstream.jobs.checkpoints)."""
+
+    file: str = Field(description="File name in the job directory.")
+    uri: str = Field(description="Where the copy is, e.g. gs://bucket/_checkpoints/{job_id}/{file}.")
+    size: int
+    md5: str = Field(description="Base64 MD5 the storage confirmed; a restore that reads other bytes is refused.")
+
+
 class Job(BaseModel):
     job_id: str
     video_id: str
@@ -223,6 +233,11 @@ class Job(BaseModel):
     result_uris: dict[str, str] = Field(default_factory=dict, description="Artifact key to its storage URI.")
     artifacts: dict[str, str] = Field(
         default_factory=dict, description="Artifact key to file name in the job directory."
+    )
+    checkpoints: dict[str, Checkpoint] = Field(
+        default_factory=dict,
+        description="Artifact key to its copy in shared storage: what an instance resuming this job can "
+        "restore instead of running the stage that made it again (empty with local storage).",
     )
     error: JobError | None = None
     warnings: list[str] = Field(default_factory=list)

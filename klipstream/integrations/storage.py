@@ -231,6 +231,26 @@ def _file_md5(path: Path) -> tuple[int, str]:
     return size, base64.b64encode(digest.digest()).decode("ascii")
 
 
+class _HashingWriter:
+    """A file written block by block (in a worker thread) while its MD5 and size are counted."""
+
+    def __init__(self, path: Path) -> None:
+        self._file = path.open("wb")
+        self._digest = hashlib.md5(usedforsecurity=False)
+        self.size = 0
+
+    def write(self, block: bytes) -> None:
+        self._file.write(block)
+        self._digest.update(block)
+        self.size += len(block)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def md5(self) -> str:
+        return base64.b64encode(self._digest.digest()).decode("ascii")
+
+
 def _read_at(fd: int, offset: int, length: int) -> bytes:
     return os.pread(fd, length, offset)
 
@@ -281,6 +301,7 @@ class GcsStorage:
         self._limit = asyncio.Semaphore(settings.upload_concurrency)
         self._is_dev, api_root = init_api_root(None)
         self._upload_root = f"{api_root}/upload/storage/v1/b"
+        self._read_root = f"{api_root}/storage/v1/b"
         self._client = GcsClient(session=session)  # type: ignore[arg-type]  # library types name requests' Session
         service_data = self._client.token.service_data
         self._sign_locally = bool(service_data.get("private_key") and service_data.get("client_email"))
@@ -323,6 +344,8 @@ class GcsStorage:
         while True:
             try:
                 return await op()
+            except StorageError:
+                raise  # already classified by the operation itself
             except Exception as exc:
                 failures += 1
                 if not _is_transient(exc) or self._retry.exhausted(failures):
@@ -334,20 +357,101 @@ class GcsStorage:
 
     async def put(self, video_id: str, artifact: ArtifactSpec, path: Path) -> StoredObject:
         bucket, name = self.location(video_id, artifact, path)
+        metadata = {"video_id": video_id, "artifact": artifact.key}
+        size, md5 = await self.upload_file(bucket, name, path, artifact.content_type, metadata)
+        return StoredObject(
+            uri=f"gs://{bucket}/{name}", url=await self._url(bucket, name, size), size=size, md5_base64=md5
+        )
+
+    async def upload_file(
+        self, bucket: str, name: str, path: Path, content_type: str, metadata: dict[str, str]
+    ) -> tuple[int, str]:
+        """Upload `path` to gs://bucket/name, streamed above the resumable threshold, and return
+        (size, base64 MD5) once the server's checksum matches; published artifacts and job
+        checkpoints (klipstream.jobs.checkpoints) both go through here."""
         async with self._limit:
             try:
                 size, md5 = await asyncio.to_thread(_file_md5, path)
             except OSError as exc:
                 raise StorageError(f"Could not read {path.name} for upload: {exc.strerror or exc}.") from exc
-            metadata = {"metadata": {"video_id": video_id, "artifact": artifact.key}}
+            body = {"metadata": metadata}
             if size > self._threshold:
-                result = await self._upload_resumable(bucket, name, path, size, md5, artifact.content_type, metadata)
+                result = await self._upload_resumable(bucket, name, path, size, md5, content_type, body)
             else:
-                result = await self._upload_small(bucket, name, path, artifact.content_type, metadata)
+                result = await self._upload_small(bucket, name, path, content_type, body)
             self._verify(bucket, name, result, size, md5)
-        return StoredObject(
-            uri=f"gs://{bucket}/{name}", url=await self._url(bucket, name, size), size=size, md5_base64=md5
-        )
+        return size, md5
+
+    async def download_file(self, bucket: str, name: str, dest: Path, *, size: int, md5: str) -> None:
+        """Stream gs://bucket/name into `dest` (written under a temporary name, renamed when the
+        size and MD5 match what the upload confirmed), in bounded blocks: a multi-GB file never
+        sits in memory. Transient failures start the transfer over, through the retry policy."""
+        what = f"download gs://{bucket}/{name}"
+        url = f"{self._read_root}/{quote(bucket, safe='')}/o/{quote(name, safe='')}"
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}.{random.getrandbits(32):08x}.part")
+
+        async def attempt() -> None:
+            headers = await self._auth()
+            timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=120)
+            async with self._session.get(url, params={"alt": "media"}, headers=headers, timeout=timeout) as resp:
+                if resp.status == 404:
+                    raise StorageError(f"gs://{bucket}/{name} does not exist.", code="gcs_object_not_found")
+                await self._raise_for(resp)
+                sink = await asyncio.to_thread(_HashingWriter, tmp)
+                try:
+                    async for block in resp.content.iter_chunked(_HASH_BLOCK):
+                        await asyncio.to_thread(sink.write, block)
+                finally:
+                    await asyncio.to_thread(sink.close)
+            if sink.size != size or sink.md5() != md5:
+                raise StorageError(
+                    f"gs://{bucket}/{name} read back {sink.size} bytes with MD5 {sink.md5()}, "
+                    f"expected {size} and {md5}.",
+                    code="gcs_checksum_mismatch",
+                )
+
+        try:
+            async with self._limit:
+                await self._retrying(what, attempt)
+            await asyncio.to_thread(os.replace, tmp, dest)
+        finally:
+            await asyncio.to_thread(tmp.unlink, True)
+
+    async def delete_prefix(self, bucket: str, prefix: str) -> int:
+        """Delete every object under `prefix` (a job's checkpoints); objects already gone count as deleted."""
+        removed = 0
+        for item in await self.list_prefix(bucket, prefix):
+            await self.delete_object(bucket, item["name"])
+            removed += 1
+        return removed
+
+    async def delete_object(self, bucket: str, name: str) -> None:
+        """Delete one object; one already gone is not an error."""
+
+        async def delete() -> None:
+            try:
+                await self._client.delete(bucket, name, timeout=60)
+            except aiohttp.ClientResponseError as exc:
+                if exc.status != 404:
+                    raise
+
+        await self._retrying(f"delete gs://{bucket}/{name}", delete)
+
+    async def list_prefix(self, bucket: str, prefix: str) -> list[dict[str, Any]]:
+        """The object resources under `prefix`, every page."""
+        items: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            params = {"prefix": prefix, **({"pageToken": token} if token else {})}
+
+            async def page(params: dict[str, str] = params) -> dict[str, Any]:
+                return await self._client.list_objects(bucket, params=params, timeout=60)
+
+            listing = await self._retrying(f"list gs://{bucket}/{prefix}", page)
+            items.extend(listing.get("items", []))
+            token = listing.get("nextPageToken") or ""
+            if not token:
+                return items
 
     def _verify(self, bucket: str, name: str, result: dict[str, Any], size: int, md5: str) -> None:
         if int(result.get("size", -1)) != size:
@@ -497,7 +601,7 @@ class GcsStorage:
         return await self._retrying(f"sign a URL for gs://{bucket}/{name}", sign)
 
     async def list_objects(self, video_id: str | None = None) -> list[StoredObject]:
-        if video_id is not None and not _SAFE_ID.match(video_id):
+        if video_id is not None and (not _SAFE_ID.match(video_id) or video_id == "_checkpoints"):
             return []
         found: list[StoredObject] = []
         for bucket in self._buckets():
@@ -512,6 +616,8 @@ class GcsStorage:
 
                 listing = await self._retrying(f"list gs://{bucket}", page)
                 for item in listing.get("items", []):
+                    if item["name"].startswith("_checkpoints/"):  # a job's intermediates (klipstream.jobs.checkpoints)
+                        continue
                     size = int(item.get("size", 0))
                     found.append(
                         StoredObject(

@@ -2,7 +2,8 @@
 
 A failed or cancelled job keeps its working directory (downloaded media, 16 kHz PCM: gigabytes,
 and on Cloud Run that disk is memory) so a retry resumes from its checkpoints; after
-KLIPSTREAM_RETAIN_WORKDIRS_SECONDS without a retry it is removed. Finished job rows, idempotency
+KLIPSTREAM_RETAIN_WORKDIRS_SECONDS without a retry it is removed, and so are its checkpoints in
+shared storage (klipstream.jobs.checkpoints), which any instance may sweep. Finished job rows, idempotency
 records, stage timings, finished webhook deliveries and local artifacts each have their own
 retention. A retention of 0 keeps that kind of data forever.
 """
@@ -39,6 +40,7 @@ class Sweep:
     """What one pass removed."""
 
     workdirs: int = 0
+    checkpoints: int = 0  # jobs whose checkpoints were removed
     jobs: int = 0
     idempotency: int = 0
     stage_runs: int = 0
@@ -46,7 +48,8 @@ class Sweep:
     artifacts: int = 0
 
     def total(self) -> int:
-        return self.workdirs + self.jobs + self.idempotency + self.stage_runs + self.webhooks + self.artifacts
+        kept = (self.workdirs, self.checkpoints, self.jobs, self.idempotency, self.stage_runs, self.webhooks)
+        return sum(kept) + self.artifacts
 
 
 class Janitor:
@@ -88,6 +91,7 @@ class Janitor:
         swept = Sweep()
         if s.retain_workdirs_seconds and not s.keep_workdirs:
             swept.workdirs = await self._workdirs(now - s.retain_workdirs_seconds)
+            swept.checkpoints = await self._checkpoints(now - s.retain_workdirs_seconds)
         if s.retain_jobs_seconds:
             swept.jobs = await self._jobs(now - s.retain_jobs_seconds)
         store = self.service.store
@@ -132,6 +136,29 @@ class Janitor:
             removed += 1
         for name in trash:
             await asyncio.to_thread(shutil.rmtree, root / name, True)
+        return removed
+
+    async def _checkpoints(self, ended_before: float) -> int:
+        """Remove the checkpoints of jobs that ended before the cutoff (a completed job removes its
+        own; these are failed or cancelled jobs not retried, or a removal that failed). A job with
+        no row is judged by its newest checkpoint's age."""
+        store = self.service.deps.checkpoints
+        if not store.remote:
+            return 0
+        found = await store.jobs()
+        candidates = [job_id for job_id in found if not self._active(job_id)]
+        states = await self.service.store.job_states(candidates)
+        removed = 0
+        for job_id in candidates:
+            state = states.get(job_id)
+            if state is not None:
+                status, finished_at = state
+                if status not in _ENDED or finished_at is None or finished_at >= ended_before:
+                    continue
+            elif found[job_id] >= ended_before:
+                continue
+            await store.remove_job(job_id)
+            removed += 1
         return removed
 
     def _active(self, job_id: str) -> bool:

@@ -4,7 +4,9 @@ The pipeline is a list of `Stage` declarations in dependency order. The runner s
 whose needed artifacts exist (so chat runs beside the download, chat analysis beside
 transcription), checkpoints each finished stage to the store, publishes its artifacts while later
 stages run, retries retryable failures with backoff, and turns everything that happens into job
-events. A resumed job (retry, restart) skips the stages whose artifacts are already on disk.
+events. A resumed job (retry, restart, or claimed by another instance) skips the stages whose
+outputs are on disk or, with shared storage, restorable from the job's checkpoints
+(klipstream.jobs.checkpoints): a completed stage copies there what later stages still need.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from klipstream.errors import (
     TimeLimitExceeded,
     classify,
 )
+from klipstream.jobs.checkpoints import CheckpointStore, LocalCheckpoints, consumers
 from klipstream.jobs.progress import compute_progress
 from klipstream.jobs.stage import ProgressSink, Resource, Stage, StageContext
 from klipstream.jobs.store import NO_EFFECTS, Effects, LeaseLost
 from klipstream.models import (
+    Checkpoint,
     Job,
     JobError,
     JobStatus,
@@ -99,6 +103,7 @@ class RunnerDeps:
     user_http: aiohttp.ClientSession | None = None  # for user-supplied URLs (klipstream.network)
     effects: EffectsOf = _no_effects  # composed by the JobService from its producers
     committed: Committed = _nothing_committed
+    checkpoints: CheckpointStore = field(default_factory=LocalCheckpoints)  # shared storage, or the data dir
 
 
 class ResourceLimit:
@@ -185,6 +190,7 @@ class JobRun(ProgressSink):
         self._last_persist = 0.0
         self._last_progress = 0.0
         self._persisting: asyncio.Task[None] | None = None  # the progress checkpoint in flight
+        self._dirty = False  # a change to save once more after the background save in flight
         # One save of this job at a time: its events get consecutive sequences and are published
         # in the order they committed (the store writes a job's rows in order anyway).
         self._save_lock = asyncio.Lock()
@@ -206,6 +212,7 @@ class JobRun(ProgressSink):
         self._task = asyncio.current_task()
         try:
             await self._start()
+            await self._restore()
             await self._schedule()
             await self._finish_publishing()
         except asyncio.CancelledError:
@@ -268,27 +275,151 @@ class JobRun(ProgressSink):
         states = []
         for stage in self.stages:
             state = known.get(stage.name) or StageState(name=stage.name, display=stage.display)
-            if state.status.done and not self._outputs_present(stage, state):
-                state.status = StageStatus.PENDING
             if not state.status.done:
-                state.status = StageStatus.PENDING
-                state.progress = 0.0
-                state.error = None
-                state.finished_at = None
+                self._reset(state)
             states.append(state)
         self.job.stages = states
-        for key, filename in list(self.job.artifacts.items()):
+        self._reconcile()
+        self._remove_partial_files()
+        self._collect_available()
+
+    @staticmethod
+    def _reset(state: StageState) -> None:
+        state.status = StageStatus.PENDING
+        state.progress = 0.0
+        state.error = None
+        state.finished_at = None
+
+    def _reconcile(self) -> None:
+        """Completed stages whose outputs are neither here nor restorable run again; repeated
+        until stable, because a stage that runs again makes its own inputs needed."""
+        changed = True
+        while changed:
+            changed = False
+            for stage in self.stages:
+                state = self.job.stage(stage.name)
+                if state.status is StageStatus.COMPLETED and not self._outputs_present(stage):
+                    if self.deps.checkpoints.remote:
+                        self._rerun_warning(stage, "an output it made is neither here nor checkpointed")
+                    self._reset(state)
+                    changed = True
+
+    def _outputs_present(self, stage: Stage) -> bool:
+        """With the data directory as the checkpoint every output must be on disk (as always);
+        with shared checkpoints an output may instead be restorable, or not needed at all (published
+        already, and read by no stage that still runs)."""
+        for key in stage.provides:
+            filename = self.job.artifacts.get(key)
+            if filename is None or (self.workdir / filename).is_file():
+                continue
+            if not self.deps.checkpoints.remote:
+                return False
+            if key in self.job.checkpoints:
+                continue
+            if key not in self._needed_keys():
+                continue
+            return False
+        return True
+
+    def _needed_keys(self) -> set[str]:
+        """Artifacts this run must have on disk: read by a stage that still runs, or published
+        outputs of completed stages whose publication was not recorded (published again)."""
+        needed = {
+            key
+            for stage in self.stages
+            if self.job.stage(stage.name).status is StageStatus.PENDING
+            and (stage.wanted is None or stage.wanted(self.job.options))
+            for key in (*stage.needs, *stage.uses)
+        }
+        for stage in self.stages:
+            if self.job.stage(stage.name).status is StageStatus.COMPLETED:
+                needed.update(
+                    key
+                    for key in stage.provides
+                    if key in self.job.artifacts and spec(key).published and key not in self.job.results
+                )
+        return needed
+
+    def _collect_available(self) -> None:
+        """The artifacts on disk whose producer completed (a stage that runs again rewrites its own)."""
+        self.available.clear()
+        for key, filename in self.job.artifacts.items():
+            producer = self.producers.get(key)
+            if producer is not None and self.job.stage(producer).status is not StageStatus.COMPLETED:
+                continue
             path = self.workdir / filename
             if path.is_file():
                 self.available[key] = path
-        self._remove_partial_files()
 
-    def _outputs_present(self, stage: Stage, state: StageState) -> bool:
-        if state.status is not StageStatus.COMPLETED:
+    async def _restore(self) -> None:
+        """Bring back from the checkpoints what the remaining stages need; an output that cannot be
+        restored (missing, corrupt) makes its stage run again, with a warning, not a failure."""
+        if not self.deps.checkpoints.remote:
+            self._republish_unrecorded()
+            return
+        restored: list[str] = []
+        while True:
+            missing = [
+                key
+                for key in sorted(self._needed_keys())
+                if key in self.job.artifacts
+                and self.producers.get(key) is not None
+                and self.job.stage(self.producers[key]).status is StageStatus.COMPLETED
+                and not (self.workdir / self.job.artifacts[key]).is_file()
+            ]
+            if not missing:
+                break
+            for key in missing:
+                if await self._restore_one(key):
+                    restored.append(key)
+                else:
+                    self._reset(self.job.stage(self.producers[key]))
+            self._reconcile()
+        self._collect_available()
+        if restored:
+            log.info("restored %s from checkpoints", ", ".join(restored), extra={"job_id": self.job.job_id})
+        self._republish_unrecorded()
+
+    async def _restore_one(self, key: str) -> bool:
+        checkpoint = self.job.checkpoints.get(key)
+        producer = self.by_name[self.producers[key]]
+        try:
+            if checkpoint is None:
+                raise StorageError(f"no checkpoint of {key!r} was recorded", code="checkpoint_missing")
+            await self.deps.checkpoints.restore(checkpoint, self.workdir / self.job.artifacts[key])
             return True
-        return all(
-            (self.workdir / self.job.artifacts[key]).is_file() for key in stage.provides if key in self.job.artifacts
+        except (asyncio.CancelledError, LeaseLost):
+            raise
+        except Exception as exc:  # missing, corrupt or unreachable: the stage runs again instead
+            error = classify(exc)
+            self.job.checkpoints.pop(key, None)
+            self._rerun_warning(producer, f"its checkpoint of {key} could not be restored ({error.message})", error)
+            return False
+
+    def _rerun_warning(self, stage: Stage, why: str, error: KlipstreamError | None = None) -> None:
+        """A completed stage runs again on resume: the job says so (it takes longer), it does not fail."""
+        self.job.warnings.append(f"{stage.display.value}: {why}; the step runs again.")
+        log.warning(
+            "completed stage %s runs again: %s",
+            stage.name,
+            why,
+            extra={
+                "job_id": self.job.job_id,
+                "stage": stage.name,
+                "error_type": error.error_type if error else "checkpoint_missing",
+            },
         )
+
+    def _republish_unrecorded(self) -> None:
+        """Outputs of completed stages whose publication was in flight when the last run stopped."""
+        for stage in self.stages:
+            if self.job.stage(stage.name).status is not StageStatus.COMPLETED:
+                continue
+            for key in stage.provides:
+                path = self.available.get(key)
+                if path is not None and spec(key).published and key not in self.job.results:
+                    task = asyncio.create_task(self._publish(key, path), name=f"publish-{key}")
+                    self.publishing.add(task)
 
     def _remove_partial_files(self) -> None:
         """Delete everything in the job directory that is not a checkpointed artifact."""
@@ -436,6 +567,7 @@ class JobRun(ProgressSink):
         for key, path in ctx.outputs.items():
             self.available[key] = path
             self.job.artifacts[key] = path.name
+        await self._checkpoint_outputs(stage, ctx.outputs)
         seconds = time.monotonic() - self._stage_started.get(stage.name, time.monotonic())
         state.status = StageStatus.COMPLETED
         state.progress = 1.0
@@ -450,15 +582,70 @@ class JobRun(ProgressSink):
         except DatabaseUnavailable as exc:  # a statistic (ETAs): not worth stopping the job for
             log.warning("stage timing not recorded: %s", exc.message, extra={"job_id": self.job.job_id})
         self._emit("stage_changed")
+        await self._discard_spent_checkpoints()
         for key, path in ctx.outputs.items():
             if spec(key).published:
                 task = asyncio.create_task(self._publish(key, path), name=f"publish-{key}")
                 self.publishing.add(task)
 
+    async def _checkpoint_outputs(self, stage: Stage, outputs: dict[str, Path]) -> None:
+        """Copy to shared storage the unpublished outputs a later stage of this job reads, before
+        the stage is stored as completed (so a completed stage in the job row has their checkpoints).
+        A published output's checkpoint is its published object (`_publish`), not a second copy.
+        A failed copy is a warning: the job goes on; only a resume elsewhere runs the stage again."""
+        if not self.deps.checkpoints.remote:
+            return
+        for key, path in outputs.items():
+            if spec(key).published or not consumers(key, self.stages, self.job.options):
+                continue
+            try:
+                self.job.checkpoints[key] = await self.deps.checkpoints.save(self.job.job_id, key, path)
+            except (asyncio.CancelledError, LeaseLost):
+                raise
+            except Exception as exc:
+                self.job.checkpoints.pop(key, None)
+                log.warning(
+                    "could not checkpoint %s; a resume on another instance runs %s again: %s",
+                    key,
+                    stage.name,
+                    classify(exc).message,
+                    extra={"job_id": self.job.job_id, "stage": stage.name},
+                )
+
+    async def _discard_spent_checkpoints(self) -> None:
+        """Drop checkpoints every reader of which has completed (the media once the audio is
+        decoded, the PCM once transcribed): storage holds what a resume needs, not the history."""
+        spent = [key for key in self.job.checkpoints if self._spent(key)]
+        for key in spent:
+            checkpoint = self.job.checkpoints.pop(key)
+            try:
+                await self.deps.checkpoints.discard(checkpoint)
+            except Exception:  # the job's end (or the janitor) removes it
+                log.warning("could not discard checkpoint %s", key, exc_info=True, extra={"job_id": self.job.job_id})
+
+    def _spent(self, key: str) -> bool:
+        """Every stage of this job that reads `key` has completed."""
+        return all(
+            self.job.stage(s.name).status is StageStatus.COMPLETED
+            for s in consumers(key, self.stages, self.job.options)
+        )
+
     async def _publish(self, key: str, path: Path) -> None:
         stored = await self.deps.storage.put(self.job.video_id, spec(key), path)
         self.job.results[key] = stored.url
         self.job.result_uris[key] = stored.uri
+        if (
+            self.deps.checkpoints.remote
+            and stored.md5_base64 is not None
+            and consumers(key, self.stages, self.job.options)
+            and not self._spent(key)
+        ):
+            # the published copy is the checkpoint; its MD5 refuses a restore if another job of the
+            # same video has replaced the object since
+            self.job.checkpoints[key] = Checkpoint(
+                file=path.name, uri=stored.uri, size=stored.size, md5=stored.md5_base64
+            )
+        self._persist_soon()  # a resume elsewhere then knows it is published and need not restore it
 
     async def _finish_publishing(self) -> None:
         if not self.publishing:
@@ -496,6 +683,18 @@ class JobRun(ProgressSink):
         self._emit("completed")
         if not self.settings.keep_workdirs:
             await asyncio.to_thread(shutil.rmtree, self.workdir, True)
+        await self._remove_checkpoints()
+
+    async def _remove_checkpoints(self) -> None:
+        """A completed job needs no checkpoints; failed and cancelled jobs keep theirs for a retry
+        until the janitor's KLIPSTREAM_RETAIN_WORKDIRS_SECONDS."""
+        if not self.deps.checkpoints.remote or self.cancel_reason == CancelReason.LEASE_LOST:
+            return
+        try:
+            async with asyncio.timeout(60):
+                await self.deps.checkpoints.remove_job(self.job.job_id)
+        except Exception:  # the janitor removes them later
+            log.warning("could not remove the job's checkpoints", exc_info=True, extra={"job_id": self.job.job_id})
 
     async def _failed(self, stage: str | None, error: KlipstreamError) -> None:
         job = self.job
@@ -554,6 +753,13 @@ class JobRun(ProgressSink):
         self.job.video = info
         self.job.updated_at = utcnow()
         self._persisting = self._persisting or asyncio.create_task(self._save_in_background())
+
+    def _persist_soon(self) -> None:
+        """Save the job in the background, once more after a save already under way (which may
+        have serialised the job before this change)."""
+        self._dirty = True
+        if self._persisting is None:
+            self._persisting = asyncio.create_task(self._save_in_background())
 
     def set_highlights(self, highlights: list[dict[str, Any]]) -> None:
         self.job.highlights = highlights
@@ -643,7 +849,11 @@ class JobRun(ProgressSink):
     async def _save_in_background(self, kind: str | None = None) -> None:
         """The progress checkpoint (`_persisting`): at most one in flight."""
         try:
+            self._dirty = False
             await self._save(kind)
+            while self._dirty:
+                self._dirty = False
+                await self._save()
         except LeaseLost:
             pass  # the run is stopping (lease_lost() said why)
         except Exception:  # progress snapshots are best effort; state changes are not

@@ -18,6 +18,7 @@ from klipstream.config import Settings, remove_secrets_from_environment
 from klipstream.integrations import close_all, start_integrations
 from klipstream.integrations.storage import Storage, create_storage
 from klipstream.integrations.webhooks import WebhookDispatcher
+from klipstream.jobs.checkpoints import create_checkpoints
 from klipstream.jobs.janitor import Janitor
 from klipstream.jobs.runner import RunnerDeps, resource_limits
 from klipstream.jobs.service import EffectsProducer, JobService, Subscription
@@ -69,6 +70,7 @@ async def job_runtime(
         limits=resource_limits(settings),
         transcriber=transcriber,
         user_http=user_http,
+        checkpoints=create_checkpoints(settings, storage),
     )
     service = JobService(deps, stages, stream_url=stream_url)
     service.subscriptions.extend(subscriptions or [])

@@ -87,7 +87,9 @@ async def _run_under_restart(server: PostgresServer, instances: list[Instance], 
                     answers.append(("submit", resp.status, resp.headers.get("Retry-After")))
                     if resp.status == 202:
                         accepted.append((await resp.json())["job_id"])
-                await asyncio.sleep(0.1)
+                # ~3 submissions a second: enough load for the outage to meet, few enough jobs
+                # for the stage slots (one per resource per instance) to finish them soon after
+                await asyncio.sleep(0.3)
 
         async def poll() -> None:
             for n in itertools.count():

@@ -26,52 +26,22 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import free_port
 from klipstream.config import Settings
 from klipstream.jobs.checkpoints import GcsCheckpoints, LocalCheckpoints
 from klipstream.jobs.stage import Resource, Stage, StageContext
 from klipstream.models import DisplayStage, Job, JobOptions, StageStatus, SubmitRequest
+from tests.gcs_emulator import start_emulator
 
 PCM_BYTES_PER_SECOND = 16000 * 2  # 16 kHz mono int16, what klipstream.acquisition.audio_pass writes
 BUCKETS = ("klipstream-vods-raw", "klipstream-transcripts", "klipstream-chatlogs", "klipstream-analysis")
-
-
-def start_emulator() -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "-M", "-q"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        try:
-            urllib.request.urlopen(base + "/", timeout=1).read()
-            break
-        except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError("gcp-storage-emulator did not start") from None
-            time.sleep(0.1)
-    for name in BUCKETS:
-        req = urllib.request.Request(
-            base + "/storage/v1/b?project=bench",
-            data=json.dumps({"name": name}).encode(),
-            headers={"Content-Type": "application/json"},
-            method="POST",
-        )
-        urllib.request.urlopen(req, timeout=5).read()
-    return proc, base
 
 
 def make_pcm(path: Path, size: int) -> None:
@@ -173,7 +143,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     size = int(args.minutes * 60 * PCM_BYTES_PER_SECOND)
-    proc, base = start_emulator()
+    proc, base = start_emulator(BUCKETS, project="bench")
     os.environ["STORAGE_EMULATOR_HOST"] = base
     try:
         with tempfile.TemporaryDirectory() as tmp:

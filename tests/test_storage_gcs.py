@@ -12,11 +12,6 @@ import binascii
 import collections
 import hashlib
 import json
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl, quote, urlsplit
@@ -30,45 +25,17 @@ from klipstream.config import Settings
 from klipstream.errors import StorageError
 from klipstream.integrations.storage import GcsStorage, StoredObject, create_storage
 from klipstream.retry import RetryPolicy
+from tests.gcs_emulator import start_emulator
 
 VIDEO = "2400000001"
 BUCKETS = ("klipstream-vods-raw", "klipstream-transcripts", "klipstream-chatlogs", "klipstream-analysis", "one")
 FAST = RetryPolicy(attempts=5, base_seconds=0.01, cap_seconds=0.05)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def emulator() -> Iterator[str]:
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1", "--port", str(port), "-M", "-q"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}"
+    proc, base = start_emulator(BUCKETS)
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                urllib.request.urlopen(base + "/", timeout=1).read()
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("gcp-storage-emulator did not start") from None
-                time.sleep(0.1)
-        for name in BUCKETS:
-            req = urllib.request.Request(
-                base + "/storage/v1/b?project=test",
-                data=json.dumps({"name": name}).encode(),
-                headers={"Content-Type": "application/json"},
-                method="POST",
-            )
-            urllib.request.urlopen(req, timeout=5).read()
         yield base
     finally:
         proc.terminate()

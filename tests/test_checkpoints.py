@@ -23,11 +23,10 @@ from tests.pg_server import running_server
 from tests.scheduler_stages import Recorder, simple_pipeline
 from tests.serve_test_pipeline import _file_digest, _write_derived, output_size
 from tests.test_api_basics import wait_status
-from tests.test_cluster import post
+from tests.test_cluster import member_env, post
 from tests.test_process_lifecycle import ServerProcess, get_json, wait_for
 from tests.test_storage_gcs import emulator  # noqa: F401  (the module-scoped emulator fixture)
 
-LEASE_SECONDS = 2.0
 URL = "https://example.com/resume.mp4"
 JANITOR_URL = "https://example.com/janitor.mp4"
 OUTAGE_URL = "https://example.com/outage.mp4"
@@ -45,11 +44,7 @@ class Peer(ServerProcess):
             root,
             name=name,
             env={
-                "KLIPSTREAM_DATABASE_URL": database_url,
-                "KLIPSTREAM_INSTANCE_ID": name,
-                "KLIPSTREAM_LEASE_SECONDS": str(LEASE_SECONDS),
-                "KLIPSTREAM_HEARTBEAT_SECONDS": "0.5",
-                "KLIPSTREAM_CLAIM_POLL_SECONDS": "0.2",
+                **member_env(name, database_url),
                 "KLIPSTREAM_STORAGE": "gcs",
                 "STORAGE_EMULATOR_HOST": emulator_url,
                 "TEST_PIPELINE": "checkpoints",

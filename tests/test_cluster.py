@@ -24,6 +24,18 @@ LEASE_SECONDS = 2.0
 URL = "https://example.com/a.mp4"
 
 
+def member_env(name: str, database_url: str) -> dict[str, str]:
+    """What every server of a test cluster sets: the shared database, its instance id, a short lease
+    (fail-over within seconds), quick heartbeats and claim polls."""
+    return {
+        "KLIPSTREAM_DATABASE_URL": database_url,
+        "KLIPSTREAM_INSTANCE_ID": name,
+        "KLIPSTREAM_LEASE_SECONDS": str(LEASE_SECONDS),
+        "KLIPSTREAM_HEARTBEAT_SECONDS": "0.5",
+        "KLIPSTREAM_CLAIM_POLL_SECONDS": "0.2",
+    }
+
+
 class Instance(ServerProcess):
     """One server process of the cluster; all share the database, the data directory (job working
     directories: the checkpoints a resumed job continues from) and the stage marker logs."""
@@ -33,11 +45,7 @@ class Instance(ServerProcess):
             root,
             name=name,
             env={
-                "KLIPSTREAM_DATABASE_URL": database_url,
-                "KLIPSTREAM_INSTANCE_ID": name,
-                "KLIPSTREAM_LEASE_SECONDS": str(LEASE_SECONDS),
-                "KLIPSTREAM_HEARTBEAT_SECONDS": "0.5",
-                "KLIPSTREAM_CLAIM_POLL_SECONDS": "0.2",
+                **member_env(name, database_url),
                 "KLIPSTREAM_ADMIN_LOOPBACK": "true",
                 "TEST_MAX_RUNNING_JOBS": str(max_running),
                 "TEST_STEP_SECONDS": "0.15",

@@ -120,8 +120,7 @@ class Janitor:
         for name in candidates:
             state = states.get(name)
             if state is not None:
-                status, finished_at = state
-                if status not in _ENDED or finished_at is None or finished_at >= ended_before:
+                if not _ended_before(state, ended_before):
                     continue
             elif await asyncio.to_thread(_modified, root / name) >= ended_before:
                 continue  # no row (purged, or never written): judged by age
@@ -152,8 +151,7 @@ class Janitor:
         for job_id in candidates:
             state = states.get(job_id)
             if state is not None:
-                status, finished_at = state
-                if status not in _ENDED or finished_at is None or finished_at >= ended_before:
+                if not _ended_before(state, ended_before):
                     continue
             elif found[job_id] >= ended_before:
                 continue
@@ -174,6 +172,12 @@ class Janitor:
             removed += len(ids)
             if len(ids) < DELETE_BATCH:
                 return removed
+
+
+def _ended_before(state: tuple[str, float | None], cutoff: float) -> bool:
+    """A job row's (status, finished_at): it ended before `cutoff`, so what it left may go."""
+    status, finished_at = state
+    return status in _ENDED and finished_at is not None and finished_at < cutoff
 
 
 def _children(root: Path) -> list[str]:
